@@ -1,0 +1,30 @@
+"""Show the composed config as a tree at start and keep a copy with the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import rich
+import rich.syntax
+import rich.tree
+from omegaconf import DictConfig, OmegaConf
+
+PRINT_ORDER = ("data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths")
+
+
+def config_tree(cfg: DictConfig) -> rich.tree.Tree:
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    keys = [k for k in PRINT_ORDER if k in cfg] + [k for k in cfg if k not in PRINT_ORDER]
+    for key in keys:
+        branch = tree.add(str(key), style="bold", guide_style="dim")
+        node = cfg[key]
+        text = OmegaConf.to_yaml(node, resolve=False) if isinstance(node, DictConfig) else str(node)
+        branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    return tree
+
+
+def print_and_save(cfg: DictConfig, run_dir: Path) -> None:
+    """Print the tree, and save the config (interpolations resolved) as ``config.yaml``."""
+    rich.print(config_tree(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,1 @@
+"""Data sources, the CIFAR LightningDataModule, sampling, batched augmentation and mixing."""

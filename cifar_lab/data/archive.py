@@ -1,0 +1,171 @@
+"""The official CIFAR python archives (or any copy in the same layout), read directly.
+
+torchvision's ``CIFAR10`` dataset insists on the official md5 sums of every batch file and
+yields PIL images one at a time; reading the batch files ourselves lets a re-encoded copy
+load (checked by structure instead) and hands the datamodule one uint8 tensor per split.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+from cifar_lab.data.splits import DataError, ImageSplits
+
+log = logging.getLogger(__name__)
+
+# File layout of each variant; URL, archive name, md5 and folder come from torchvision.
+_LAYOUT = {
+    "cifar10": dict(
+        dataset=CIFAR10,
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        meta="batches.meta",
+        label_key="labels",
+        names_key="label_names",
+    ),
+    "cifar100": dict(
+        dataset=CIFAR100,
+        train=["train"],
+        test=["test"],
+        meta="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+    ),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batch files contain (dicts, lists, numpy arrays).
+
+    Batch files are pickles by format; refusing every other global keeps a tampered
+    file from running code.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle hook
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"missing CIFAR batch file {path}") from None
+    except Exception as err:  # truncated, corrupted, or not a pickle at all
+        raise DataError(
+            f"cannot read CIFAR batch file {path} ({type(err).__name__}: {err}); the file is truncated "
+            "or corrupted: delete it (and its archive) so it is downloaded again, or replace it"
+        ) from None
+
+
+class CifarArchive:
+    """CIFAR-10/100 from ``root``: the extracted folder, the archive, or a download."""
+
+    def __init__(self, root: str | os.PathLike, variant: str = "cifar10", download: bool = True) -> None:
+        if variant not in _LAYOUT:
+            raise ValueError(f"data.source.variant must be one of {sorted(_LAYOUT)}, got {variant!r}")
+        self.root = Path(root).expanduser()
+        self.variant = variant
+        self.download = download
+        self.layout = _LAYOUT[variant]
+        dataset = self.layout["dataset"]
+        self.url: str = dataset.url
+        self.archive = self.root / dataset.filename
+        self.md5: str = dataset.tgz_md5
+        self.folder = self.root / dataset.base_folder
+
+    def describe(self) -> str:
+        return f"{self.variant} archive in {self.folder}"
+
+    def _files(self) -> list[Path]:
+        names = self.layout["train"] + self.layout["test"] + [self.layout["meta"]]
+        return [self.folder / name for name in names]
+
+    def _extracted(self) -> bool:
+        return all(path.is_file() for path in self._files())
+
+    def prepare(self) -> None:
+        """Make the batch files exist: extract a present archive, else download (md5-checked)."""
+        if self._extracted():
+            return
+        if self.archive.is_file():
+            self._extract()
+            return
+        if not self.download:
+            raise self._not_found("data.source.download=false")
+        try:
+            download_and_extract_archive(self.url, str(self.root), md5=self.md5)
+        except Exception as err:  # offline, proxy, disk full, bad checksum
+            raise self._not_found(f"download from {self.url} failed: {type(err).__name__}: {err}") from None
+        if not self._extracted():
+            raise DataError(f"{self.archive} was downloaded but lacks {self.variant} batch files")
+
+    def _extract(self) -> None:
+        if not check_integrity(str(self.archive), self.md5):
+            log.warning("%s does not match the official md5; reading it anyway (structure is checked)", self.archive)
+        try:
+            with tarfile.open(self.archive) as tar:
+                tar.extractall(self.root, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise DataError(
+                f"cannot extract {self.archive} ({type(err).__name__}: {err}); the archive is truncated or "
+                "corrupted: delete it so it is downloaded again"
+            ) from None
+
+    def _not_found(self, reason: str) -> DataError:
+        return DataError(
+            f"no {self.variant} data found: looked for {self.folder} and {self.archive} ({reason}).\n"
+            "Remedies:\n"
+            f"  - put {self.archive.name} (or the extracted {self.folder.name}/ folder) in {self.root}, "
+            "or point data.root / the CIFAR_LAB_DATA environment variable at where it is;\n"
+            "  - use a folder of images: data=imagefolder data.root=<dir with train/<class>/ and test/<class>/>;\n"
+            "  - for a smoke run without any download: data=synthetic"
+        )
+
+    def load(self) -> ImageSplits:
+        self.prepare()
+        meta = _read_pickle(self.folder / self.layout["meta"])
+        classes = [str(c) for c in meta[self.layout["names_key"]]]
+        train_x, train_y = self._read_split(self.layout["train"])
+        test_x, test_y = self._read_split(self.layout["test"])
+        splits = ImageSplits(train_x, train_y, test_x, test_y, classes)
+        splits.validate(str(self.folder))
+        return splits
+
+    def _read_split(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for name in names:
+            path = self.folder / name
+            batch = _read_pickle(path)
+            try:
+                data = np.asarray(batch["data"], dtype=np.uint8)
+                target = np.asarray(batch[self.layout["label_key"]], dtype=np.int64)
+            except (KeyError, TypeError, ValueError) as err:
+                raise DataError(f"{path} is not a CIFAR batch file ({type(err).__name__}: {err})") from None
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(target) != len(data):
+                raise DataError(
+                    f"{path}: expected a (N, 3072) uint8 array with N labels, got {data.shape} "
+                    f"and {len(target)} labels; the file is corrupted or from another dataset"
+                )
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(target)
+        return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))

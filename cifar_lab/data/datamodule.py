@@ -1,0 +1,193 @@
+"""The CIFAR LightningDataModule: uint8 tensors in memory, augmentation on the device."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from cifar_lab.data.augment import BatchAugment
+from cifar_lab.data.mixing import BatchMixer
+from cifar_lab.data.sampling import PerImageDataset, ShardedBatchSampler, TensorBatches
+from cifar_lab.data.splits import DataError, ImageSplits
+
+log = logging.getLogger(__name__)
+
+PIPELINES = ("batched", "per_image")
+
+
+def balanced_split(labels: Tensor, holdout: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (keep, holdout) where the holdout has ``holdout // num_classes`` of each class.
+
+    The remainder of an uneven division goes to the lowest classes, one each.
+    """
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        take = holdout // num_classes + (1 if c < holdout % num_classes else 0)
+        if take > len(members):
+            raise DataError(f"data.val_size={holdout} needs {take} images of class {c}, which has {len(members)}")
+        held.append(members[torch.randperm(len(members), generator=g)[:take]])
+    held_idx = torch.cat(held).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_idx] = False
+    return torch.nonzero(mask).flatten(), held_idx
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """CIFAR-style classification data from any source (archive, image folder, synthetic).
+
+    ``setup`` loads each split once as a uint8 tensor. Training batches are gathered whole
+    and augmented, normalised and optionally mixed in ``on_after_batch_transfer``, i.e. on
+    the training device, with per-image random parameters. ``pipeline=per_image`` runs the
+    same augmentation config through torchvision transforms in DataLoader workers instead.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        num_classes: int = 10,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        num_workers: int = 0,
+        pipeline: str = "batched",
+        augment: Mapping[str, Any] | Sequence[Any] | None = None,
+        mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
+        std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+        mixing: BatchMixer | None = None,
+        seed: int = 0,
+        channels_last: bool = False,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if pipeline not in PIPELINES:
+            raise ValueError(f"data.pipeline must be one of {PIPELINES}, got {pipeline!r}")
+        self.source = source
+        self.root = root  # what the source interpolates; kept for tools that inspect the data folder
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.num_workers = num_workers
+        self.pipeline = pipeline
+        self.train_augment = BatchAugment(augment or {}, mean, std, channels_last=channels_last)
+        self.eval_augment = BatchAugment({}, mean, std, channels_last=channels_last)
+        self.mixer = mixing
+        self.seed = seed
+        self.channels_last = channels_last
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.classes: list[str] = []
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._aug_epoch: int | None = None
+        self._generator: torch.Generator | None = None
+
+    # ----------------------------------------------------------------- loading
+    def prepare_data(self) -> None:
+        """Download or extract on rank 0 only (Lightning calls this once per node)."""
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        data: ImageSplits = self.source.load()
+        if data.num_classes != self.num_classes:
+            raise DataError(
+                f"{self.source.describe()} has {data.num_classes} classes but data.num_classes={self.num_classes}; "
+                f"set data.num_classes={data.num_classes}"
+            )
+        if self.val_size < 0 or self.val_size >= len(data.train_x):
+            raise DataError(
+                f"data.val_size={self.val_size} must lie in [0, {len(data.train_x) - 1}] "
+                f"(the training set has {len(data.train_x)} images); 0 validates on the test set"
+            )
+        self.classes = data.classes
+        if self.val_size == 0:
+            # The reports validated on the test set; kept as an explicit option.
+            train = (data.train_x, data.train_y)
+            val = (data.test_x, data.test_y)
+        else:
+            keep, held = balanced_split(data.train_y, self.val_size, self.num_classes, self.seed)
+            train = (data.train_x[keep], data.train_y[keep])
+            val = (data.train_x[held], data.train_y[held])
+        self.splits = {"train": train, "val": val, "test": (data.test_x, data.test_y)}
+        log.info(
+            "%s: %d train / %d val / %d test images",
+            self.source.describe(), len(train[0]), len(val[0]), len(data.test_x),
+        )
+
+    # ------------------------------------------------------------- dataloaders
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if not self.splits:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        images, labels = self.splits[split]
+        rank, world = self._rank_and_world()
+        sampler = ShardedBatchSampler(
+            len(images),
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=self.drop_last and train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            pad_to_even=train,
+        )
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.num_workers > 0)
+        if train and self.pipeline == "per_image":
+            dataset = PerImageDataset(images, labels, self.train_augment.to_torchvision())
+            return DataLoader(dataset, batch_sampler=sampler, **common)
+        return DataLoader(TensorBatches(images, labels), sampler=sampler, batch_size=None, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    # ------------------------------------------------------- device-side work
+    def _epoch_generator(self, device: torch.device, epoch: int) -> torch.Generator:
+        """One generator per epoch and rank, seeded from (seed, epoch, rank): resumable."""
+        if self._generator is None or self._aug_epoch != epoch or self._generator.device != device:
+            rank, _ = self._rank_and_world()
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed((self.seed * 1_000_003 + epoch) * 1009 + rank)
+            self._aug_epoch = epoch
+            self.train_augment.set_epoch(epoch)
+        return self._generator
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        training = self.trainer is not None and self.trainer.training
+        if training:
+            epoch = self.trainer.current_epoch
+            generator = self._epoch_generator(x.device, epoch)
+            if x.dtype == torch.uint8:
+                x = self.train_augment.to(x.device)(x, generator=generator)
+            elif self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.mixer is not None:
+                x, y = self.mixer(x, y, epoch=epoch, generator=generator)
+        elif x.dtype == torch.uint8:
+            x = self.eval_augment.to(x.device)(x)
+        return x, y
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Evaluation preprocessing of uint8 images, for prediction outside a Trainer."""
+        return self.eval_augment.to(images.device)(images)

@@ -1,0 +1,162 @@
+"""The LightningModule that trains any classification network."""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+def split_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups with no weight decay on normalisation weights and biases.
+
+    Decaying BatchNorm scales and biases only shrinks them toward zero, which hurts more
+    than it regularises; many recipes exempt them.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if is_norm or name == "bias" else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy classification with torchmetrics accuracy under ``train/``, ``val/``, ``test/``.
+
+    Targets may be class indices or soft label distributions (mixup/CutMix); accuracy under
+    mixing is measured against each sample's dominant label.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: partial,
+        scheduler: partial | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_frequency: int = 1,
+        scheduler_monitor: str = "val/loss",
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+        no_decay_norm_and_bias: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ValueError(f"scheduler.interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
+        # The composed run config goes into the checkpoint and TensorBoard's HPARAMS tab.
+        self.save_hyperparameters(hparams or {}, logger=False)
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.forward_net = torch.compile(self.net, mode=compile_mode) if compile else self.net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.scheduler_frequency = scheduler_frequency
+        self.scheduler_monitor = scheduler_monitor
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.no_decay_norm_and_bias = no_decay_norm_and_bias
+        self.channels_last = channels_last
+
+        top5 = min(5, num_classes)
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
+            setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
+            setattr(self, f"{stage}_loss", MeanMetric())
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # survives resume, so val/acc_best stays right
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.forward_net(x)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor, Tensor]:
+        x, target = batch
+        logits = self(x)
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        labels = target.argmax(dim=1) if target.ndim == 2 else target
+        preds = logits.detach().float()
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(x))
+        getattr(self, f"{stage}_acc").update(preds, labels)
+        getattr(self, f"{stage}_acc_top5").update(preds, labels)
+        return loss, logits, labels
+
+    def _log_stage(self, stage: str, on_step: bool = False) -> None:
+        for name in ("loss", "acc", "acc_top5"):
+            metric = getattr(self, f"{stage}_{name}")
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True,
+                     prog_bar=name in ("loss", "acc"), sync_dist=False)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, _, _ = self._shared_step(batch, "train")
+        self._log_stage("train", on_step=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        loss, logits, labels = self._shared_step(batch, "val")
+        self._log_stage("val")
+        return {"loss": loss, "logits": logits, "labels": labels}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # sanity batches must not count towards the best
+            return
+        self.val_acc_best.update(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        loss, logits, labels = self._shared_step(batch, "test")
+        self._log_stage("test")
+        return {"loss": loss, "logits": logits, "labels": labels}
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).float().softmax(dim=1)
+
+    # ------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> Any:
+        params: Any = self.net.parameters()
+        if self.no_decay_norm_and_bias:
+            params = split_weight_decay(self.net, self.optimizer_factory.keywords.get("weight_decay", 0.0))
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, **self._scheduler_length_kwargs())
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.scheduler_interval,
+                "frequency": self.scheduler_frequency,
+                "monitor": self.scheduler_monitor,
+            },
+        }
+
+    def _scheduler_length_kwargs(self) -> dict[str, int]:
+        """Fill in ``total_steps`` / ``steps_per_epoch`` when the scheduler asks and the config left them out."""
+        accepted = inspect.signature(self.scheduler_factory.func).parameters
+        given = self.scheduler_factory.keywords
+        kwargs: dict[str, int] = {}
+        if "total_steps" in accepted and given.get("total_steps") is None:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        if "steps_per_epoch" in accepted and given.get("steps_per_epoch") is None:
+            kwargs["steps_per_epoch"] = max(1, int(self.trainer.estimated_stepping_batches) // max(1, self.trainer.max_epochs or 1))
+        return kwargs

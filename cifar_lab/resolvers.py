@@ -1,0 +1,13 @@
+"""OmegaConf resolvers the configs use; registered when cifar_lab is imported."""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+
+def register() -> None:
+    # The process id makes run directories unique even for runs started in the same microsecond.
+    if not OmegaConf.has_resolver("cifar_lab.pid"):
+        OmegaConf.register_new_resolver("cifar_lab.pid", lambda: str(os.getpid()), use_cache=True)
