@@ -563,7 +563,9 @@ class RandomRotation(BatchOp):
         theta[:, 1, 1] = cos
         xf = x.to(torch.float32)
         fill_vals = _fill_list(self.fill)
-        need_mask = any(v != 0.0 for v in fill_vals)
+        # torchvision blends bilinear borders with the in-image weight (mask) for any fill;
+        # for nearest, a zero fill is already what grid_sample's zero padding gives.
+        need_mask = self.interpolation == "bilinear" or any(v != 0.0 for v in fill_vals)
         if need_mask:
             xf = torch.cat([xf, torch.ones(B, 1, H, W, device=x.device)], dim=1)
         grid = F.affine_grid(theta, [B, xf.shape[1], H, W], align_corners=False)
@@ -614,45 +616,41 @@ def _adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
     return _from_float(_to_float(x).mul(f).addcmul_(gray, 1.0 - f), x)
 
 
-def _rgb_to_hsv(img: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> HSV with all channels in [0, 1]."""
+def _rgb_to_hsv(img: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, 3, H, W) RGB in [0, 1] -> hue, saturation, value, each (B, H, W) in [0, 1]."""
     r, g, b = img.unbind(dim=1)
-    maxc, _ = img.max(dim=1)
-    minc, _ = img.min(dim=1)
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hr = torch.remainder((g - b) / safe, 6.0)
-    hg = (b - r) / safe + 2.0
-    hb = (r - g) / safe + 4.0
-    h = torch.where(maxc == r, hr, torch.where(maxc == g, hg, hb))
-    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
-    return torch.stack((torch.remainder(h, 1.0), s, maxc), dim=1)
+    maxc = img.amax(dim=1)
+    delta = maxc - img.amin(dim=1)
+    # grey pixels (delta == 0) have r == g == b, so the red branch gives hue 0 there
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(
+        maxc == r,
+        (g - b) / safe_delta,
+        torch.where(maxc == g, (b - r) / safe_delta + 2.0, (r - g) / safe_delta + 4.0),
+    )
+    h = torch.remainder(h * (1.0 / 6.0), 1.0)
+    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    return h, s, maxc
 
 
-def _hsv_to_rgb(img: Tensor) -> Tensor:
-    h, s, v = img.unbind(dim=1)
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """Inverse of :func:`_rgb_to_hsv` -> (B, 3, H, W), via the piecewise-linear form
+    ``c_n = v - v * s * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6h) mod 6``."""
     h6 = h * 6.0
-    sector = torch.floor(h6)
-    frac = h6 - sector
-    sector = torch.remainder(sector, 6.0).to(torch.int64)
-    p = v * (1.0 - s)
-    q = v * (1.0 - s * frac)
-    t = v * (1.0 - s * (1.0 - frac))
-    # For sectors 0..5: r = (v, q, p, p, t, v), g = (t, v, v, q, p, p), b = (p, p, t, v, v, q)
-    cand = torch.stack((v, q, p, t), dim=1)  # candidate values
-    r_sel = torch.tensor([0, 1, 2, 2, 3, 0], device=img.device)
-    g_sel = torch.tensor([3, 0, 0, 1, 2, 2], device=img.device)
-    b_sel = torch.tensor([2, 2, 3, 0, 0, 1], device=img.device)
-    out = [cand.gather(1, sel[sector].unsqueeze(1)) for sel in (r_sel, g_sel, b_sel)]
-    return torch.cat(out, dim=1)
+    vs = v * s
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        out.append(v - vs * w)
+    return torch.stack(out, dim=1)
 
 
 def _adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     xf = x.to(torch.float32) * (1.0 / 255.0) if not x.dtype.is_floating_point else x
-    hsv = _rgb_to_hsv(xf)
-    h = torch.remainder(hsv[:, 0] + factor.view(-1, 1, 1).to(hsv.dtype), 1.0)
-    rgb = _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+    h, sat, val = _rgb_to_hsv(xf)
+    h = torch.remainder(h + factor.view(-1, 1, 1).to(h.dtype), 1.0)
+    rgb = _hsv_to_rgb(h, sat, val)
     if x.dtype.is_floating_point:
         return rgb.to(x.dtype)
     # torchvision's float -> uint8 conversion: multiply by (256 - 1e-3) and truncate
@@ -671,8 +669,12 @@ class ColorJitter(BatchOp):
     order of the enabled adjustments (as torchvision's ``ColorJitter``):
     brightness ``[max(0, 1 - b), 1 + b]`` (or a given ``(min, max)``), likewise
     contrast and saturation; hue ``[-h, h]`` with ``h <= 0.5``. A zero disables a
-    component. Per-image orders cost ``n**2`` batch passes for ``n`` enabled
-    components (no host synchronisation).
+    component.
+
+    ``order="image"`` (default, torchvision's behaviour) draws the order per image and
+    costs ``n**2`` batch passes for ``n`` enabled components (no host
+    synchronisation); ``order="batch"`` draws one order per batch (factors stay per
+    image) and costs ``n`` passes.
 
     Params: ``brightness``, ``contrast``, ``saturation``, ``hue`` (float (B,)),
     ``order`` (int64 (B, 4): a permutation of 0..3 = the adjustment indices in
@@ -686,8 +688,12 @@ class ColorJitter(BatchOp):
         saturation: float | Sequence[float] = 0.0,
         hue: float | Sequence[float] = 0.0,
         p: float = 1.0,
+        order: str = "image",
     ) -> None:
         super().__init__()
+        if order not in ("image", "batch"):
+            raise ValueError(f"order must be 'image' or 'batch', got {order!r}")
+        self.order = order
         self.brightness = self._range(brightness, "brightness", center=1.0, bound=(0.0, math.inf))
         self.contrast = self._range(contrast, "contrast", center=1.0, bound=(0.0, math.inf))
         self.saturation = self._range(saturation, "saturation", center=1.0, bound=(0.0, math.inf))
@@ -725,7 +731,10 @@ class ColorJitter(BatchOp):
                 params[name] = torch.full((batch_size,), ident, device=device)
             else:
                 params[name] = _uniform(rng[0], rng[1], (batch_size,), device, generator)
-        params["order"] = _rand((batch_size, 4), device, generator).argsort(dim=1)
+        if self.order == "batch":
+            params["order"] = _rand((1, 4), device, generator).argsort(dim=1).expand(batch_size, 4)
+        else:
+            params["order"] = _rand((batch_size, 4), device, generator).argsort(dim=1)
         params["apply"] = _bernoulli(self.p, batch_size, device, generator)
         return params
 
@@ -743,6 +752,17 @@ class ColorJitter(BatchOp):
         en = torch.tensor(enabled, device=dev)
         is_enabled = (order.unsqueeze(2) == en).any(dim=2)  # (B, 4)
         rank = torch.cumsum(is_enabled.to(torch.int64), dim=1) - 1
+        if self.order == "batch":
+            # one order for the whole batch: each enabled adjustment once
+            out = x
+            for comp in order[0].tolist():
+                if comp not in enabled:
+                    continue
+                factor = params[_JITTER_NAMES[comp]].to(dev)
+                factor = torch.where(apply, factor, torch.full_like(factor, _JITTER_IDENTITY[comp]))
+                adjusted = _JITTER_FNS[comp](out, factor)
+                out = torch.where(_bcast(apply), adjusted, out) if comp == 3 else adjusted
+            return out
         out = x
         for slot in range(len(enabled)):
             at_slot = is_enabled & (rank == slot)  # (B, 4): exactly one True per image
@@ -769,7 +789,7 @@ class ColorJitter(BatchOp):
     def extra_repr(self) -> str:
         return (
             f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
-            f"hue={self.hue}, p={self.p}"
+            f"hue={self.hue}, p={self.p}, order={self.order!r}"
         )
 
 
