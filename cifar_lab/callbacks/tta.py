@@ -1,0 +1,147 @@
+"""Test-time augmentation: average the softmax over flipped and shifted views of each batch.
+
+Three layers, from general to specific:
+
+* :func:`tta_views` and :func:`tta_probs`: the views and the averaging for any ``logits = f(x)``;
+* :class:`TestTimeAugmentation`: an ``nn.Module`` wrapper around a network; its output is the
+  log of the averaged probabilities, so ``softmax``/``argmax``/cross-entropy of it are the TTA
+  probabilities, predictions and loss;
+* :class:`TTACallback`: switches a LightningModule's ``forward`` to the TTA version for the
+  chosen stages (test and predict by default) and back afterwards.
+
+Views: the identity; with ``flip`` the mirror image; with ``translate=t > 0`` shifts by ``t``
+pixels left, right, up and down (edges filled by ``padding_mode``), each also mirrored when
+``flip`` is on. ``flip=true, translate=2`` gives 10 views.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PADDING_MODES = ("reflect", "replicate", "constant")
+View = tuple[bool, int, int]  # (mirror, shift down, shift right)
+
+
+def tta_views(flip: bool = True, translate: int = 0) -> list[View]:
+    """The views as ``(mirror, dy, dx)``; the identity comes first."""
+    if translate < 0:
+        raise ValueError(f"tta translate must be >= 0, got {translate}")
+    shifts = [(0, 0)]
+    if translate:
+        t = int(translate)
+        shifts += [(0, t), (0, -t), (t, 0), (-t, 0)]
+    mirrors = (False, True) if flip else (False,)
+    return [(m, dy, dx) for m in mirrors for dy, dx in shifts]
+
+
+def apply_view(x: Tensor, view: View, padding_mode: str = "reflect") -> Tensor:
+    """One view of a ``(B, C, H, W)`` float batch: optional mirror, then a shift by (dy, dx)."""
+    mirror, dy, dx = view
+    if mirror:
+        x = x.flip(-1)
+    if dy or dx:
+        p = max(abs(dy), abs(dx))
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (p, p, p, p), mode=padding_mode)
+        # content moves by (dy, dx): output[i, j] = input[i - dy, j - dx]
+        x = padded[..., p - dy: p - dy + h, p - dx: p - dx + w]
+    return x
+
+
+def tta_probs(fn: Callable[[Tensor], Tensor], x: Tensor, views: Sequence[View],
+              padding_mode: str = "reflect") -> Tensor:
+    """Softmax of ``fn`` averaged over ``views`` of ``x`` (float32, ``(B, num_classes)``)."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"tta padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if not x.is_floating_point():
+        raise TypeError("test-time augmentation expects normalised float images")
+    total: Tensor | None = None
+    for view in views:
+        probs = fn(apply_view(x, view, padding_mode)).float().softmax(dim=1)
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(views)
+
+
+def probs_to_logits(probs: Tensor) -> Tensor:
+    """Log-probabilities: logits whose softmax gives ``probs`` back."""
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+class TestTimeAugmentation(nn.Module):
+    """Wraps a network; ``forward`` returns log of the softmax averaged over the TTA views."""
+
+    def __init__(self, net: nn.Module, flip: bool = True, translate: int = 0,
+                 padding_mode: str = "reflect") -> None:
+        super().__init__()
+        self.net = net
+        self.views = tta_views(flip, translate)
+        self.padding_mode = padding_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return probs_to_logits(tta_probs(self.net, x, self.views, self.padding_mode))
+
+
+class TTACallback(L.Callback):
+    """Test-time augmentation for a LightningModule whose steps call ``self(x)``.
+
+    For each stage in ``stages`` (``test``, ``predict``, ``validate``) the module's ``forward``
+    is replaced by the TTA average at the stage start and restored at its end. The step then
+    sees log-probabilities as logits, so its loss, accuracy and calibration measure the TTA
+    prediction. ``enabled=false`` turns it into a no-op, which keeps configs simple.
+    """
+
+    def __init__(self, flip: bool = True, translate: int = 0, padding_mode: str = "reflect",
+                 stages: Sequence[str] = ("test", "predict"), enabled: bool = True) -> None:
+        super().__init__()
+        unknown = set(stages) - {"test", "predict", "validate"}
+        if unknown:
+            raise ValueError(f"TTACallback stages must be among test, predict, validate; got {sorted(unknown)}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"tta padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.views = tta_views(flip, translate)
+        self.padding_mode = padding_mode
+        self.stages = tuple(stages)
+        self.enabled = enabled
+        self._patched = False
+
+    def _install(self, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.enabled or stage not in self.stages or self._patched or len(self.views) == 1:
+            return
+        plain_forward = pl_module.forward  # the bound method of the class
+        views, padding_mode = self.views, self.padding_mode
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            fn = lambda v: plain_forward(v, *args, **kwargs)  # noqa: E731
+            return probs_to_logits(tta_probs(fn, x, views, padding_mode))
+
+        pl_module.forward = forward  # instance attribute shadows the method
+        self._patched = True
+
+    def _remove(self, pl_module: L.LightningModule) -> None:
+        if self._patched:
+            del pl_module.forward
+            self._patched = False
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(pl_module, "test")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove(pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(pl_module, "predict")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(pl_module, "validate")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove(pl_module)
