@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,8 +23,10 @@ def build_module(cfg: DictConfig) -> ClassifierModule:
     """The network from ``model``, optimizer and scheduler partials, wrapped in the module."""
     scheduler_cfg = cfg.get("scheduler") or {}
     scheduler = instantiate(scheduler_cfg.get("scheduler")) if scheduler_cfg.get("scheduler") else None
-    return instantiate(
-        cfg.module,
+    # A partial first: the run config passed as `hparams` holds `_target_`s that
+    # instantiate() would otherwise try to build.
+    module_factory = instantiate(cfg.module, _partial_=True, _convert_="all")
+    return module_factory(
         net=build_network(cfg.model),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
@@ -31,7 +34,6 @@ def build_module(cfg: DictConfig) -> ClassifierModule:
         scheduler_frequency=scheduler_cfg.get("frequency", 1),
         scheduler_monitor=scheduler_cfg.get("monitor", "val/loss"),
         hparams=OmegaConf.to_container(cfg, resolve=True),
-        _convert_="all",
     )
 
 
@@ -55,4 +57,7 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    if not loggers:
+        # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")

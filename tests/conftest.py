@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny data written to temporary folders, config composition, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import cifar_lab  # noqa: F401  (registers resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar_batches(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0) -> Path:
+    """A tiny cifar-10-batches-py folder in the official layout; labels cycle through classes."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, n: int, offset: int) -> None:
+        batch = {
+            "batch_label": name,
+            "labels": [int((offset + i) % 10) for i in range(n)],
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", per_batch, i)
+    dump("test_batch", test, 0)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CLASSES10, "num_cases_per_batch": per_batch}, f)
+    return folder
+
+
+def write_image_folder(root: Path, classes: int = 3, train: int = 6, test: int = 2, size: int = 32) -> Path:
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+                write_png(image, str(folder / f"{i:04d}.png"))
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path) -> Path:
+    write_cifar_batches(tmp_path / "cifar")
+    return tmp_path / "cifar"
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images")
+
+
+def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/train.yaml as the CLI would, with Hydra's runtime set for interpolations."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
+
+
+def run_cli(args: list[str], tmp_path: Path, script: str = "train.py", timeout: int = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would, with logs under tmp_path; returns the finished process."""
+    full_env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1",
+                "COLUMNS": "200", **(env or {})}
+    cmd = [sys.executable, script, *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# Small, quick synthetic runs for end-to-end tests.
+SYNTH = [
+    "data=synthetic",
+    "data.source.train_size=600",
+    "data.source.test_size=200",
+    "data.val_size=200",
+    "model=simple_cnn",
+    "trainer=cpu",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+]

@@ -1,0 +1,69 @@
+"""Every option of every config group composes, and the cheap ones instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from cifar_lab import builders
+from conftest import CONF, compose_cfg
+
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "debug", "experiment",
+          "hparams_search"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+CASES = [(group, option) for group in GROUPS for option in options(group)]
+
+
+def test_train_defaults_list_has_every_group() -> None:
+    text = (CONF / "train.yaml").read_text()
+    for group in ["data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths", "hydra",
+                  "experiment: null", "debug: null", "hparams_search: null"]:
+        assert f"- {group}" in text
+
+
+@pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes(group: str, option: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"{group}={option}"], tmp_path)
+    assert cfg.data.num_classes in (10, 100)
+    if group in ("optimizer", "scheduler", "trainer", "callbacks", "logger"):
+        node = cfg[group]
+        if group == "optimizer":
+            assert callable(instantiate(node))
+        elif group == "trainer":
+            assert node._target_ == "lightning.pytorch.Trainer"
+        elif group in ("callbacks", "logger"):
+            for entry in node.values():
+                assert entry is None or "_target_" in entry
+
+
+def test_default_composition_builds_every_object(tmp_path: Path) -> None:
+    cfg = compose_cfg(["data=synthetic", "model=simple_cnn", "trainer=cpu"], tmp_path)
+    dm = builders.build_datamodule(cfg)
+    module = builders.build_module(cfg)
+    callbacks = builders.build_callbacks(cfg)
+    loggers = builders.build_loggers(cfg)
+    trainer = builders.build_trainer(cfg, callbacks, loggers)
+    assert dm.batch_size == cfg.data.batch_size and module.num_classes == 10
+    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "LearningRateMonitor"}
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+def test_num_classes_flows_from_data_to_model(tmp_path: Path) -> None:
+    cfg = compose_cfg(["data=cifar100", "model=simple_cnn"], tmp_path)
+    import torch
+
+    module = builders.build_module(cfg)
+    assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_environment_variable_sets_data_root(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CIFAR_LAB_DATA", str(tmp_path / "elsewhere"))
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.data.source.root == str(tmp_path / "elsewhere")
