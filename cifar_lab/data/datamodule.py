@@ -150,7 +150,8 @@ class CIFARDataModule(L.LightningDataModule):
         if train and self.pipeline == "per_image":
             dataset = PerImageDataset(images, labels, self.train_augment.to_torchvision())
             return DataLoader(dataset, batch_sampler=sampler, **common)
-        return DataLoader(TensorBatches(images, labels), sampler=sampler, batch_size=None, **common)
+        with_indices = train and self.train_augment.requires_indices
+        return DataLoader(TensorBatches(images, labels, with_indices), sampler=sampler, batch_size=None, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -172,14 +173,15 @@ class CIFARDataModule(L.LightningDataModule):
             self.train_augment.set_epoch(epoch)
         return self._generator
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        x, y = batch
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        x, y, *rest = batch
+        indices = rest[0] if rest else None
         training = self.trainer is not None and self.trainer.training
         if training:
             epoch = self.trainer.current_epoch
             generator = self._epoch_generator(x.device, epoch)
             if x.dtype == torch.uint8:
-                x = self.train_augment.to(x.device)(x, generator=generator)
+                x = self.train_augment.to(x.device)(x, generator=generator, indices=indices)
             elif self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.mixer is not None:

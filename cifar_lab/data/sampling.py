@@ -83,17 +83,23 @@ class ShardedBatchSampler(Sampler[Tensor]):
 
 
 class TensorBatches(Dataset):
-    """Indexed by a tensor of indices; returns the uint8 images and labels in one gather."""
+    """Indexed by a tensor of indices; returns the uint8 images and labels in one gather.
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    With ``with_indices`` the dataset indices come along as a third element, for
+    augmentations that need a stable per-image identity (alternating flips).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, with_indices: bool = False) -> None:
         self.images = images
         self.labels = labels
+        self.with_indices = with_indices
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
+    def __getitem__(self, index: Tensor) -> tuple[Tensor, ...]:
+        batch = (self.images[index], self.labels[index])
+        return (*batch, index) if self.with_indices else batch
 
 
 class PerImageDataset(Dataset):

@@ -133,3 +133,25 @@ def test_training_batches_are_augmented_per_image(cifar_root: Path) -> None:
     plain = dm.normalize(x)
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert not torch.allclose(out, plain)  # cropped
+
+
+def test_alternating_flip_gets_dataset_indices(cifar_root: Path) -> None:
+    from cifar_lab.data.augment import AlternatingFlip
+
+    dm = make_dm(CifarArchive(cifar_root, download=False), augment={"flip": AlternatingFlip(seed=0)}, batch_size=80)
+    dm.setup("fit")
+
+    class FakeTrainer:
+        training, current_epoch, global_rank, world_size = True, 0, 0, 1
+
+    dm.trainer = FakeTrainer()
+    flipped = []
+    for epoch in (0, 1):
+        FakeTrainer.current_epoch = epoch
+        dm.train_dataloader().sampler.set_epoch(epoch)
+        x, y, idx = next(iter(dm.train_dataloader()))
+        out, _ = dm.on_after_batch_transfer((x, y, idx), 0)
+        order = idx.argsort()
+        flipped.append(torch.isclose(out[order], dm.normalize(x.flip(-1))[order]).flatten(1).all(1))
+    # every image is flipped in exactly one of two consecutive epochs
+    assert torch.equal(flipped[0], ~flipped[1])
