@@ -1,14 +1,20 @@
-"""Train a CIFAR classifier: ``python train.py model=attention_net optimizer=sgd``."""
+"""Train a CIFAR classifier: ``python train.py model=attention_net optimizer=sgd``.
+
+Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn`` (grid) or
+``python train.py hparams_search=optuna`` (Optuna TPE). In a sweep a failing job is recorded
+(``<job dir>/error.txt``) and returns nan, and the sweep goes on (cifar_lab.sweep).
+"""
 
 import hydra
 from omegaconf import DictConfig
 
+from cifar_lab.sweep import run_task
 from cifar_lab.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    return run_task(train, cfg)
 
 
 if __name__ == "__main__":
