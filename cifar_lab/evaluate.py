@@ -1,0 +1,356 @@
+"""Evaluate a trained checkpoint on the test set, with the config it was trained with.
+
+    python -m cifar_lab.evaluate ckpt_path=<run dir or .ckpt> [overrides]
+
+The run config is the training run's own: its ``.hydra/config.yaml`` when the checkpoint sits
+in a run directory (``<run>/checkpoints/*.ckpt``), else the resolved config the module saved
+in the checkpoint (``hyper_parameters``). So later edits to ``conf/`` do not change what is
+evaluated. Command-line overrides apply on top of it:
+
+* a group choice (``data=imagefolder``, ``trainer=cpu``) replaces that whole node;
+* any other change (``data.eval_batch_size=1024``, ``experiment=...``, ``+x=1``, ``~x``)
+  changes exactly the keys it changes in ``conf/evaluate.yaml``.
+
+The job writes, in its own run directory (``logs/evaluate/runs/...`` or ``hydra.run.dir``):
+``config.yaml`` (the config used), the report files of the configured callbacks
+(``classification_report.txt``, ``confusion_matrix.png``, ...), TensorBoard events and
+``metrics.json`` with the ``test/*`` metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import hydra
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cifar_lab import builders
+from cifar_lab.callbacks.tta import TTACallback
+from cifar_lab.config_tree import print_and_save
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Keys that belong to the evaluate/predict job itself, never to the training config.
+OWN_KEYS = ("ckpt_path", "tta", "task_name")
+
+
+class EvaluationError(Exception):
+    """A problem the user can fix (missing checkpoint, weights that do not fit the model, ...)."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(ckpt_path: Any) -> Path:
+    """A .ckpt file, or a training run directory: its best checkpoint, else checkpoints/last.ckpt."""
+    if ckpt_path in (None, "", "???"):
+        raise EvaluationError("ckpt_path is required: ckpt_path=<checkpoint .ckpt file or training run directory>")
+    path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir():
+        best = ""
+        metrics_file = path / "metrics.json"
+        if metrics_file.is_file():
+            try:
+                best = json.loads(metrics_file.read_text()).get("best_ckpt") or ""
+            except (OSError, ValueError):
+                best = ""
+        candidates = [Path(best)] if best else []
+        candidates.append(path / "checkpoints" / "last.ckpt")
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise EvaluationError(
+            f"ckpt_path={ckpt_path}: no checkpoint found in that directory (looked for the best checkpoint "
+            f"named in metrics.json and {path / 'checkpoints' / 'last.ckpt'})"
+        )
+    if not path.is_file():
+        raise EvaluationError(f"ckpt_path={ckpt_path}: no such file or directory")
+    return path
+
+
+def _run_dir_guess(ckpt_file: Path) -> Path:
+    parent = ckpt_file.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def training_run_dir(ckpt_file: Path) -> Path | None:
+    """The run directory the checkpoint came from, if it still holds its ``.hydra/config.yaml``."""
+    parent = ckpt_file.resolve().parent
+    for candidate in (parent.parent, parent) if parent.name == "checkpoints" else (parent,):
+        if (candidate / ".hydra" / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def load_checkpoint(ckpt_file: Path) -> dict[str, Any]:
+    """The checkpoint dict on the CPU (a Lightning checkpoint written by a training run)."""
+    try:
+        # Lightning checkpoints hold more than tensors (loop state, hyperparameters): full unpickling.
+        checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any failure here means "not a usable checkpoint"
+        raise EvaluationError(f"cannot read checkpoint {ckpt_file}: {type(err).__name__}: {err}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise EvaluationError(f"{ckpt_file} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def _repoint_paths(node: Any, old: str, new: str) -> Any:
+    """Strings that start with the training run directory, pointed at ``new`` instead."""
+    if isinstance(node, dict):
+        return {k: _repoint_paths(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_repoint_paths(v, old, new) for v in node]
+    if isinstance(node, str) and old and (node == old or node.startswith(old.rstrip("/") + "/")):
+        return new + node[len(old):]
+    return node
+
+
+def training_config(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[DictConfig, str]:
+    """The config the checkpoint was trained with, and where it was found."""
+    run_dir = training_run_dir(ckpt_file)
+    if run_dir is not None:
+        path = run_dir / ".hydra" / "config.yaml"
+        cfg = OmegaConf.load(path)
+        if isinstance(cfg, DictConfig) and "model" in cfg:
+            return cfg, str(path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if not isinstance(hparams, dict) or "model" not in hparams or "data" not in hparams:
+        raise EvaluationError(
+            f"{ckpt_file}: no training config found; the checkpoint's hyper_parameters hold no run config and "
+            "there is no .hydra/config.yaml in its run directory"
+        )
+    hparams = dict(hparams)
+    old_dir = str((hparams.get("paths") or {}).get("output_dir") or "")
+    # The stored config is resolved: paths inside the old run directory follow this job's directory.
+    hparams = _repoint_paths(hparams, old_dir, "${paths.output_dir}")
+    cfg = OmegaConf.create(hparams)
+    OmegaConf.update(cfg, "paths.output_dir", "${hydra:runtime.output_dir}", force_add=True)
+    return cfg, f"{ckpt_file} (hyper_parameters)"
+
+
+def load_network_weights(net: torch.nn.Module, checkpoint: dict[str, Any], ckpt_file: Path | str) -> None:
+    """Copy the checkpoint's ``net.*`` weights into ``net`` (works whether training compiled it or not)."""
+    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    if not state:
+        raise EvaluationError(f"{ckpt_file}: the state_dict has no 'net.*' weights; is it a cifar_lab checkpoint?")
+    result = net.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else "")
+        unexpected = ", ".join(result.unexpected_keys[:5]) + (" ..." if len(result.unexpected_keys) > 5 else "")
+        raise EvaluationError(
+            f"{ckpt_file}: the weights do not fit the configured model {type(net).__name__} "
+            f"(missing: {missing or '-'}; unexpected: {unexpected or '-'}). Evaluate with the model config "
+            "the checkpoint was trained with"
+        )
+
+
+# ----------------------------------------------------------------------------- config merging
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` for a plain container; lists count as leaves."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _first_missing(plain: dict[str, Any], key: str) -> str:
+    """The shortest prefix of the dotted ``key`` that ``plain`` lacks (what an override deleted)."""
+    node: Any = plain
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            return ".".join(parts[: i + 1])
+        node = node[part]
+    return key
+
+
+def _is_own(key: str) -> bool:
+    return key.split(".")[0] in OWN_KEYS or key.split(".")[0] == "hydra"
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def apply_overrides(base: DictConfig, composed: DictConfig, default: DictConfig, overrides: Sequence[str],
+                    conf_dir: Path = CONF_DIR) -> DictConfig:
+    """``base`` with the changes the ``overrides`` made to ``default`` (giving ``composed``).
+
+    A group choice (``data=imagefolder``) replaces the whole node; every other change is
+    carried over key by key. The job's own keys (``ckpt_path``, ``tta``, ``task_name``) come
+    from ``composed``.
+    """
+    cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=False))
+    OmegaConf.set_struct(cfg, False)
+    composed_plain = OmegaConf.to_container(composed, resolve=False)
+    replaced: list[str] = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if _is_own(key) or override.is_delete() or "." in key or override.package:
+            continue
+        if (conf_dir / key).is_dir() and key in composed_plain:
+            cfg[key] = composed_plain[key]
+            replaced.append(key)
+    new = _leaves({k: v for k, v in composed_plain.items() if k != "hydra"})
+    old = _leaves({k: v for k, v in OmegaConf.to_container(default, resolve=False).items() if k != "hydra"})
+    for key, value in new.items():
+        if _is_own(key) or _under(key, replaced):
+            continue
+        if key not in old or old[key] != value:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    removed = {_first_missing(composed_plain, key) for key in old.keys() - new.keys()}
+    for key in sorted(removed, key=len):
+        if _is_own(key) or _under(key, replaced):
+            continue
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if isinstance(parent, DictConfig) and name in parent:
+            del parent[name]
+    for key in OWN_KEYS:
+        if key in composed_plain:
+            cfg[key] = composed_plain[key]
+    return cfg
+
+
+def _compose_default(overrides: Sequence[str]) -> DictConfig:
+    """``conf/evaluate.yaml`` (or the app's config) with only the job's own overrides."""
+    name = "evaluate"
+    try:
+        name = HydraConfig.get().job.config_name or name
+    except ValueError:
+        pass
+    own = [o for o in overrides if _is_own(o.lstrip("+~").split("=")[0].split("@")[0])]
+    return compose(name, overrides=own)
+
+
+def evaluation_config(composed: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, Path, dict[str, Any], str]:
+    """The config to evaluate with, the checkpoint file, its contents and where the config came from."""
+    ckpt_file = resolve_checkpoint(OmegaConf.select(composed, "ckpt_path", throw_on_missing=False))
+    checkpoint = load_checkpoint(ckpt_file)
+    base, source = training_config(ckpt_file, checkpoint)
+    default = _compose_default(overrides)
+    cfg = apply_overrides(base, composed, default, overrides)
+    cfg.ckpt_path = str(ckpt_file)
+    return cfg, ckpt_file, checkpoint, source
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k: float(v.item() if isinstance(v, torch.Tensor) else v)
+            for k, v in sorted(metrics.items()) if k.startswith(prefix)}
+
+
+def _training_summary(ckpt_file: Path) -> dict[str, Any]:
+    run_dir = training_run_dir(ckpt_file) or _run_dir_guess(ckpt_file)
+    if not (run_dir / "metrics.json").is_file():
+        return {}
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], config_source: str = "") -> dict[str, Any]:
+    """Test the checkpoint's weights with ``cfg``; write reports and metrics.json in the run directory."""
+    start = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:
+        print_and_save(cfg, run_dir)
+        log.info("evaluating %s with the config from %s", ckpt_file, config_source)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = builders.build_datamodule(cfg)
+    if rank_zero_only.rank == 0:
+        datamodule.prepare_data()
+    module = builders.build_module(cfg)
+    load_network_weights(module.net, checkpoint, ckpt_file)
+    callbacks = builders.build_callbacks(cfg)
+    tta = cfg.get("tta") or {}
+    if tta.get("enabled", False):
+        callbacks.append(TTACallback(flip=bool(tta.get("flip", True)), translate=int(tta.get("translate", 0)),
+                                     padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",)))
+    loggers = builders.build_loggers(cfg)
+    trainer = builders.build_trainer(cfg, callbacks, loggers)
+    trainer.test(module, datamodule=datamodule)
+
+    trained = _training_summary(ckpt_file)
+    summary = {
+        "task": "evaluate",
+        "run_dir": str(run_dir),
+        "ckpt_path": str(ckpt_file),
+        "train_run_dir": str(trained.get("run_dir") or training_run_dir(ckpt_file) or ""),
+        "config_source": config_source,
+        "model": trained.get("model") or str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1],
+        "choices": trained.get("choices", {}),
+        "params": sum(p.numel() for p in module.net.parameters() if p.requires_grad),
+        "epochs": int(checkpoint.get("epoch", -1)) + 1,
+        "global_step": int(checkpoint.get("global_step", 0)),
+        "seed": cfg.seed,
+        "tta": OmegaConf.to_container(cfg.tta, resolve=True) if tta.get("enabled", False) else None,
+        "metrics": _scalars(trainer.callback_metrics, "test/"),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        print(f"Run directory: {run_dir}")
+    return summary
+
+
+@contextmanager
+def _hydra_context(config_name: str, overrides: Sequence[str], output_dir: Path) -> Iterator[DictConfig]:
+    """Compose like the CLI would, outside a Hydra app (tests, notebooks)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+            cfg.hydra.job.config_name = config_name
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        yield cfg
+    GlobalHydra.instance().clear()
+
+
+def run(overrides: Sequence[str], output_dir: str | Path) -> dict[str, Any]:
+    """In-process ``python -m cifar_lab.evaluate <overrides>`` with its run directory at ``output_dir``."""
+    with _hydra_context("evaluate", overrides, Path(output_dir)) as composed:
+        cfg, ckpt_file, checkpoint, source = evaluation_config(composed, overrides)
+        return evaluate(cfg, ckpt_file, checkpoint, source)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(composed: DictConfig) -> float | None:
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+        cfg, ckpt_file, checkpoint, source = evaluation_config(composed, overrides)
+        summary = evaluate(cfg, ckpt_file, checkpoint, source)
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return summary["metrics"].get("test/acc")
+
+
+if __name__ == "__main__":
+    main()
