@@ -1026,7 +1026,7 @@ class Normalize(nn.Module):
 
     Same result as ``v2.ToDtype(torch.float32, scale=True)`` followed by
     ``v2.Normalize(mean, std)`` (float inputs are taken as already scaled to [0, 1]),
-    computed as ``x * (1 / (255 * std)) - mean / std``.
+    computed as ``float(x) * (1 / (255 * std)) - mean / std``.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False) -> None:
@@ -1058,14 +1058,11 @@ class Normalize(nn.Module):
         if x.shape[1] != len(self.mean):
             raise ValueError(f"expected {len(self.mean)} channels, got {x.shape[1]}")
         scale, shift = self._get_consts(x.device, not x.dtype.is_floating_point)
-        if self.channels_last:
-            out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
-            torch.mul(x, scale, out=out)
-        else:
-            out = torch.mul(x.contiguous(), scale)  # uint8 * float32 -> float32 in one pass
-            if out.dtype != torch.float32:
-                out = out.to(torch.float32)
-        return out.sub_(shift)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        # a plain dtype copy then two in-place float ops beat one mixed-dtype multiply
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+        out.copy_(x)
+        return out.mul_(scale).sub_(shift)
 
     def to_torchvision(self) -> v2.Transform:
         return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
