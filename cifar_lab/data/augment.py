@@ -473,7 +473,10 @@ class AlternatingFlip(_IndexOp):
         if base is None:
             base = self._base.to(indices.device)
             self._base_cache[indices.device] = base
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_samples):
+        # range check on the host only (on an accelerator it would force a synchronisation)
+        if indices.device.type == "cpu" and indices.numel() and (
+            int(indices.min()) < 0 or int(indices.max()) >= self.num_samples
+        ):
             raise IndexError(f"indices out of range for num_samples={self.num_samples}")
         return base[indices]
 

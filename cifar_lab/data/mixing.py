@@ -48,7 +48,7 @@ def dominant_label(y: Tensor) -> Tensor:
     return y.argmax(dim=-1)
 
 
-def _draw_device(x: Tensor, generator: torch.Generator | None) -> torch.device:
+def _draw_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
@@ -62,7 +62,7 @@ def _randint_scalar(high: int, generator: torch.Generator | None, device: torch.
 
 def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float:
     """One ``Beta(alpha, alpha)`` draw, reproducible from the torch ``generator``."""
-    device = generator.device if generator is not None else torch.device("cpu")
+    device = _draw_device(generator)
     seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
@@ -161,7 +161,7 @@ class BatchMixer:
         self.last = {"mixed": False, "kind": None, "lam": 1.0}
         if not self.active(epoch) or x.shape[0] < 2:
             return x, targets
-        dev = _draw_device(x, generator)
+        dev = _draw_device(generator)
         if self.mode == "batch" and self.prob < 1.0 and not _rand_scalar(generator, dev) < self.prob:
             return x, targets
 
@@ -191,7 +191,7 @@ class BatchMixer:
                    device: torch.device | None = None) -> tuple[int, int, int, int]:
         """Box ``(top, bottom, left, right)`` covering about ``1 - lam`` of the image:
         sides ``sqrt(1 - lam)`` of the image's, centred at a uniform pixel, clipped."""
-        device = device if device is not None else (generator.device if generator is not None else torch.device("cpu"))
+        device = device if device is not None else _draw_device(generator)
         cut = math.sqrt(max(0.0, 1.0 - lam))
         ch, cw = int(height * cut), int(width * cut)
         cy = _randint_scalar(height, generator, device)
