@@ -433,6 +433,9 @@ def test_to_torchvision_crop_and_erasing_p0_and_pil_input():
     aug = BatchAugment({"crop": RandomCrop(32, 4), "flip": HorizontalFlip()}, MEAN, STD)
     y = aug.to_torchvision()(img)
     assert y.shape == (3, 32, 32) and y.dtype == torch.float32
+    # the wrapped op inside a v2 pipeline (tv_tensors.Image input)
+    cut = BatchAugment({"cut": Cutout(64, p=1.0)}, MEAN, STD).to_torchvision()(x[0])
+    torch.testing.assert_close(cut, v2.Normalize(MEAN, STD)(torch.zeros(3, 32, 32)))
 
 
 def test_hydra_style_mapping_is_accepted():
