@@ -1,0 +1,297 @@
+"""Predict classes for unlabelled images with a trained checkpoint; write a CSV.
+
+    python -m cifar_lab.predict ckpt_path=<run dir or .ckpt> input=<images> output=predictions.csv
+
+``input`` is one of
+
+* a folder of image files (png, jpg, bmp, gif, webp, tif; top level only). Files are taken in
+  natural order of their names: case-insensitive, with digit runs compared as numbers, so
+  ``img2.png`` comes before ``img10.png``; ``0.png .. N-1.png`` get ids equal to their stems;
+* a ``.npy`` file holding a uint8 array ``(N, H, W, 3)`` (channels last, as CIFAR's
+  python batches reshape to and as PIL/numpy images are), or ``(N, 3, H, W)``;
+* a pickle file holding such an array (numpy or torch), or a dict with a ``data`` entry in
+  the CIFAR python-batch layout (``(N, 3072)`` uint8 rows, red plane then green then blue).
+
+The CSV has the header ``id,label`` and one row per input image; ``id`` is the image's
+position in the input (0..N-1) and ``label`` the predicted class name (``label_format=name``)
+or index (``label_format=index``). ``include_file=true`` adds a ``file`` column for folders.
+
+Images must have the size the model was trained on, or ``resize=true`` resizes them
+(bilinear, antialiased). Problems with the input end the program with a one-line message
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from cifar_lab.callbacks.reports import CLASS_NAMES_KEY
+from cifar_lab.callbacks.tta import tta_probs, tta_views
+from cifar_lab.data.image_folder import IMAGE_SUFFIXES
+from cifar_lab.evaluate import (
+    EvaluationError,
+    _hydra_context,
+    load_checkpoint,
+    load_network_weights,
+    resolve_checkpoint,
+    training_config,
+)
+from cifar_lab.models import build_network
+
+log = logging.getLogger(__name__)
+
+LABEL_FORMATS = ("name", "index")
+
+
+class PredictionError(EvaluationError):
+    """Unusable input or options; the message says what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key comparing digit runs as numbers: ``a2`` < ``a10``; case-insensitive."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", name) if part]
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, in natural name order."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _decode(path: Path) -> Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is a bad input file
+        raise PredictionError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+
+
+def _array_images(array: Any, origin: str) -> Tensor:
+    """A uint8 ``(N, 3, H, W)`` tensor from an ``(N, H, W, 3)``/``(N, 3, H, W)``/``(N, 3072)`` array."""
+    if isinstance(array, Tensor):
+        array = array.detach().cpu().numpy()
+    if not isinstance(array, np.ndarray):
+        raise PredictionError(
+            f"{origin} holds a {type(array).__name__}, expected an array of images: uint8 (N, H, W, 3)"
+        )
+    if array.dtype != np.uint8:
+        raise PredictionError(f"{origin}: images must be uint8 (values 0-255), got dtype {array.dtype}")
+    shape = tuple(array.shape)
+    if array.ndim == 2 and shape[1] == 3 * 32 * 32:
+        array = array.reshape(-1, 3, 32, 32)  # CIFAR python-batch rows
+    elif array.ndim == 4 and shape[-1] == 3:
+        array = array.transpose(0, 3, 1, 2)
+    elif array.ndim == 4 and shape[1] == 3:
+        pass
+    else:
+        hint = " (one image? add a leading axis: x[None])" if array.ndim == 3 else ""
+        raise PredictionError(
+            f"{origin}: expected images of shape (N, H, W, 3), (N, 3, H, W) or (N, 3072), got {shape}{hint}"
+        )
+    if array.shape[0] == 0:
+        raise PredictionError(f"{origin} holds no images (shape {shape})")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_input(path: str | Path) -> tuple[Tensor | list[Tensor], list[str] | None]:
+    """The images (one tensor, or a list for folders whose images differ in size) and file names."""
+    path = Path(str(path)).expanduser()
+    if str(path) in ("", "???"):
+        raise PredictionError("input is required: input=<folder of images | .npy file | pickle file>")
+    if path.is_dir():
+        files = list_images(path)
+        if not files:
+            raise PredictionError(
+                f"input folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        images = [_decode(p) for p in files]
+        return images, [p.name for p in files]
+    if not path.is_file():
+        raise PredictionError(f"input={path}: no such file or folder")
+    if path.stat().st_size == 0:
+        raise PredictionError(f"input file {path} is empty")
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as err:  # noqa: BLE001
+            raise PredictionError(f"{path} is not a readable .npy array file ({type(err).__name__}: {err})") from err
+        return _array_images(array, str(path)), None
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f)
+    except Exception as err:  # noqa: BLE001 - anything that fails to unpickle is "not a pickle"
+        raise PredictionError(
+            f"{path} is not a pickle file ({type(err).__name__}); input must be a folder of images, "
+            "a .npy file or a pickle of a uint8 (N, H, W, 3) array"
+        ) from err
+    if isinstance(obj, dict):
+        data = obj.get("data", obj.get(b"data"))
+        if data is None:
+            raise PredictionError(f"{path} holds a dict without a 'data' entry; expected an array of images")
+        obj = data
+    return _array_images(obj, str(path)), None
+
+
+def fit_size(images: Tensor | list[Tensor], size: int, resize: bool,
+             names: Sequence[str] | None = None) -> Tensor:
+    """One uint8 ``(N, 3, size, size)`` tensor: resized when allowed, else an error naming the size."""
+    items = list(images) if isinstance(images, list) else [images]
+    out = []
+    for i, x in enumerate(items):
+        batch = x if x.ndim == 4 else x.unsqueeze(0)
+        h, w = batch.shape[-2:]
+        if (h, w) != (size, size):
+            if not resize:
+                where = f"image {names[i]} is" if names else "the input images are"
+                raise PredictionError(
+                    f"{where} {w}x{h} pixels but the model takes {size}x{size}; "
+                    "pass resize=true to resize the images"
+                )
+            batch = F.interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=True,
+                                  align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        out.append(batch)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def _device(name: str) -> torch.device:
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise PredictionError(f"device={name}: {err}") from err
+
+
+def class_names(train_cfg: DictConfig, checkpoint: dict[str, Any], datamodule: Any) -> list[str]:
+    """Class names stored in the checkpoint, else from the training data (loads it)."""
+    names = checkpoint.get(CLASS_NAMES_KEY)
+    if names:
+        return [str(n) for n in names]
+    try:
+        datamodule.setup("predict")
+        return [str(n) for n in datamodule.classes]
+    except Exception as err:  # noqa: BLE001
+        raise PredictionError(
+            f"the class names are not in the checkpoint and the training data could not be loaded to find them "
+            f"({type(err).__name__}: {err}); use label_format=index or point data.root at the data"
+        ) from err
+
+
+def predict(
+    ckpt_path: str | Path,
+    input: str | Path,
+    output: str | Path = "predictions.csv",
+    label_format: str = "name",
+    resize: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    include_file: bool = False,
+    tta: dict[str, Any] | None = None,
+    data_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Predict every image of ``input`` and write ``output``; returns the CSV path."""
+    if label_format not in LABEL_FORMATS:
+        raise PredictionError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
+    if batch_size < 1:
+        raise PredictionError(f"batch_size must be >= 1, got {batch_size}")
+    images, files = load_input(input)  # check the input before anything expensive
+    ckpt_file = resolve_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_file)
+    train_cfg, _ = training_config(ckpt_file, checkpoint)
+    OmegaConf.update(train_cfg, "paths.output_dir", str(Path(output).resolve().parent), force_add=True)
+    for key, value in (data_overrides or {}).items():
+        OmegaConf.update(train_cfg, f"data.{key}", value, force_add=True)
+
+    size = int(OmegaConf.select(train_cfg, "data.source.image_size", default=32) or 32)
+    x_all = fit_size(images, size, resize, files)
+
+    datamodule = instantiate(train_cfg.data, _convert_="all")
+    names = class_names(train_cfg, checkpoint, datamodule) if label_format == "name" else []
+    net = build_network(train_cfg.model)
+    load_network_weights(net, checkpoint, ckpt_file)
+    dev = _device(device)
+    net = net.to(dev).eval()
+    tta = dict(tta or {})
+    views = tta_views(bool(tta.get("flip", True)), int(tta.get("translate", 0))) if tta.get("enabled") else None
+
+    preds = []
+    with torch.inference_mode():
+        for start in range(0, len(x_all), batch_size):
+            x = datamodule.normalize(x_all[start:start + batch_size].to(dev))
+            if views is not None:
+                probs = tta_probs(net, x, views, str(tta.get("padding_mode", "reflect")))
+            else:
+                probs = net(x).float().softmax(dim=1)
+            preds.append(probs.argmax(dim=1).cpu())
+    labels = torch.cat(preds).tolist()
+    if names and max(labels) >= len(names):
+        raise PredictionError(f"the model predicts class {max(labels)} but only {len(names)} class names are known")
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "label", "file"] if include_file and files else ["id", "label"])
+        for i, label in enumerate(labels):
+            row = [i, names[label] if label_format == "name" else label]
+            if include_file and files:
+                row.append(files[i])
+            writer.writerow(row)
+    print(f"Wrote {len(labels)} predictions to {out}")
+    return out
+
+
+def predict_from_config(cfg: DictConfig) -> Path:
+    return predict(
+        ckpt_path=OmegaConf.select(cfg, "ckpt_path", throw_on_missing=False) or "",
+        input=OmegaConf.select(cfg, "input", throw_on_missing=False) or "",
+        output=cfg.output,
+        label_format=cfg.label_format,
+        resize=bool(cfg.resize),
+        batch_size=int(cfg.batch_size),
+        device=str(cfg.device),
+        include_file=bool(cfg.get("include_file", False)),
+        tta=OmegaConf.to_container(cfg.tta, resolve=True) if cfg.get("tta") else None,
+        data_overrides=OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None,
+    )
+
+
+def run(overrides: Sequence[str], output_dir: str | Path) -> Path:
+    """In-process ``python -m cifar_lab.predict <overrides>`` (job directory ``output_dir``)."""
+    with _hydra_context("predict", overrides, Path(output_dir)) as cfg:
+        return predict_from_config(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        predict_from_config(cfg)
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
