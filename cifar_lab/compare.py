@@ -1,0 +1,317 @@
+"""Compare finished runs: a table of models, hyperparameters and accuracies, and two plots.
+
+    python -m cifar_lab.compare logs/train/runs/A logs/train/multiruns/B [--out compare.md] [--plot compare.png]
+
+Every ``metrics.json`` found under the given folders (recursively, so a run directory, a
+multirun sweep directory or all of ``logs/`` work) is one row. Hyperparameters come from the
+run's ``config.yaml`` (the resolved config saved next to ``metrics.json``). The table is
+printed as Markdown and, with ``--out``, written to a file; ``--plot`` draws accuracy against
+parameter count and against wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+COLUMNS: list[tuple[str, str]] = [
+    ("run", "run"),
+    ("model", "model"),
+    ("params", "params"),
+    ("optimizer", "optimizer"),
+    ("lr", "lr"),
+    ("batch_size", "batch size"),
+    ("scheduler", "scheduler"),
+    ("epochs", "epochs"),
+    ("val_acc_best", "best val acc"),
+    ("test_acc", "test acc"),
+    ("wall_time_s", "wall time"),
+]
+SORT_KEYS = [key for key, _ in COLUMNS]
+
+
+class CompareError(Exception):
+    """Nothing to compare, or an unusable argument."""
+
+
+@dataclass
+class Run:
+    path: Path
+    run: str
+    model: str = ""
+    params: int | None = None
+    optimizer: str = ""
+    lr: float | None = None
+    batch_size: int | None = None
+    scheduler: str = ""
+    epochs: int | None = None
+    val_acc_best: float | None = None
+    test_acc: float | None = None
+    wall_time_s: float | None = None
+    task: str = "train"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
+    """``metrics.json`` files under the given folders (or given directly), each once, in path order."""
+    found: dict[Path, None] = {}
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_file() and path.name == "metrics.json":
+            found[path.resolve()] = None
+        elif path.is_dir():
+            for file in sorted(path.rglob("metrics.json")):
+                found[file.resolve()] = None
+        else:
+            raise CompareError(f"{given}: no such run directory (or metrics.json file)")
+    return list(found)
+
+
+def _select(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _number(value: Any, kind: type) -> Any:
+    try:
+        return kind(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _short_target(target: Any) -> str:
+    return str(target).rsplit(".", 1)[-1] if target else ""
+
+
+def read_run(metrics_file: Path, label: str) -> Run:
+    summary = json.loads(metrics_file.read_text())
+    if not isinstance(summary, dict):
+        raise ValueError("not a JSON object")
+    run_dir = metrics_file.parent
+    cfg: dict[str, Any] = {}
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        try:
+            cfg = yaml.safe_load(config_file.read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+    choices = summary.get("choices") or {}
+    metrics = summary.get("metrics") or {}
+    scheduler_choice = choices.get("scheduler")
+    scheduler = scheduler_choice or _short_target(_select(cfg, "scheduler.scheduler._target_"))
+    return Run(
+        path=run_dir,
+        run=label,
+        task=str(summary.get("task", "train")),
+        model=str(summary.get("model") or choices.get("model") or _short_target(_select(cfg, "model._target_"))),
+        params=_number(summary.get("params"), int),
+        optimizer=str(choices.get("optimizer") or _short_target(_select(cfg, "optimizer._target_"))),
+        lr=_number(_select(cfg, "optimizer.lr"), float),
+        batch_size=_number(_select(cfg, "data.batch_size"), int),
+        scheduler=str(scheduler or ("none" if cfg and not _select(cfg, "scheduler.scheduler") else "")),
+        epochs=_number(summary.get("epochs"), int),
+        val_acc_best=_number(metrics.get("val/acc_best"), float),
+        test_acc=_number(metrics.get("test/acc"), float),
+        wall_time_s=_number(summary.get("wall_time_s"), float),
+    )
+
+
+def _labels(files: Sequence[Path], roots: Sequence[str | Path]) -> list[str]:
+    """Each run's folder relative to the folder it was found under (the folder name for a run dir)."""
+    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
+    labels = []
+    for file in files:
+        run_dir = file.parent
+        label = run_dir.name
+        for root in resolved_roots:
+            root_dir = root.parent if root.is_file() else root
+            if run_dir == root_dir:
+                label = run_dir.name
+                break
+            if root_dir in run_dir.parents:
+                label = f"{root_dir.name}/{run_dir.relative_to(root_dir)}"
+                break
+        labels.append(label)
+    return labels
+
+
+def collect(paths: Sequence[str | Path]) -> list[Run]:
+    files = find_metrics(paths)
+    runs = []
+    for file, label in zip(files, _labels(files, paths)):
+        try:
+            runs.append(read_run(file, label))
+        except (OSError, ValueError) as err:
+            print(f"warning: skipping {file}: {err}", file=sys.stderr)
+    if not runs:
+        raise CompareError(f"no readable metrics.json under {', '.join(str(p) for p in paths)}")
+    return runs
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def format_params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _cell(run: Run, key: str) -> str:
+    value = getattr(run, key)
+    if key == "params":
+        return format_params(value)
+    if key == "wall_time_s":
+        return format_duration(value)
+    if key in ("val_acc_best", "test_acc"):
+        return "-" if value is None else f"{100 * value:.2f}%"
+    if key == "lr":
+        return "-" if value is None else f"{value:g}"
+    if key == "run" and run.task != "train":
+        return f"{value} ({run.task})"
+    return "-" if value in (None, "") else str(value)
+
+
+def sort_runs(runs: list[Run], key: str = "test_acc") -> list[Run]:
+    """Best first for accuracies, largest first otherwise; runs lacking the value go last."""
+    if key not in SORT_KEYS:
+        raise CompareError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}")
+    present = [r for r in runs if getattr(r, key) not in (None, "")]
+    missing = [r for r in runs if getattr(r, key) in (None, "")]
+    reverse = key not in ("run", "model", "optimizer", "scheduler")
+    return sorted(present, key=lambda r: getattr(r, key), reverse=reverse) + missing
+
+
+def markdown_table(runs: Sequence[Run]) -> str:
+    """The runs as an aligned Markdown table (readable as plain text too)."""
+    headers = [title for _, title in COLUMNS]
+    rows = [[_cell(run, key) for key, _ in COLUMNS] for run in runs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    numeric = {i for i, (key, _) in enumerate(COLUMNS)
+               if key in ("params", "lr", "batch_size", "epochs", "val_acc_best", "test_acc", "wall_time_s")}
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else ("-" * (w + 2))
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)]) + "\n"
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def _point_label(run: Run, width: int = 24) -> str:
+    name = run.run.rsplit("/", 1)[-1]
+    if len(name) > width:
+        name = name[: width - 3] + "..."
+    task = "" if run.task == "train" else f" ({run.task})"
+    return f"{run.model}{task}\n{name}"
+
+
+def plot_runs(runs: Sequence[Run], path: str | Path) -> Path:
+    """Accuracy (test, else best validation) against parameter count and against wall time.
+
+    Training runs are dots, other entries (e.g. evaluate jobs, whose wall time is the
+    evaluation's) crosses.
+    """
+    from matplotlib.figure import Figure
+
+    from cifar_lab.callbacks.plots import save_figure
+
+    fig = Figure(figsize=(12, 5))
+    use_test = any(r.test_acc is not None for r in runs)
+    metric = "test accuracy" if use_test else "best validation accuracy"
+    for col, (attr, xlabel, log_x) in enumerate((("params", "parameters", True),
+                                                 ("wall_time_s", "wall time (s)", False))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        points = []
+        for run in runs:
+            acc = run.test_acc if use_test else run.val_acc_best
+            x = getattr(run, attr)
+            if acc is not None and x is not None and x > 0:
+                points.append((x, 100 * acc, run))
+        for x, y, run in points:
+            marker = "o" if run.task == "train" else "x"
+            ax.scatter([x], [y], s=30, marker=marker)
+            ax.annotate(_point_label(run), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if log_x and points:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{metric.capitalize()} vs {xlabel.split(' (')[0]}")
+        ax.grid(True, alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "no runs with both values", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar_lab.compare",
+        description="Compare runs: finds metrics.json under each folder (run or sweep directories), "
+                    "prints a Markdown table and optionally writes it and a plot.",
+    )
+    parser.add_argument("dirs", nargs="+", help="run directories, sweep directories or any folder above them")
+    parser.add_argument("--out", help="write the table as Markdown to this file (e.g. compare.md)")
+    parser.add_argument("--plot", help="write accuracy vs parameters / wall time to this PNG (e.g. compare.png)")
+    parser.add_argument("--sort", default="test_acc", choices=SORT_KEYS, help="column to sort by (default: test_acc)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = sort_runs(collect(args.dirs), args.sort)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = markdown_table(runs)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"# Run comparison\n\n{len(runs)} runs from {', '.join(args.dirs)}\n\n{table}")
+        print(f"Wrote {out}")
+    if args.plot:
+        print(f"Wrote {plot_runs(runs, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
