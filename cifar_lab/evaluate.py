@@ -147,7 +147,14 @@ def load_network_weights(net: torch.nn.Module, checkpoint: dict[str, Any], ckpt_
     state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     if not state:
         raise EvaluationError(f"{ckpt_file}: the state_dict has no 'net.*' weights; is it a cifar_lab checkpoint?")
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = " ".join(str(err).split())
+        raise EvaluationError(
+            f"{ckpt_file}: the weights do not fit the configured model {type(net).__name__} ({detail[:500]}). "
+            "Evaluate with the model config the checkpoint was trained with"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         missing = ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else "")
         unexpected = ", ".join(result.unexpected_keys[:5]) + (" ..." if len(result.unexpected_keys) > 5 else "")

@@ -1,0 +1,158 @@
+"""evaluate: the training config comes back, overrides apply on top, and the recorded test accuracy is reproduced."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifar_lab import evaluate
+from cifar_lab.train import train
+from conftest import CONF, SYNTH, compose_cfg, run_cli
+
+QUICK = [*SYNTH, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",
+         "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "misclassified.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished training run with TensorBoard and the default callbacks, laid out as the CLI leaves it."""
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    cfg = compose_cfg(QUICK, run_dir)
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what Hydra saves: unresolved, no hydra node
+    train(cfg)
+    return run_dir
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_training_run_has_reports_and_tensorboard_content(trained: Path) -> None:
+    for name in (*REPORT_FILES, "curves.png"):
+        assert (trained / name).is_file(), name
+    report = (trained / "classification_report.txt").read_text()
+    assert "class_9" in report and "weighted avg" in report and "support" in report
+    summary = _summary(trained)
+    assert 0.0 <= summary["metrics"]["test/ece"] <= 1.0
+    assert "val/ece" in summary["metrics"]
+    assert not any("per_class" in k for k in summary["metrics"])
+
+    events = EventAccumulator(str(trained / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"val/confusion_matrix", "test/confusion_matrix", "test/misclassified"} <= set(tags["images"])
+    for stage in ("val", "test"):
+        for kind in ("precision", "recall", "f1"):
+            assert f"{stage}_per_class/{kind}/class_0" in tags["scalars"]
+    assert {"test/ece", "val/ece", "test/acc", "hp/test_acc", "hp/val_acc_best"} <= set(tags["scalars"])
+
+
+def test_evaluate_reproduces_recorded_test_accuracy(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    summary = evaluate.run([f"ckpt_path={trained}", "trainer.enable_progress_bar=false"], out)
+    recorded = _summary(trained)
+    assert summary["ckpt_path"] == recorded["best_ckpt"]
+    assert summary["config_source"] == str(trained / ".hydra" / "config.yaml")
+    assert summary["metrics"]["test/acc"] == pytest.approx(recorded["metrics"]["test/acc"], abs=1e-6)
+    assert summary["metrics"]["test/loss"] == pytest.approx(recorded["metrics"]["test/loss"], rel=1e-5)
+    assert summary["metrics"]["test/ece"] == pytest.approx(recorded["metrics"]["test/ece"], abs=1e-5)
+    assert summary["model"] == "simple_cnn" and summary["train_run_dir"] == str(trained)
+    assert _summary(out) == summary
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    assert (trained / "classification_report.txt").read_text() == (out / "classification_report.txt").read_text()
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.callbacks.report.output_dir == str(out) and saved.ckpt_path == recorded["best_ckpt"]
+
+
+def test_evaluate_a_lone_checkpoint_uses_its_stored_config(trained: Path, tmp_path: Path) -> None:
+    lone = tmp_path / "elsewhere" / "model.ckpt"
+    lone.parent.mkdir()
+    shutil.copy(_summary(trained)["best_ckpt"], lone)
+    out = tmp_path / "eval"
+    summary = evaluate.run([f"ckpt_path={lone}", "data.eval_batch_size=7", "callbacks.report.misclassified=0"], out)
+    assert summary["config_source"].endswith("(hyper_parameters)")
+    assert summary["metrics"]["test/acc"] == pytest.approx(_summary(trained)["metrics"]["test/acc"], abs=1e-6)
+    saved = OmegaConf.load(out / "config.yaml")
+    # paths inside the training run directory now point at this job's directory
+    assert saved.callbacks.report.output_dir == str(out)
+    assert saved.callbacks.model_checkpoint.dirpath == str(out / "checkpoints")
+    assert saved.data.eval_batch_size == 7
+    assert (out / "classification_report.txt").is_file() and not (out / "misclassified.png").exists()
+
+
+def test_evaluate_with_tta(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    summary = evaluate.run([f"ckpt_path={trained}", "tta.enabled=true", "tta.translate=1"], out)
+    assert summary["tta"] == {"enabled": True, "flip": True, "translate": 1, "padding_mode": "reflect"}
+    assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
+    assert _summary(out)["tta"]["translate"] == 1
+
+
+def test_overrides_apply_on_top_of_the_training_config() -> None:
+    base = compose_cfg(["data=synthetic", "model=simple_cnn", "data.batch_size=32", "optimizer=sgd"], Path("/tmp/x"))
+    overrides = ["ckpt_path=some.ckpt", "trainer=cpu", "data.eval_batch_size=7", "~callbacks.lr_monitor",
+                 "debug=limit", "+extra.key=1", "tta.enabled=true", "hydra.run.dir=/tmp/y"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        composed = compose("evaluate", overrides=overrides)
+        default = compose("evaluate", overrides=["ckpt_path=some.ckpt"])
+    cfg = evaluate.apply_overrides(base, composed, default, overrides)
+    assert cfg.data.source._target_.endswith("SyntheticSource")  # the training data stays
+    assert cfg.data.batch_size == 32 and cfg.data.eval_batch_size == 7
+    assert cfg.model._target_.endswith("SimpleCNN") and cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.trainer.accelerator == "cpu"  # group choice: the whole node
+    assert cfg.trainer.limit_test_batches == composed.trainer.limit_test_batches  # from debug=limit
+    assert "lr_monitor" not in cfg.callbacks and "report" in cfg.callbacks
+    assert cfg.extra.key == 1 and cfg.tta.enabled is True and cfg.ckpt_path == "some.ckpt"
+    assert cfg.task_name == "evaluate" and "hydra" not in cfg
+
+
+def test_checkpoint_resolution_errors(tmp_path: Path) -> None:
+    with pytest.raises(evaluate.EvaluationError, match="ckpt_path is required"):
+        evaluate.resolve_checkpoint(None)
+    with pytest.raises(evaluate.EvaluationError, match="no checkpoint found"):
+        evaluate.resolve_checkpoint(tmp_path)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(evaluate.EvaluationError, match="cannot read checkpoint"):
+        evaluate.load_checkpoint(bad)
+    torch.save({"state_dict": {"net.weight": torch.zeros(1)}}, tmp_path / "plain.ckpt")
+    checkpoint = evaluate.load_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(evaluate.EvaluationError, match="no training config"):
+        evaluate.training_config(tmp_path / "plain.ckpt", checkpoint)
+    with pytest.raises(evaluate.EvaluationError, match="do not fit"):
+        evaluate.load_network_weights(torch.nn.Linear(2, 2), checkpoint, "plain.ckpt")
+
+
+@pytest.mark.slow  # a fresh interpreter importing Lightning: seconds on a busy machine
+def test_cli_reports_a_missing_checkpoint_without_traceback(tmp_path: Path) -> None:
+    proc = run_cli([f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, script="cifar_lab.evaluate")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: ckpt_path={tmp_path / 'missing.ckpt'}: no such file or directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_train_then_evaluate(tmp_path: Path) -> None:
+    run_dir = tmp_path / "train"
+    proc = run_cli([*QUICK, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "eval"
+    proc = run_cli([f"ckpt_path={run_dir}", f"hydra.run.dir={out}", "data.eval_batch_size=33"], tmp_path,
+                   script="cifar_lab.evaluate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Run directory: {out}" in proc.stdout
+    recorded, evaluated = _summary(run_dir), _summary(out)
+    assert evaluated["metrics"]["test/acc"] == pytest.approx(recorded["metrics"]["test/acc"], abs=1e-6)
+    assert evaluated["config_source"] == str(run_dir / ".hydra" / "config.yaml")
+    for name in REPORT_FILES:
+        assert (out / name).is_file()
