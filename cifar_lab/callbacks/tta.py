@@ -11,7 +11,9 @@ Three layers, from general to specific:
 
 Views: the identity; with ``flip`` the mirror image; with ``translate=t > 0`` shifts by ``t``
 pixels left, right, up and down (edges filled by ``padding_mode``), each also mirrored when
-``flip`` is on. ``flip=true, translate=2`` gives 10 views.
+``flip`` is on. ``flip=true, translate=2`` gives 10 views. ``shifts=[[dy, dx], ...]`` lists the
+shifts explicitly instead, e.g. ``[[1, 1], [-1, -1]]`` for two diagonal moves: with ``flip``
+that is 6 views.
 """
 
 from __future__ import annotations
@@ -27,14 +29,24 @@ PADDING_MODES = ("reflect", "replicate", "constant")
 View = tuple[bool, int, int]  # (mirror, shift down, shift right)
 
 
-def tta_views(flip: bool = True, translate: int = 0) -> list[View]:
-    """The views as ``(mirror, dy, dx)``; the identity comes first."""
+def tta_views(flip: bool = True, translate: int = 0,
+              shifts: Sequence[Sequence[int]] | None = None) -> list[View]:
+    """The views as ``(mirror, dy, dx)``; the identity comes first.
+
+    ``shifts`` (pairs ``(dy, dx)``) replaces the four moves by ``translate``.
+    """
     if translate < 0:
         raise ValueError(f"tta translate must be >= 0, got {translate}")
-    shifts = [(0, 0)]
-    if translate:
-        t = int(translate)
-        shifts += [(0, t), (0, -t), (t, 0), (-t, 0)]
+    if shifts is not None:
+        pairs = [tuple(int(v) for v in pair) for pair in shifts]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"tta shifts must be pairs (dy, dx), got {shifts}")
+        shifts = [(0, 0)] + [pair for pair in pairs if pair != (0, 0)]
+    else:
+        shifts = [(0, 0)]
+        if translate:
+            t = int(translate)
+            shifts += [(0, t), (0, -t), (t, 0), (-t, 0)]
     mirrors = (False, True) if flip else (False,)
     return [(m, dy, dx) for m in mirrors for dy, dx in shifts]
 
@@ -77,10 +89,10 @@ class TestTimeAugmentation(nn.Module):
     """Wraps a network; ``forward`` returns log of the softmax averaged over the TTA views."""
 
     def __init__(self, net: nn.Module, flip: bool = True, translate: int = 0,
-                 padding_mode: str = "reflect") -> None:
+                 padding_mode: str = "reflect", shifts: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         self.net = net
-        self.views = tta_views(flip, translate)
+        self.views = tta_views(flip, translate, shifts)
         self.padding_mode = padding_mode
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,14 +109,15 @@ class TTACallback(L.Callback):
     """
 
     def __init__(self, flip: bool = True, translate: int = 0, padding_mode: str = "reflect",
-                 stages: Sequence[str] = ("test", "predict"), enabled: bool = True) -> None:
+                 stages: Sequence[str] = ("test", "predict"), enabled: bool = True,
+                 shifts: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         unknown = set(stages) - {"test", "predict", "validate"}
         if unknown:
             raise ValueError(f"TTACallback stages must be among test, predict, validate; got {sorted(unknown)}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"tta padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.views = tta_views(flip, translate)
+        self.views = tta_views(flip, translate, shifts)
         self.padding_mode = padding_mode
         self.stages = tuple(stages)
         self.enabled = enabled
