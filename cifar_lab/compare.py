@@ -241,14 +241,13 @@ def _point_label(run: Run, width: int = 24) -> str:
 
 
 def plot_runs(runs: Sequence[Run], path: str | Path) -> Path:
-    """Accuracy (test, else best validation) against parameter count and against wall time.
+    """Accuracy (test, else best validation) against parameter count and against wall time (PNG).
 
     Training runs are dots, other entries (e.g. evaluate jobs, whose wall time is the
     evaluation's) crosses.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from cifar_lab.callbacks.plots import save_figure
 
     fig = Figure(figsize=(12, 5))
     use_test = any(r.test_acc is not None for r in runs)
@@ -275,7 +274,11 @@ def plot_runs(runs: Sequence[Run], path: str | Path) -> Path:
         if not points:
             ax.text(0.5, 0.5, "no runs with both values", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    return save_figure(fig, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
 
 
 # ----------------------------------------------------------------------------- CLI
