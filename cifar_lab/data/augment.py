@@ -30,7 +30,7 @@ produce per-image row/column index maps and are executed with a single ``gather`
 on the ``uint8`` batch (constant padding adds one 1-pixel pad). :class:`BatchAugment`
 composes the maps of consecutive re-indexing ops, so ``RandomCrop`` followed by
 ``HorizontalFlip`` costs one gather in total. Values stay ``uint8`` until the
-normalisation, which converts to ``float32`` and normalises in two passes.
+normalisation (a ``float32`` copy, then an in-place scale and shift).
 """
 
 from __future__ import annotations
