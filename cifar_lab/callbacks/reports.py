@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -140,8 +141,8 @@ class ClassificationReport(L.Callback):
         log_hparams: write the config and final metrics to TensorBoard's HPARAMS tab.
         write_files: write the report files.
         digits: decimals in ``classification_report.txt``.
-        graph_input_size: when the TensorBoard logger has ``log_graph=true`` and the module has no
-            ``example_input_array``, an all-zero ``(1, 3, size, size)`` batch becomes it (what is traced).
+        graph_input_size: image size of the batch traced for the model graph when the TensorBoard
+            logger has ``log_graph=true`` (and the module has no ``example_input_array``).
     """
 
     def __init__(
@@ -319,10 +320,37 @@ class ClassificationReport(L.Callback):
             self.num_classes = num_classes
             self.metrics = self._build_metrics(num_classes)
         self.metrics.to(pl_module.device)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_graph(trainer, pl_module)
+
+    def _log_graph(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The network's graph, when the TensorBoard logger was asked for it (``log_graph=true``).
+
+        Lightning's own tracing feeds ``example_input_array`` through the datamodule's batch
+        hooks, which expect ``(images, labels)``; tracing the network directly on a normalised
+        all-zero batch avoids that. Done in eval mode so BatchNorm statistics stay untouched.
+        """
         tb = self._tensorboard(trainer)
-        wants_graph = tb is not None and getattr(tb, "_log_graph", False)
-        if wants_graph and self.graph_input_size and getattr(pl_module, "example_input_array", None) is None:
-            pl_module.example_input_array = torch.zeros(1, 3, self.graph_input_size, self.graph_input_size)
+        if tb is None or not getattr(tb, "_log_graph", False) or not self.graph_input_size:
+            return
+        if getattr(pl_module, "example_input_array", None) is not None or not trainer.is_global_zero:
+            return  # Lightning traces the module's own example
+        net = getattr(pl_module, "net", pl_module)
+        size = int(self.graph_input_size)
+        example = torch.zeros(2, 3, size, size, device=pl_module.device)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                tb.experiment.add_graph(net, example)
+        except Exception as err:  # noqa: BLE001 - tracing is best effort; training goes on
+            log.warning("could not trace the model graph for TensorBoard: %s", err)
+            return
+        finally:
+            net.train(was_training)
+        # Lightning would now warn that example_input_array is unset; the graph is already there.
+        warnings.filterwarnings("ignore", message="Could not log computational graph")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics.to(pl_module.device)

@@ -232,3 +232,15 @@ def test_class_names_fall_back_to_indices(tmp_path: Path) -> None:
     report = ClassificationReport(output_dir=str(tmp_path / "run"), log_hparams=False)
     _trainer(tmp_path, report).test(_module(), datamodule=Nameless(), verbose=False)
     assert "           1       0.20      1.00      0.33         2" in (tmp_path / "run" / "classification_report.txt").read_text()
+
+
+def test_model_graph_when_the_logger_asks_for_it(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tensorboard", version="", log_graph=True)
+    report = ClassificationReport(output_dir=str(tmp_path / "run"), graph_input_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[report], max_epochs=1,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    module = _module()
+    trainer.fit(module, datamodule=TinyData())
+    assert _events(tmp_path).Tags()["graph"] is True
+    assert module.net.training  # traced in eval mode, then put back
