@@ -1,0 +1,379 @@
+"""Run safety: stop on a non-finite loss, stop on Ctrl-C or SIGTERM with a resumable
+checkpoint, resume with the same random state, and write checkpoints atomically.
+
+``train()`` adds :func:`safety_callbacks` to every run and :func:`use_atomic_checkpoints`
+to every trainer; nothing here needs configuring.
+
+- :class:`NonFiniteLossGuard` checks the training loss before each backward pass and
+  raises :class:`NonFiniteLossError` naming the step (the weights are still the last
+  finite ones), and refuses to write a checkpoint whose weights are not finite, so
+  ``last.ckpt`` always holds the last good state.
+- :class:`GracefulStop` turns the first Ctrl-C or SIGTERM into a stop after the current
+  training batch (after the epoch's validation on its last batch) and saves
+  ``checkpoints/last.ckpt`` from which ``ckpt_path=last`` continues exactly; a second
+  Ctrl-C stops at once without saving. Single-process runs; under DDP Lightning's own
+  SIGTERM handling applies (a checkpoint is still saved on SIGTERM).
+- :class:`ResumeRNG` saves the global torch/numpy/python RNG states with every checkpoint
+  and restores them when training resumes (dropout masks continue as if never stopped).
+- :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file next to its
+  target, fsyncs it and renames it into place: a crash while saving leaves the previous
+  file intact. (Lightning's own writer goes through the system temp directory and falls
+  back to copying over the target when that is another filesystem.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "GracefulStop",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "ResumeRNG",
+    "TrainingInterrupted",
+    "last_checkpoint_path",
+    "safety_callbacks",
+    "use_atomic_checkpoints",
+]
+
+LAST_NAME = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a nan/inf loss or weights; the message names the step and likely causes."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C or SIGTERM. A KeyboardInterrupt, so a sweep stops too."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+def last_checkpoint_path(trainer: L.Trainer, default_dir: Path) -> Path:
+    """``<ModelCheckpoint dirpath>/last.ckpt``, or ``default_dir/last.ckpt`` without one."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        return Path(callback.dirpath) / LAST_NAME
+    return Path(default_dir) / LAST_NAME
+
+
+def _existing_checkpoint(trainer: L.Trainer, default_dir: Path) -> str | None:
+    path = last_checkpoint_path(trainer, default_dir)
+    return str(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+class NonFiniteLossGuard(L.Callback):
+    """Stop at the first nan/inf training loss, before it reaches the weights.
+
+    The check runs in ``on_before_backward``, so the failing step changes nothing; under
+    DDP the ranks agree first so they stop together. Checkpoints whose weights are not
+    finite (a finite loss with an inf gradient one step earlier) are refused as well.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            value = loss.detach().float().cpu()
+            shown = "nan" if torch.isnan(value).any() else ("inf" if value.numel() == 1 else "not finite")
+            raise NonFiniteLossError(self._message(trainer, f"training loss is {shown}",
+                                                   "training stopped before this step's update, so the "
+                                                   "weights are the last finite ones"))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for key, tensor in checkpoint.get("state_dict", {}).items():
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteLossError(self._message(
+                    trainer, f"the weights are not finite ({key})",
+                    "the checkpoint was not written, so the last good one is kept"))
+
+    def _message(self, trainer: L.Trainer, what: str, consequence: str) -> str:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        where = (f"at epoch {trainer.current_epoch}, batch {max(epoch_loop.batch_idx, 0)} "
+                 f"(global step {trainer.global_step})")
+        causes = []
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is not None:
+            lr = optimizer.param_groups[0].get("lr")
+            causes.append(f"a learning rate too high for this model (now {lr:.3g}: lower optimizer.lr, "
+                          "or warm up with scheduler=cosine_warmup)")
+        precision = str(trainer.precision)
+        if precision.startswith("16"):
+            causes.append(f"float16 overflow (trainer.precision={precision}: try bf16-mixed or 32)")
+        if not trainer.gradient_clip_val:
+            causes.append("exploding gradients (set trainer.gradient_clip_val, e.g. 1.0)")
+        causes.append("bad input values (check data.mean/data.std and the data)")
+        last = _existing_checkpoint(trainer, self.checkpoint_dir)
+        resume = (f"Last good checkpoint: {last} (resume with ckpt_path={last} once the cause is fixed)."
+                  if last else "No checkpoint was written before this step.")
+        return (f"{what} {where}; {consequence}.\nLikely causes: " + "; ".join(causes) + f".\n{resume}")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C / SIGTERM
+class GracefulStop(L.Callback):
+    """First Ctrl-C or SIGTERM: finish the current batch, save ``last.ckpt``, stop.
+
+    The stop goes through Lightning's SIGTERM path, which ends the loop right after a
+    batch has fully completed (optimizer and scheduler steps, counters): the state a
+    resumed run continues from exactly. On an epoch's last batch the stop waits until
+    the epoch's validation has run. A second signal stops at once, without saving.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.signum: int | None = None       # the signal that asked to stop
+        self.saved: str | None = None        # checkpoint written on the way out
+        self._requested = False
+        self._forwarded = False
+        self._lightning_sigterm: Any = None
+        self._previous: dict[int, Any] = {}
+
+    # -------------------------------------------------------------- handlers
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning registered its SIGTERM handler (and after the sanity check).
+        if trainer.world_size > 1:
+            return
+        self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._on_signal)
+        except ValueError:  # not the main thread: leave signals alone
+            self._restore()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._requested:
+            self._restore()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._requested = True
+        self.signum = signum
+        print(f"\n{SIGNAL_NAMES.get(signum, signum)}: stopping after the current batch and saving a resumable "
+              f"checkpoint ({SIGNAL_NAMES.get(signum, 'the signal')} again stops at once, without saving).",
+              file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def _forward(self, trainer: L.Trainer) -> None:
+        """Hand the stop to Lightning, which raises SIGTERMException when the batch is done."""
+        if not self._requested or self._forwarded:
+            return
+        self._forwarded = True
+        handler = self._lightning_sigterm
+        if callable(handler):
+            handler(signal.SIGTERM, None)
+        else:  # no Lightning handler (Windows): stop at the end of this epoch instead
+            trainer.should_stop = True
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        # The last batch of an epoch is followed by validation: wait for on_train_epoch_end.
+        if batch_idx + 1 < trainer.num_training_batches:
+            self._forward(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._forward(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return  # an error or a hard interrupt: the state may be half-updated; keep the last good file
+        self.signum = self.signum or signal.SIGTERM
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        path = last_checkpoint_path(trainer, self.checkpoint_dir)
+        trainer.save_checkpoint(path)
+        self.saved = str(path)
+        if trainer.is_global_zero:
+            log.info("saved a resumable checkpoint at epoch %d, global step %d: %s",
+                     trainer.current_epoch, trainer.global_step, path)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def interrupted(self, run_dir: Path, fallback: str | None = None) -> TrainingInterrupted:
+        """The exception ``train()`` raises after an interrupted fit, with the resume command."""
+        name = SIGNAL_NAMES.get(self.signum or signal.SIGTERM, "a signal")
+        checkpoint = self.saved or fallback
+        if checkpoint:
+            how = (f"resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir={run_dir} "
+                   f"(or ckpt_path={checkpoint})")
+            message = f"training stopped by {name}; resumable checkpoint: {checkpoint}\n{how}"
+        else:
+            message = f"training stopped by {name} before any checkpoint was written"
+        return TrainingInterrupted(message, self.signum or signal.SIGTERM, checkpoint)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and plain Python values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _train_iterator_draws(trainer: L.Trainer) -> bool:
+    """Whether each new training-loader iterator draws a seed from the global torch RNG.
+
+    A DataLoader without its own generator does; with persistent workers the iterator is
+    reused across epochs and draws only once.
+    """
+    loader = trainer.train_dataloader
+    loaders = loader if isinstance(loader, (list, tuple)) else [loader]
+    return any(isinstance(dl, torch.utils.data.DataLoader) and dl.generator is None
+               and not dl.persistent_workers for dl in loaders)
+
+
+class ResumeRNG(L.Callback):
+    """Save the global RNG states with every checkpoint; restore them when training resumes.
+
+    Lightning checkpoints weights, optimizer, schedulers and loop counters, not the global
+    random state, which dropout, stochastic depth and per-image transforms draw from.
+    Restored in ``on_train_start``, after the sanity check and the loader setup that a
+    resumed run does and an uninterrupted one does not. A checkpoint saved after the last
+    batch of an epoch also records that the uninterrupted run would create the next
+    epoch's loader iterator (one draw) before training on: the resumed run replays it.
+    """
+
+    KEY = "cifar_lab_rng"
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        checkpoint[self.KEY] = {
+            "state": _rng_state(),
+            "epoch_done": bool(batches >= trainer.num_training_batches),
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._pending = checkpoint.get(self.KEY)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if not pending:
+            return
+        _set_rng_state(pending["state"])
+        if pending.get("epoch_done") and _train_iterator_draws(trainer):
+            torch.empty((), dtype=torch.int64).random_()  # the draw of the next epoch's iterator
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the target's folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with temp-file-and-rename writes for local paths."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        protocol = get_filesystem(path).protocol
+        local = "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
+        if storage_options is not None or not local:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+def use_atomic_checkpoints(trainer: L.Trainer) -> bool:
+    """Swap the trainer's default checkpoint writer for :class:`AtomicCheckpointIO`.
+
+    Strategies with their own writer (sharded, asynchronous) are left alone; returns
+    whether the writer was swapped.
+    """
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        return True
+    return False
+
+
+def safety_callbacks(checkpoint_dir: str | Path) -> list[L.Callback]:
+    """The callbacks every training run gets."""
+    return [NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), ResumeRNG()]

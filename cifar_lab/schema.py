@@ -1,0 +1,519 @@
+"""Config validation: every value a run depends on is checked before any work starts.
+
+``validate_config(cfg)`` runs at the top of ``train()`` and raises one :class:`ConfigError`
+that lists every problem found, each as ``<key>=<value>: <what is allowed>``, so a typo
+stops the run in seconds instead of at epoch 80. Three kinds of checks:
+
+1. ``RULES``: a table of ``key -> allowed values``. A ``*`` in a key matches any one
+   child (``data.augment.*.p`` is the ``p`` of every augmentation op). A rule applies
+   where its key exists; a key the config does not have is not an error here (Hydra's
+   struct mode already refuses unknown keys on the command line).
+2. ``CROSS_CHECKS``: relations between keys (a crop larger than the padded image, a
+   validation split larger than a known training set, nesterov without momentum, ...).
+3. Unknown arguments: every ``_target_`` node under the data, model, optimizer, scheduler
+   and module keys must only hold arguments its callable accepts, so a misspelt knob in
+   an experiment file (``model.dropuot: 0.5``) is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+__all__ = ["ConfigError", "Check", "RULES", "CROSS_CHECKS", "validate_config", "KNOWN_METRICS"]
+
+
+class ConfigError(ValueError):
+    """A config value the run cannot work with; the message names the key, the value and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- checks
+@dataclass(frozen=True)
+class Check:
+    """A predicate on one value plus the words that describe what it accepts."""
+
+    test: Callable[[Any], bool]
+    allowed: str
+
+    def __call__(self, value: Any) -> bool:
+        try:
+            return bool(self.test(value))
+        except (TypeError, ValueError):
+            return False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    words = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "")
+    if lo is not None and hi is not None:
+        words = f"an integer in [{lo}, {hi}]"
+    return Check(lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi), words)
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Check:
+    def test(v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+    if lo is not None and hi is not None:
+        words = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        words = f"a number {'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        words = f"a number {'<' if hi_open else '<='} {hi:g}"
+    else:
+        words = "a finite number"
+    return Check(test, words)
+
+
+def one_of(*values: Any) -> Check:
+    return Check(lambda v: any(v == x and type(v) is type(x) for x in values),
+                 "one of " + ", ".join(repr(x) if isinstance(x, str) else str(x) for x in values))
+
+
+def either(*checks: Check) -> Check:
+    return Check(lambda v: any(c(v) for c in checks), ", or ".join(c.allowed for c in checks))
+
+
+def optional(check: Check, meaning: str = "") -> Check:
+    return Check(lambda v: v is None or check(v), f"{check.allowed}, or null{' ' + meaning if meaning else ''}")
+
+
+def numbers(count: int, each: Check) -> Check:
+    return Check(lambda v: _is_seq(v) and len(v) == count and all(each(x) for x in v),
+                 f"a list of {count} values, each {each.allowed}")
+
+
+def _is_seq(v: Any) -> bool:
+    return isinstance(v, (list, tuple))
+
+
+BOOL = Check(lambda v: isinstance(v, bool), "true or false")
+PROBABILITY = number(0, 1)
+POSITIVE = number(0, lo_open=True)
+NON_NEGATIVE = number(0)
+FRACTION_OR_COUNT = either(number(0, 1), integer(0))
+
+
+def _metric_names() -> tuple[str, ...]:
+    names = ["val/acc_best", "val/ece", "test/ece"]
+    for stage in ("train", "val", "test"):
+        for name in ("loss", "acc", "acc_top5"):
+            names.append(f"{stage}/{name}")
+            if stage == "train":  # logged on step and epoch: Lightning adds both suffixed keys
+                names += [f"{stage}/{name}_step", f"{stage}/{name}_epoch"]
+    return tuple(names)
+
+
+KNOWN_METRICS = _metric_names()
+# What a sweep optimises or a callback monitors during fitting: never a test metric.
+FIT_METRICS = tuple(m for m in KNOWN_METRICS if not m.startswith("test/"))
+PRECISIONS = (64, 32, 16, "64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true",
+              "16-mixed", "bf16-mixed", "transformer-engine", "transformer-engine-float16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PIPELINES = ("batched", "per_image")
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+# ----------------------------------------------------------------------------- the table
+RULES: dict[str, Check] = {
+    # run
+    "seed": integer(0, 2**32 - 1),
+    "test": BOOL,
+    "optimized_metric": optional(one_of(*FIT_METRICS), "(return nothing)"),
+    # data
+    "data.batch_size": integer(1),
+    "data.eval_batch_size": optional(integer(1), "(same as data.batch_size)"),
+    "data.val_size": integer(0),
+    "data.num_workers": integer(0),
+    "data.num_classes": integer(2),
+    "data.pipeline": one_of(*PIPELINES),
+    "data.mean": numbers(3, number(0, 1)),
+    "data.std": numbers(3, POSITIVE),
+    "data.drop_last": BOOL,
+    "data.pin_memory": BOOL,
+    "data.source.image_size": integer(8),
+    "data.source.train_size": integer(1),
+    "data.source.test_size": integer(1),
+    "data.source.noise": NON_NEGATIVE,
+    "data.source.variant": one_of("cifar10", "cifar100"),
+    "data.augment.*.p": PROBABILITY,
+    "data.augment.*.padding_mode": one_of("constant", "reflect", "edge", "symmetric"),
+    "data.mixing.prob": PROBABILITY,
+    "data.mixing.switch_prob": PROBABILITY,
+    "data.mixing.mixup_alpha": optional(POSITIVE, "(no mixup)"),
+    "data.mixing.cutmix_alpha": optional(POSITIVE, "(no CutMix)"),
+    "data.mixing.mode": one_of("batch", "epoch"),
+    "data.mixing.stop_epoch": optional(integer(0), "(never stop)"),
+    # model knobs shared by several networks
+    "model.dropout": optional(number(0, 1, hi_open=True)),
+    "model.head_dropout": optional(number(0, 1, hi_open=True)),
+    "model.stochastic_depth": number(0, 1, hi_open=True),
+    "model.channels_last": BOOL,
+    "model.compile": BOOL,
+    # optimizer
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.momentum": number(0, 1, hi_open=True),
+    "optimizer.dampening": number(0, 1),
+    "optimizer.nesterov": BOOL,
+    "optimizer.betas": numbers(2, number(0, 1, hi_open=True)),
+    "optimizer.eps": POSITIVE,
+    "optimizer.amsgrad": BOOL,
+    # scheduler (the group's own keys, then the scheduler's arguments)
+    "scheduler.interval": one_of(*SCHEDULER_INTERVALS),
+    "scheduler.frequency": integer(1),
+    "scheduler.monitor": one_of(*FIT_METRICS),
+    "scheduler.scheduler.T_max": POSITIVE,
+    "scheduler.scheduler.eta_min": NON_NEGATIVE,
+    "scheduler.scheduler.warmup_epochs": NON_NEGATIVE,
+    "scheduler.scheduler.warmup_start_factor": number(0, 1, lo_open=True),
+    "scheduler.scheduler.steps_per_epoch": optional(integer(1), "(from the trainer)"),
+    "scheduler.scheduler.step_size": integer(1),
+    "scheduler.scheduler.gamma": POSITIVE,
+    "scheduler.scheduler.milestones": Check(lambda v: _is_seq(v) and all(_is_int(x) and x >= 1 for x in v),
+                                            "a list of epochs (integers >= 1)"),
+    "scheduler.scheduler.max_lr": POSITIVE,
+    "scheduler.scheduler.total_steps": optional(integer(1), "(from the trainer)"),
+    "scheduler.scheduler.pct_start": number(0, 1, lo_open=True, hi_open=True),
+    "scheduler.scheduler.anneal_strategy": one_of("cos", "linear"),
+    "scheduler.scheduler.div_factor": POSITIVE,
+    "scheduler.scheduler.final_div_factor": POSITIVE,
+    "scheduler.scheduler.mode": one_of("min", "max"),
+    "scheduler.scheduler.factor": number(0, 1, lo_open=True, hi_open=True),
+    "scheduler.scheduler.patience": integer(0),
+    "scheduler.scheduler.min_lr": NON_NEGATIVE,
+    # the LightningModule
+    "module.label_smoothing": number(0, 1, hi_open=True),
+    "module.no_decay_norm_and_bias": BOOL,
+    # trainer
+    "trainer.accelerator": one_of(*ACCELERATORS),
+    "trainer.precision": one_of(*PRECISIONS),
+    "trainer.num_nodes": integer(1),
+    "trainer.max_epochs": Check(lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 for no limit"),
+    "trainer.min_epochs": optional(integer(0)),
+    "trainer.check_val_every_n_epoch": optional(integer(1), "(validate on val_check_interval only)"),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.gradient_clip_val": optional(NON_NEGATIVE, "(no clipping)"),
+    "trainer.gradient_clip_algorithm": one_of("norm", "value"),
+    "trainer.accumulate_grad_batches": integer(1),
+    "trainer.deterministic": either(BOOL, one_of("warn")),
+    "trainer.benchmark": optional(BOOL),
+    "trainer.limit_train_batches": FRACTION_OR_COUNT,
+    "trainer.limit_val_batches": FRACTION_OR_COUNT,
+    "trainer.limit_test_batches": FRACTION_OR_COUNT,
+    "trainer.overfit_batches": FRACTION_OR_COUNT,
+    "trainer.fast_dev_run": either(BOOL, integer(0)),
+    "trainer.num_sanity_val_steps": integer(-1),
+    "trainer.use_distributed_sampler": Check(lambda v: v is False, "false (the datamodule shards batches itself)"),
+    # callbacks
+    "callbacks.model_checkpoint.monitor": optional(one_of(*FIT_METRICS), "(no best checkpoint)"),
+    "callbacks.model_checkpoint.mode": one_of("min", "max"),
+    "callbacks.model_checkpoint.save_top_k": integer(-1),
+    "callbacks.early_stopping.monitor": one_of(*FIT_METRICS),
+    "callbacks.early_stopping.mode": one_of("min", "max"),
+}
+
+# Training-set sizes of the datasets known without loading them.
+KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}
+KNOWN_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+# ----------------------------------------------------------------------------- walking
+def _plain(cfg: Any) -> Any:
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _matches(node: Any, parts: list[str], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every key of ``node`` matching ``parts`` (``*`` = any one key)."""
+    if not parts:
+        yield prefix, node
+        return
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    keys = [k for k in node if fnmatch.fnmatchcase(str(k), head)] if "*" in head else ([head] if head in node else [])
+    for key in keys:
+        yield from _matches(node[key], rest, f"{prefix}.{key}" if prefix else str(key))
+
+
+def _get(cfg: dict, key: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value) if value == "" or " " in value else value
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _problem(key: str, value: Any, allowed: str) -> str:
+    """One problem line: ``<key>=<value>: must be <allowed>``."""
+    return f"{key}={_show(value)}: must be {allowed}"
+
+
+# ----------------------------------------------------------------------------- cross checks
+def _pair(v: Any) -> tuple[int, int] | None:
+    if _is_int(v):
+        return v, v
+    if _is_seq(v) and len(v) in (1, 2) and all(_is_int(x) for x in v):
+        return (v[0], v[-1])
+    return None
+
+
+def _padding(v: Any) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom), as RandomCrop reads it."""
+    if _is_int(v):
+        return v, v, v, v
+    if _is_seq(v) and all(_is_int(x) for x in v):
+        if len(v) == 1:
+            return v[0], v[0], v[0], v[0]
+        if len(v) == 2:
+            return v[0], v[1], v[0], v[1]
+        if len(v) == 4:
+            return tuple(v)  # type: ignore[return-value]
+    return None
+
+
+def _image_size(cfg: dict) -> int | None:
+    """Side of the training images when the config says it (archives are 32x32)."""
+    source = _get(cfg, "data.source") or {}
+    if str(source.get("_target_", "")).endswith("CifarArchive"):
+        return 32
+    size = source.get("image_size")
+    return size if _is_int(size) else None
+
+
+def _check_crops(cfg: dict) -> Iterator[str]:
+    size = _image_size(cfg)
+    augment = _get(cfg, "data.augment") or {}
+    if size is None or not isinstance(augment, dict):
+        return
+    for name, op in augment.items():
+        if not isinstance(op, dict) or not str(op.get("_target_", "")).endswith("RandomCrop"):
+            continue
+        crop, pad = _pair(op.get("size", 32)), _padding(op.get("padding", 4))
+        if crop is None:
+            yield _problem(f"data.augment.{name}.size", op.get("size"), "an integer or a pair of integers")
+            continue
+        if pad is None or min(pad) < 0:
+            yield _problem(f"data.augment.{name}.padding", op.get("padding"),
+                           "a non-negative integer or a list of 2 or 4 of them")
+            continue
+        height, width = size + pad[1] + pad[3], size + pad[0] + pad[2]
+        if crop[0] > height or crop[1] > width:
+            yield _problem(f"data.augment.{name}.size", op.get("size"),
+                           f"at most the padded image, {height}x{width} ({size}-pixel images padded by "
+                           f"data.augment.{name}.padding={_show(op.get('padding', 4))})")
+        elif op.get("p", 1.0) != 1.0 and crop != (size, size):
+            yield _problem(f"data.augment.{name}.size", op.get("size"),
+                           f"{size} (the image size) when data.augment.{name}.p < 1, so an uncropped image keeps its size")
+
+
+def _training_set(cfg: dict) -> tuple[int, str] | None:
+    """Size and description of the training set when known before loading."""
+    source = _get(cfg, "data.source") or {}
+    target = str(source.get("_target_", ""))
+    if target.endswith("CifarArchive") and source.get("variant") in KNOWN_TRAIN_SIZES:
+        return KNOWN_TRAIN_SIZES[source["variant"]], f"the {source['variant']} training set"
+    if target.endswith("SyntheticSource") and _is_int(source.get("train_size")):
+        return source["train_size"], "data.source.train_size"
+    return None
+
+
+def _check_split(cfg: dict) -> Iterator[str]:
+    known = _training_set(cfg)
+    val_size, batch = _get(cfg, "data.val_size"), _get(cfg, "data.batch_size")
+    if known is None or not _is_int(val_size) or val_size < 0:
+        return
+    total, what = known
+    if val_size >= total:
+        yield _problem("data.val_size", val_size,
+                       f"less than {total} ({what} has {total} images), or 0 to validate on the test set")
+        return
+    if _get(cfg, "data.drop_last") is True and _is_int(batch) and batch > total - val_size:
+        yield _problem("data.batch_size", batch,
+                       f"at most {total - val_size} (the training images left after data.val_size) "
+                       "with data.drop_last=true, or no batch is ever trained")
+
+
+def _check_classes(cfg: dict) -> Iterator[str]:
+    variant = _get(cfg, "data.source.variant")
+    num_classes = _get(cfg, "data.num_classes")
+    if str(_get(cfg, "data.source._target_", "")).endswith("CifarArchive") and variant in KNOWN_NUM_CLASSES:
+        if num_classes != KNOWN_NUM_CLASSES[variant]:
+            yield _problem("data.num_classes", num_classes, f"{KNOWN_NUM_CLASSES[variant]} for {variant}")
+    mixing = _get(cfg, "data.mixing")
+    if isinstance(mixing, dict):
+        if not mixing.get("mixup_alpha") and not mixing.get("cutmix_alpha"):
+            yield _problem("data.mixing.mixup_alpha", mixing.get("mixup_alpha"),
+                           "a number > 0 when data.mixing.cutmix_alpha is null too (data.mixing=null turns mixing off)")
+        if "num_classes" in mixing and mixing["num_classes"] != num_classes:
+            yield _problem("data.mixing.num_classes", mixing["num_classes"], f"data.num_classes ({num_classes})")
+
+
+def _check_optimizer(cfg: dict) -> Iterator[str]:
+    opt = _get(cfg, "optimizer") or {}
+    if opt.get("nesterov") is True and (not opt.get("momentum") or opt.get("dampening", 0) != 0):
+        yield _problem("optimizer.nesterov", True,
+                       "false unless optimizer.momentum > 0 and optimizer.dampening = 0 "
+                       f"(momentum={_show(opt.get('momentum'))}, dampening={_show(opt.get('dampening', 0))})")
+    sched = _get(cfg, "scheduler.scheduler") or {}
+    if _is_number(sched.get("warmup_epochs")) and _is_number(sched.get("T_max")) and sched["warmup_epochs"] > sched["T_max"]:
+        yield _problem("scheduler.scheduler.warmup_epochs", sched["warmup_epochs"],
+                       f"at most scheduler.scheduler.T_max ({_show(sched['T_max'])})")
+
+
+def _check_trainer(cfg: dict) -> Iterator[str]:
+    trainer = _get(cfg, "trainer") or {}
+    lo, hi = trainer.get("min_epochs"), trainer.get("max_epochs")
+    if _is_int(lo) and _is_int(hi) and hi != -1 and lo > hi:
+        yield _problem("trainer.min_epochs", lo, f"at most trainer.max_epochs ({hi})")
+    if trainer.get("accelerator") == "cpu" and str(trainer.get("precision")) in ("16", "16-mixed", "16-true"):
+        yield _problem("trainer.precision", trainer.get("precision"),
+                       "32, bf16-mixed or 64 on the CPU (float16 needs a GPU)")
+    no_val = trainer.get("limit_val_batches") == 0 or trainer.get("limit_val_batches") == 0.0
+    metric = cfg.get("optimized_metric")
+    if no_val and isinstance(metric, str) and metric.startswith("val/"):
+        yield _problem("optimized_metric", metric,
+                       "a train/ metric (or null): trainer.limit_val_batches=0 turns validation off")
+
+
+CROSS_CHECKS: tuple[Callable[[dict], Iterator[str]], ...] = (
+    _check_crops, _check_split, _check_classes, _check_optimizer, _check_trainer,
+)
+
+
+# ----------------------------------------------------------------------------- unknown arguments
+# Config groups whose `_target_` nodes are built with their keys as arguments.
+TARGET_GROUPS = ("data", "model", "optimizer", "scheduler", "module", "trainer", "callbacks", "logger")
+# Keys a node may hold that are not arguments of its callable.
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# Arguments the builders pass themselves (cifar_lab.builders.build_module and friends).
+_PASSED_BY_BUILDERS = {
+    "module": {"net", "optimizer", "scheduler", "scheduler_interval", "scheduler_frequency",
+               "scheduler_monitor", "hparams"},
+    "trainer": {"callbacks", "logger"},
+    "optimizer": {"params"},
+    "scheduler.scheduler": {"optimizer"},
+}
+
+
+def _runtime_keys(path: str) -> set[str]:
+    if path == "model":
+        from cifar_lab.models import RUNTIME_KEYS
+
+        return set(RUNTIME_KEYS)
+    return set()
+
+
+def _locate(target: str) -> Any:
+    """The object a dotted ``_target_`` names: the longest importable module, then attributes."""
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"cannot import {target}")
+
+
+def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, dict]]:
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield path, node
+        for key, child in node.items():
+            if isinstance(child, (dict, list)):
+                yield from _target_nodes(child, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            yield from _target_nodes(child, f"{path}.{i}")
+
+
+def _check_arguments(cfg: dict) -> Iterator[str]:
+    for group in TARGET_GROUPS:
+        for path, node in _target_nodes(cfg.get(group), group):
+            target = node["_target_"]
+            if not isinstance(target, str):
+                yield _problem(f"{path}._target_", target, "the dotted name of a class or function")
+                continue
+            try:
+                params = inspect.signature(_locate(target)).parameters
+            except ImportError as err:
+                yield _problem(f"{path}._target_", target, f"an importable class or function ({err})")
+                continue
+            except (AttributeError, ValueError, TypeError):
+                yield _problem(f"{path}._target_", target, "an importable class or function")
+                continue
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                continue
+            accepted = set(params) | _PASSED_BY_BUILDERS.get(path, set())
+            for key in node:
+                if key in _HYDRA_KEYS or key in accepted or key in _runtime_keys(path):
+                    continue
+                names = sorted(p for p in params if p not in _PASSED_BY_BUILDERS.get(path, set()) and p != "self")
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                yield (f"{path}.{key}: not an argument of {target}{hint}; "
+                       f"it takes {', '.join(names) or 'no arguments'}")
+
+
+# ----------------------------------------------------------------------------- entry point
+def find_problems(cfg: DictConfig | dict) -> list[str]:
+    """Every problem of ``cfg`` as ``<key>=<value>: <what is allowed>`` lines (empty: valid)."""
+    try:
+        plain = _plain(cfg)
+    except Exception as err:  # an interpolation that cannot resolve, e.g. ${oc.env:UNSET}
+        return [f"the config does not resolve: {err}".splitlines()[0]]
+    problems: list[str] = []
+    for key, check in RULES.items():
+        for path, value in _matches(plain, key.split(".")):
+            if not check(value):
+                problems.append(_problem(path, value, check.allowed))
+    for cross in CROSS_CHECKS:
+        problems += list(cross(plain))
+    problems += list(_check_arguments(plain))
+    # One line per key: a value failing its rule may fail a cross check too.
+    first: dict[str, str] = {}
+    for line in problems:
+        first.setdefault(line.split("=", 1)[0].split(":", 1)[0], line)
+    return list(first.values())
+
+
+def validate_config(cfg: DictConfig | dict) -> None:
+    """Raise one :class:`ConfigError` listing every problem of ``cfg``; return quietly when valid."""
+    problems = find_problems(cfg)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
+    if problems:
+        raise ConfigError(f"invalid config ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems))
