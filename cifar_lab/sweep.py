@@ -116,6 +116,7 @@ def run_task(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
         message = "non-finite result: " + ", ".join(problems)
         log.error("job failed (%s); the sweep goes on", message)
         if _is_rank_zero():
+            job_dir.mkdir(parents=True, exist_ok=True)
             (job_dir / ERROR_FILE).write_text(message + "\n")
             _write_status(job_dir, "failed", objective, None, message)
         return float("nan")
