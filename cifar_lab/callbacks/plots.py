@@ -24,6 +24,8 @@ def check_normalize(normalize: str | None) -> str | None:
     """``normalize`` as one of :data:`NORMALIZE_MODES` (``"none"``/``False`` mean no normalisation)."""
     if normalize in (None, False, "none", "None", ""):
         return None
+    if normalize is True:  # `normalize=true` on the command line arrives as a YAML boolean
+        return "true"
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of none, true, pred, all; got {normalize!r}")
     return normalize

@@ -38,7 +38,7 @@ class ConstantNet(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.logits.expand(len(x), -1) * self.scale
+        return self.logits.expand(x.shape[0], -1) * self.scale
 
 
 class TinyData(L.LightningDataModule):
@@ -127,6 +127,7 @@ def test_normalize_confusion_modes() -> None:
     assert normalize_confusion(cm, "pred").tolist() == [[1.0, 1 / 3], [0.0, 2 / 3]]
     assert normalize_confusion(cm, "all").tolist() == [[0.25, 0.25], [0.0, 0.5]]
     assert normalize_confusion(cm, "none").tolist() == [[2, 2], [0, 4]]
+    assert normalize_confusion(cm, True).tolist() == normalize_confusion(cm, "true").tolist()
     with pytest.raises(ValueError, match="normalize"):
         ClassificationReport(normalize="rows")
 
