@@ -1021,6 +1021,138 @@ class BatchOpTransform(v2.Transform):
         return repr(self.op)
 
 
+
+# ----------------------------------------------------------------------------- fused crop/flip runs
+
+
+def _is_flip(op: BatchOp) -> bool:
+    return isinstance(op, (HorizontalFlip, AlternatingFlip))
+
+
+def _window_run(run: Sequence[tuple[Any, Params, int, int]]) -> bool:
+    """True for ``[RandomCrop(constant padding)] + flips`` (either part optional): runs that
+    :func:`_crop_flip_windows` computes with row copies instead of an element gather."""
+    if not run:
+        return False
+    first = run[0][0]
+    rest = run[1:] if isinstance(first, RandomCrop) else run
+    if isinstance(first, RandomCrop) and first.padding_mode != "constant":
+        return False
+    return all(_is_flip(op) for op, _, _, _ in rest)
+
+
+def _filled(shape: Sequence[int], fill: Any, like: Tensor) -> Tensor:
+    """A new tensor of ``shape`` (..., C, H, W) set to ``fill`` (scalar or per channel)."""
+    vals = _fill_list(fill)
+    if not like.dtype.is_floating_point:
+        vals = [min(max(round(v), 0), _max_value(like.dtype)) for v in vals]
+    out = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+    if len(vals) == 1:
+        return out.fill_(vals[0])
+    for c, v in enumerate(vals):
+        out[..., c, :, :].fill_(v)
+    return out
+
+
+def _crop_flip_windows(
+    x: Tensor, run: Sequence[tuple[Any, Params, int, int]], scratch: dict | None = None
+) -> Tensor:
+    """A constant-padded crop followed by per-image horizontal flips, by row copies.
+
+    The batch is written once into a padded buffer next to its mirror image; every output
+    row is then a contiguous ``w``-element window of that buffer (in the mirror for flipped
+    images, at the mirrored offset), copied with one ``index_select`` over a strided
+    window view. On the CPU this is several times faster than the element-wise gather of
+    :func:`_gather_maps` and gives the same result. ``scratch`` (a dict owned by the
+    caller) keeps the padded buffer between calls, so its border is filled only once.
+    """
+    B, C, H, W = x.shape
+    dev = x.device
+    crop = run[0][0] if isinstance(run[0][0], RandomCrop) else None
+    flip: Tensor | None = None
+    for op, params, _, _ in run[1:] if crop is not None else run:
+        f = params["flip"].to(dev)
+        flip = f if flip is None else flip ^ f
+    if crop is not None:
+        h, w = crop.size
+        if crop.p < 1.0 and (h, w) != (H, W):
+            raise ValueError("RandomCrop with p < 1 needs size equal to the input size")
+        pl, pt, pr, pb = crop.padding
+        top, left = run[0][1]["top"].to(dev), run[0][1]["left"].to(dev)
+        fill = crop.fill_value
+    else:
+        h, w = H, W
+        pl = pt = pr = pb = 0
+        top = left = torch.zeros(B, dtype=torch.int64, device=dev)
+        fill = 0
+    if B == 0:
+        return x.new_empty((0, C, h, w))
+    PH, PW = H + pt + pb, W + pl + pr
+    copies = 1 if flip is None else 2
+    if pl or pt or pr or pb:
+        shape = (copies, B, C, PH, PW)
+        key = (shape, x.dtype, dev, pt, pl, pr, tuple(_fill_list(fill)))
+        buf = scratch.get(key) if scratch is not None else None
+        if buf is None:
+            buf = _filled(shape, fill, x)  # only the interior is written below
+            if scratch is not None:
+                if len(scratch) >= 4:
+                    scratch.clear()
+                scratch[key] = buf
+        buf[0, :, :, pt : pt + H, pl : pl + W] = x
+        if flip is not None:  # the mirror image of the padded batch
+            buf[1, :, :, pt : pt + H, pr : pr + W] = x.flip(-1)
+    elif flip is not None:
+        buf = torch.stack([x, x.flip(-1)])
+    else:
+        buf = x.contiguous().unsqueeze(0)
+    image = torch.arange(B, device=dev)
+    if flip is not None:
+        # flip(crop(img, top, left)) == crop(flip(img), top, PW - w - left)
+        left = torch.where(flip, (PW - w) - left, left)
+        image = image + flip.to(torch.int64) * B
+    start = (
+        (image.view(B, 1, 1) * C + torch.arange(C, device=dev).view(1, C, 1)) * (PH * PW)
+        + (top.view(B, 1, 1) + torch.arange(h, device=dev).view(1, 1, h)) * PW
+        + left.view(B, 1, 1)
+    )
+    flat = buf.view(-1)
+    windows = flat.as_strided((flat.numel() - w + 1, w), (1, 1))
+    return windows.index_select(0, start.view(-1)).view(B, C, h, w)
+
+
+def _apply_index_run(
+    x: Tensor, run: Sequence[tuple[Any, Params, int, int]], scratch: dict | None = None
+) -> Tensor:
+    """Applies consecutive re-indexing ops whose parameters are already drawn.
+
+    On the CPU, a constant-padding crop followed by flips (the usual CIFAR recipe) uses
+    :func:`_crop_flip_windows`; everything else composes the ops' index maps into one
+    gather (split where two ops use different fill values).
+    """
+    if not run:
+        return x
+    if x.device.type == "cpu" and _window_run(run):
+        return _crop_flip_windows(x, run, scratch)
+    pending: list[Any] | None = None  # [rows, cols, fill]
+    for op, params, height, width in run:
+        rows, cols = op.index_maps(params, height, width)
+        rows, cols = rows.to(x.device), cols.to(x.device)
+        fill = op.fill
+        if pending is not None and fill is not None and pending[2] is not None and pending[2] != fill:
+            x = _gather_maps(x, pending[0], pending[1], pending[2])  # different fills cannot share a gather
+            pending = None
+        if pending is None:
+            pending = [rows, cols, fill]
+        else:
+            pending = [
+                _compose_maps(pending[0], rows),
+                _compose_maps(pending[1], cols),
+                pending[2] if pending[2] is not None else fill,
+            ]
+    return _gather_maps(x, pending[0], pending[1], pending[2])
+
+
 # ----------------------------------------------------------------------------- normalisation / pipeline
 
 
@@ -1114,6 +1246,7 @@ class BatchAugment(nn.Module):
                 raise TypeError(f"augment op {name!r} is not an nn.Module: {type(op).__name__}")
             self.ops[name.replace(".", "_")] = op
         self.normalize = Normalize(mean, std, channels_last=channels_last)
+        self._scratch: dict = {}  # reusable work buffers of the fused crop/flip
 
     @property
     def requires_indices(self) -> bool:
@@ -1131,40 +1264,25 @@ class BatchAugment(nn.Module):
         """The ops only (same dtype as ``x``, no normalisation)."""
         _check_batch(x)
         B = x.shape[0]
-        pending: list[Any] | None = None  # [rows, cols, fill]
-
-        def flush(t: Tensor) -> Tensor:
-            nonlocal pending
-            if pending is not None:
-                t = _gather_maps(t, pending[0], pending[1], pending[2])
-                pending = None
-            return t
+        H, W = x.shape[2], x.shape[3]
+        run: list[tuple[_IndexOp, Params, int, int]] = []  # index ops drawn but not applied yet
 
         for op in self.ops.values():
             needs_idx = getattr(op, "requires_indices", False)
             if isinstance(op, _IndexOp):
-                H, W = (pending[0].shape[1], pending[1].shape[1]) if pending is not None else x.shape[2:]
                 kwargs: dict[str, Any] = {"indices": indices} if needs_idx else {}
                 if isinstance(op, RandomCrop):
                     kwargs.update(height=H, width=W)
                 params = op.sample_params(B, x.device, generator, **kwargs)
-                rows, cols = op.index_maps(params, H, W)
-                rows, cols = rows.to(x.device), cols.to(x.device)
-                fill = op.fill
-                if pending is not None and fill is not None and pending[2] is not None and pending[2] != fill:
-                    x = flush(x)  # two different fill values cannot share one gather
-                if pending is None:
-                    pending = [rows, cols, fill]
-                else:
-                    pending = [
-                        _compose_maps(pending[0], rows),
-                        _compose_maps(pending[1], cols),
-                        pending[2] if pending[2] is not None else fill,
-                    ]
+                run.append((op, params, H, W))
+                if isinstance(op, RandomCrop):
+                    H, W = op.size
             else:
-                x = flush(x)
+                x = _apply_index_run(x, run, self._scratch)
+                run = []
                 x = op(x, generator, indices=indices) if needs_idx else op(x, generator)
-        return flush(x)
+                H, W = x.shape[2], x.shape[3]
+        return _apply_index_run(x, run, self._scratch)
 
     def forward(
         self, x: Tensor, generator: torch.Generator | None = None, indices: Tensor | None = None

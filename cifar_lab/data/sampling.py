@@ -98,7 +98,12 @@ class TensorBatches(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: Tensor) -> tuple[Tensor, ...]:
-        batch = (self.images[index], self.labels[index])
+        if isinstance(index, Tensor) and index.dtype == torch.int64 and index.ndim == 1:
+            # index_select copies whole rows; advanced indexing (images[index]) walks the
+            # batch element by element and is far slower on the CPU for uint8 images
+            batch = (self.images.index_select(0, index), self.labels.index_select(0, index))
+        else:
+            batch = (self.images[index], self.labels[index])
         return (*batch, index) if self.with_indices else batch
 
 
