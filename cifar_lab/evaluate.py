@@ -5,7 +5,9 @@
 The run config is the training run's own: its ``.hydra/config.yaml`` when the checkpoint sits
 in a run directory (``<run>/checkpoints/*.ckpt``), else the resolved config the module saved
 in the checkpoint (``hyper_parameters``). So later edits to ``conf/`` do not change what is
-evaluated. Command-line overrides apply on top of it:
+evaluated. Checkpoints are read with ``weights_only=True`` and a saved config may only name
+allow-listed ``_target_``s (:func:`cifar_lab.security.check_targets`). Command-line
+overrides apply on top of it:
 
 * a group choice (``data=imagefolder``, ``trainer=cpu``) replaces that whole node;
 * any other change (``data.eval_batch_size=1024``, ``experiment=...``, ``+x=1``, ``~x``)
@@ -40,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cifar_lab import builders
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config_tree import print_and_save
+from cifar_lab.security import UnsafeConfigError, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +100,25 @@ def training_run_dir(ckpt_file: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt_file: Path) -> dict[str, Any]:
-    """The checkpoint dict on the CPU (a Lightning checkpoint written by a training run)."""
+    """The checkpoint dict on the CPU, read with ``weights_only=True``.
+
+    A file holding anything but tensors and plain values is refused: unpickling it could run code.
+    """
     try:
-        # Lightning checkpoints hold more than tensors (loop state, hyperparameters): full unpickling.
-        checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure here means "not a usable checkpoint"
-        raise EvaluationError(f"cannot read checkpoint {ckpt_file}: {type(err).__name__}: {err}") from err
+        checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects weights_only refuses
+        text = str(err).strip()
+        unsupported = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+        if unsupported:
+            raise EvaluationError(
+                f"refusing to load {ckpt_file}: it holds objects other than tensors and plain values "
+                f"({unsupported[0]}); only checkpoints written by cifar-lab can be evaluated"
+            ) from None
+        cause = err.__cause__ or err.__context__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else type(err).__name__
+        raise EvaluationError(
+            f"cannot read checkpoint {ckpt_file} ({detail}); it is truncated, corrupted or not a checkpoint"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise EvaluationError(f"{ckpt_file} is not a Lightning checkpoint (no state_dict)")
     return checkpoint
@@ -119,6 +135,14 @@ def _repoint_paths(node: Any, old: str, new: str) -> Any:
     return node
 
 
+def _check_targets(cfg: Any, origin: str) -> None:
+    """A saved config is code (Hydra builds its ``_target_``s): only the allow-listed ones pass."""
+    try:
+        check_targets(cfg, origin=origin)
+    except UnsafeConfigError as err:
+        raise EvaluationError(str(err)) from None
+
+
 def training_config(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[DictConfig, str]:
     """The config the checkpoint was trained with, and where it was found."""
     run_dir = training_run_dir(ckpt_file)
@@ -126,6 +150,7 @@ def training_config(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[DictCo
         path = run_dir / ".hydra" / "config.yaml"
         cfg = OmegaConf.load(path)
         if isinstance(cfg, DictConfig) and "model" in cfg:
+            _check_targets(cfg, str(path))
             return cfg, str(path)
     hparams = checkpoint.get("hyper_parameters") or {}
     if not isinstance(hparams, dict) or "model" not in hparams or "data" not in hparams:
@@ -133,6 +158,7 @@ def training_config(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[DictCo
             f"{ckpt_file}: no training config found; the checkpoint's hyper_parameters hold no run config and "
             "there is no .hydra/config.yaml in its run directory"
         )
+    _check_targets(hparams, f"{ckpt_file} (hyper_parameters)")
     hparams = dict(hparams)
     old_dir = str((hparams.get("paths") or {}).get("output_dir") or "")
     # The stored config is resolved: paths inside the old run directory follow this job's directory.

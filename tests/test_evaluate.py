@@ -133,6 +133,20 @@ def test_checkpoint_resolution_errors(tmp_path: Path) -> None:
         evaluate.load_network_weights(torch.nn.Linear(2, 2), checkpoint, "plain.ckpt")
 
 
+def test_unsafe_checkpoints_are_refused(tmp_path: Path) -> None:
+    import argparse
+
+    pickled = tmp_path / "object.ckpt"
+    torch.save({"state_dict": {}, "args": argparse.Namespace(x=1)}, pickled)
+    with pytest.raises(evaluate.EvaluationError, match="refusing to load"):
+        evaluate.load_checkpoint(pickled)
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {"net.w": torch.zeros(1)},
+                "hyper_parameters": {"model": {"_target_": "os.system", "command": "true"}, "data": {}}}, hostile)
+    with pytest.raises(evaluate.EvaluationError, match="refusing to build"):
+        evaluate.training_config(hostile, evaluate.load_checkpoint(hostile))
+
+
 @pytest.mark.slow  # a fresh interpreter importing Lightning: seconds on a busy machine
 def test_cli_reports_a_missing_checkpoint_without_traceback(tmp_path: Path) -> None:
     proc = run_cli([f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, script="cifar_lab.evaluate")
