@@ -3,7 +3,8 @@
 Hydra builds whatever a ``_target_`` names, with the arguments next to it, so a config from
 outside (a downloaded checkpoint's ``hyper_parameters``, a shared run directory's
 ``config.yaml``) is code. :func:`check_targets` accepts only classes and functions that live
-inside ``cifar_lab``, ``torch``, ``torchvision`` and ``lightning``, and refuses the known
+inside ``cifar_lab``, ``torch``, ``torchvision`` and ``lightning`` (plus the packages named in
+``CIFAR_LAB_TRUSTED_PACKAGES``), and refuses the known
 entry points there that load code, run commands or move files (``torch.hub``,
 ``torch.load``, ``torch.utils.cpp_extension``, ...). Call it before instantiating anything
 from such a config::
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import types
 from typing import Any, Iterator
 
@@ -80,8 +82,17 @@ class UnsafeConfigError(ConfigError):
     """A config from outside names something it may not build."""
 
 
+# Your own packages, comma-separated, e.g. CIFAR_LAB_TRUSTED_PACKAGES=mylab (same rules apply inside them).
+TRUSTED_ENV = "CIFAR_LAB_TRUSTED_PACKAGES"
+
+
+def _allowed_packages() -> tuple[str, ...]:
+    extra = [p.strip() for p in os.environ.get(TRUSTED_ENV, "").split(",") if p.strip()]
+    return ALLOWED_PACKAGES + tuple(p for p in extra if p.isidentifier())
+
+
 def _in_allowed(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in ALLOWED_PACKAGES)
+    return any(name == p or name.startswith(p + ".") for p in _allowed_packages())
 
 
 def _denied(name: str) -> bool:
@@ -171,9 +182,11 @@ def check_targets(cfg: Any, origin: str = "a saved config") -> None:
         if reason:
             refused.append(f"{key}={target}: {reason}")
     if refused:
-        allowed = ", ".join(ALLOWED_PACKAGES[:-1]) + " and " + ALLOWED_PACKAGES[-1]
+        packages = _allowed_packages()
+        allowed = ", ".join(packages[:-1]) + " and " + packages[-1]
         lines = "\n".join(f"  - {r}" for r in refused)
         raise UnsafeConfigError(
             f"refusing to build the config from {origin}: only classes and functions inside {allowed} "
-            f"may be built from a saved config, and not those that load code or touch files.\n{lines}"
+            f"may be built from a saved config, and not those that load code or touch files.\n{lines}\n"
+            f"(If it is your own package and you trust this file: {TRUSTED_ENV}=<package>.)"
         )

@@ -39,6 +39,25 @@ def balanced_split(labels: Tensor, holdout: int, num_classes: int, seed: int) ->
     return torch.nonzero(mask).flatten(), held_idx
 
 
+class _ResumableBatchSampler(ShardedBatchSampler):
+    """A training sampler that skips, once, the batches a resumed run already trained on.
+
+    ``skip = (epoch, batches)``: the first pass over ``epoch`` starts at batch ``batches``;
+    its length is unchanged (Lightning counts the skipped batches as done).
+    """
+
+    skip: tuple[int, int] | None = None
+
+    def shard_indices(self) -> Tensor:
+        shard = super().shard_indices()
+        if self.skip is not None:
+            epoch, batches = self.skip
+            self.skip = None
+            if epoch == self.epoch:
+                shard = shard[batches * self.batch_size:]
+        return shard
+
+
 class CIFARDataModule(L.LightningDataModule):
     """CIFAR-style classification data from any source (archive, image folder, synthetic).
 
@@ -89,6 +108,8 @@ class CIFARDataModule(L.LightningDataModule):
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._aug_epoch: int | None = None
         self._generator: torch.Generator | None = None
+        self._train_batches = 0  # training batches augmented in the current epoch
+        self._resume: dict[str, Any] | None = None  # position loaded from a checkpoint
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -135,7 +156,7 @@ class CIFARDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before asking for dataloaders")
         images, labels = self.splits[split]
         rank, world = self._rank_and_world()
-        sampler = ShardedBatchSampler(
+        sampler = (_ResumableBatchSampler if train else ShardedBatchSampler)(
             len(images),
             self.batch_size if train else self.eval_batch_size,
             shuffle=train,
@@ -145,6 +166,8 @@ class CIFARDataModule(L.LightningDataModule):
             world_size=world,
             pad_to_even=train,
         )
+        if train and self._resume:
+            sampler.skip = (self._resume["epoch"], self._resume["batches"])
         common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                       persistent_workers=self.num_workers > 0)
         if train and self.pipeline == "per_image":
@@ -170,8 +193,28 @@ class CIFARDataModule(L.LightningDataModule):
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed((self.seed * 1_000_003 + epoch) * 1009 + rank)
             self._aug_epoch = epoch
+            self._train_batches = 0
             self.train_augment.set_epoch(epoch)
+            resume, self._resume = self._resume, None
+            if resume and resume["epoch"] == epoch and resume.get("rank", 0) == rank:
+                self._generator.set_state(resume["generator"])
+                self._train_batches = resume["batches"]
         return self._generator
+
+    # -------------------------------------------------------------- resuming
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the current training epoch, saved with every checkpoint.
+
+        A run resumed from a mid-epoch checkpoint then continues with the next batch of
+        the same permutation and the same augmentation draws.
+        """
+        if self._generator is None or self._aug_epoch is None:
+            return {}
+        return {"epoch": self._aug_epoch, "batches": self._train_batches, "rank": self._rank_and_world()[0],
+                "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) if state_dict else None
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         x, y, *rest = batch
@@ -180,6 +223,7 @@ class CIFARDataModule(L.LightningDataModule):
         if training:
             epoch = self.trainer.current_epoch
             generator = self._epoch_generator(x.device, epoch)
+            self._train_batches += 1
             if x.dtype == torch.uint8:
                 x = self.train_augment.to(x.device)(x, generator=generator, indices=indices)
             elif self.channels_last:
