@@ -47,6 +47,7 @@ def test_efficientnet_scaling_and_stems():
     assert sum(isinstance(m, MBConv) for m in b2.modules()) == 23  # ceil(1.2 * repeats) summed
     assert b2.classifier[0].p == 0.3 and b2.classifier[1].in_features == 1408
     x = torch.randn(1, 3, 32, 32)
+    b0.eval(), b2.eval()
     with torch.no_grad():
         assert b0.head(b0.blocks(b0.stem(x))).shape[-1] == 4  # cifar stem: total stride 8
         assert b2.head(b2.blocks(b2.stem(x))).shape[-1] == 1  # imagenet stem: total stride 32

@@ -56,8 +56,11 @@ def test_pretrained_offline_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError) as info:
-        build_network(load_model_cfg("torchvision", arch="resnet18", pretrained=True))
+        TorchvisionNet(arch="resnet18", pretrained=True)
     msg = str(info.value)
+    with pytest.raises(Exception, match="Could not fetch the pretrained weights") as via_config:
+        build_network(load_model_cfg("torchvision", arch="resnet18", pretrained=True))
+    assert isinstance(via_config.value.__cause__, RuntimeError)  # hydra wraps the constructor's error
     assert "https://download.pytorch.org/models/resnet18-" in msg
     assert str(tmp_path / "hub" / "checkpoints") in msg
     assert "get_model('resnet18', weights='DEFAULT')" in msg
