@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -332,3 +333,13 @@ def main_guarded(cfg: DictConfig, task: Callable[[DictConfig], float | None] = t
     except TrainingInterrupted as err:
         print(str(err), file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def cli(cfg: DictConfig) -> float | None:
+    """``python -m cifar_lab.train [overrides]``: the same job as ``python train.py``."""
+    return main_guarded(cfg)
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,8 +11,12 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -67,9 +71,13 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+            raw = f.read()
     except FileNotFoundError:
         raise DataError(f"missing CIFAR batch file {path}") from None
+    except OSError as err:  # permissions, a folder in its place, I/O errors
+        raise DataError(f"cannot read CIFAR batch file {path} ({type(err).__name__}: {err.strerror or err})") from None
+    try:
+        return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except Exception as err:  # truncated, corrupted, or not a pickle at all
         raise DataError(
             f"cannot read CIFAR batch file {path} ({type(err).__name__}: {err}); the file is truncated "
@@ -112,24 +120,59 @@ class CifarArchive:
             return
         if not self.download:
             raise self._not_found("data.source.download=false")
-        try:
-            download_and_extract_archive(self.url, str(self.root), md5=self.md5)
-        except Exception as err:  # offline, proxy, disk full, bad checksum
-            raise self._not_found(f"download from {self.url} failed: {type(err).__name__}: {err}") from None
+        with self._staging() as staging:
+            try:
+                download_and_extract_archive(self.url, str(staging), md5=self.md5)
+            except Exception as err:  # offline, proxy, disk full, bad checksum
+                raise self._not_found(f"download from {self.url} failed: {type(err).__name__}: {err}") from None
+            self._install(staging)
         if not self._extracted():
             raise DataError(f"{self.archive} was downloaded but lacks {self.variant} batch files")
+
+    @contextmanager
+    def _staging(self) -> Iterator[Path]:
+        """A private folder in ``root`` for downloads and extraction, removed afterwards.
+
+        Nothing appears under its final name until it is complete, so an interrupted
+        download or extraction (Ctrl-C, a full disk, two runs at once) leaves no partial
+        archive or batch file behind to trip the next run.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".cifar_lab-staging-", dir=self.root))
+        except OSError as err:
+            raise DataError(f"cannot write to data.root={self.root} ({type(err).__name__}: {err.strerror or err}); "
+                            "point data.root (or CIFAR_LAB_DATA) at a writable folder") from None
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _install(self, staging: Path) -> None:
+        """Move the archive and batch files from ``staging`` into place, each with one atomic rename."""
+        archive = staging / self.archive.name
+        if archive.is_file():
+            os.replace(archive, self.archive)
+        extracted = staging / self.folder.name
+        if extracted.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for item in extracted.iterdir():
+                if item.is_file():
+                    os.replace(item, self.folder / item.name)
 
     def _extract(self) -> None:
         if not check_integrity(str(self.archive), self.md5):
             log.warning("%s does not match the official md5; reading it anyway (structure is checked)", self.archive)
-        try:
-            with tarfile.open(self.archive) as tar:
-                tar.extractall(self.root, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as err:
-            raise DataError(
-                f"cannot extract {self.archive} ({type(err).__name__}: {err}); the archive is truncated or "
-                "corrupted: delete it so it is downloaded again"
-            ) from None
+        with self._staging() as staging:
+            try:
+                with tarfile.open(self.archive) as tar:
+                    tar.extractall(staging, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise DataError(
+                    f"cannot extract {self.archive} ({type(err).__name__}: {err}); the archive is truncated or "
+                    "corrupted: delete it so it is downloaded again"
+                ) from None
+            self._install(staging)
 
     def _not_found(self, reason: str) -> DataError:
         return DataError(
@@ -143,6 +186,17 @@ class CifarArchive:
 
     def load(self) -> ImageSplits:
         self.prepare()
+        try:
+            return self._load()
+        except DataError as err:
+            if not self.archive.is_file():
+                raise
+            # A damaged batch file next to its archive: extract it again rather than stop.
+            log.warning("%s\nextracting %s again", err, self.archive)
+            self._extract()
+            return self._load()
+
+    def _load(self) -> ImageSplits:
         meta = _read_pickle(self.folder / self.layout["meta"])
         classes = [str(c) for c in meta[self.layout["names_key"]]]
         train_x, train_y = self._read_split(self.layout["train"])

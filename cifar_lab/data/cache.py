@@ -27,17 +27,23 @@ def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load_if_fresh(path: Path, expected_fingerprint: str) -> dict | None:
-    """The cached dict if it exists, loads safely and matches the fingerprint; else None."""
+def load_if_fresh(path: Path, expected_fingerprint: str, required: Iterable[str] = ()) -> dict | None:
+    """The cached dict if it exists, loads safely, matches the fingerprint and has the ``required`` keys; else None.
+
+    Loaded with ``weights_only=True``: a cache file is data, and one that holds anything
+    else is treated as unreadable and rebuilt.
+    """
     if not path.is_file():
         return None
     try:
@@ -47,5 +53,9 @@ def load_if_fresh(path: Path, expected_fingerprint: str) -> dict | None:
         return None
     if not isinstance(cached, dict) or cached.get("fingerprint") != expected_fingerprint:
         log.info("cache %s is stale (its source changed); rebuilding it", path)
+        return None
+    missing = [key for key in required if key not in cached]
+    if missing:
+        log.warning("ignoring cache %s: it lacks %s; rebuilding it", path, ", ".join(missing))
         return None
     return cached

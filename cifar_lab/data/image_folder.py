@@ -17,6 +17,14 @@ from cifar_lab.data.splits import DataError, ImageSplits
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_CACHE_KEYS = ("classes", "train_x", "train_y", "test_x", "test_y")
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as err:  # permissions, a file where a folder should be, a vanished mount
+        raise DataError(f"cannot list {folder} ({type(err).__name__}: {err.strerror or err})") from None
 
 
 class ImageFolderSource:
@@ -60,14 +68,22 @@ class ImageFolderSource:
             split_dir = self.root / split
             if not split_dir.is_dir():
                 raise DataError(f"{split_dir} is missing: data=imagefolder needs both train/ and test/ in {self.root}")
-            classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+            # Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are not classes.
+            classes = sorted(p.name for p in _entries(split_dir) if p.is_dir() and not p.name.startswith("."))
             if not classes:
                 raise DataError(f"{split_dir} has no class folders (expected {split}/<class>/<image files>)")
             found[split] = {}
             for name in classes:
-                files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                entries = _entries(split_dir / name)
+                files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
                 if not files:
-                    raise DataError(f"class folder {split_dir / name} holds no image files")
+                    others = sorted(p.name for p in entries)[:3]
+                    seen = f"; it holds only {', '.join(others)}{' ...' if len(entries) > 3 else ''}" if others else \
+                        " (it is empty)"
+                    raise DataError(
+                        f"class folder {split_dir / name} holds no image files{seen}. Every class needs images "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly inside its folder: add them or remove the folder"
+                    )
                 found[split][name] = files
         if list(found["train"]) != list(found["test"]):
             raise DataError(
@@ -89,12 +105,19 @@ class ImageFolderSource:
         key = fingerprint(all_files, self.root) + f"|{self.image_size}|{self.skip_bad_images}"
         cache_path = self._cache_path()
         if self.cache:
-            cached = load_if_fresh(cache_path, key)
+            cached = load_if_fresh(cache_path, key, required=_CACHE_KEYS)
             if cached is not None:
-                log.info("loaded decoded images from cache %s", cache_path)
-                return ImageSplits(
-                    cached["train_x"], cached["train_y"], cached["test_x"], cached["test_y"], list(cached["classes"])
-                )
+                try:
+                    splits = ImageSplits(cached["train_x"], cached["train_y"], cached["test_x"], cached["test_y"],
+                                         [str(c) for c in cached["classes"]])
+                    splits.validate(str(cache_path))
+                    if splits.classes != list(files["train"]):
+                        raise DataError(f"{cache_path}: classes {splits.classes} differ from the folders")
+                except (DataError, TypeError, AttributeError, ValueError) as err:
+                    log.warning("ignoring damaged cache %s (%s); rebuilding it", cache_path, err)
+                else:
+                    log.info("loaded decoded images from cache %s", cache_path)
+                    return splits
         classes = list(files["train"])
         train_x, train_y = self._decode_split(files["train"], classes)
         test_x, test_y = self._decode_split(files["test"], classes)
