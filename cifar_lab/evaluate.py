@@ -9,6 +9,9 @@ evaluated. Checkpoints are read with ``weights_only=True`` and a saved config ma
 allow-listed ``_target_``s (:func:`cifar_lab.security.check_targets`). Command-line
 overrides apply on top of it:
 
+* they are composed after the training run's own overrides (its ``.hydra/overrides.yaml``),
+  so keys of the groups it chose can be set directly (``data.source.test_size=100`` for a
+  ``data=synthetic`` run);
 * a group choice (``data=imagefolder``, ``trainer=cpu``) replaces that whole node;
 * any other change (``data.eval_batch_size=1024``, ``experiment=...``, ``+x=1``, ``~x``)
   changes exactly the keys it changes in ``conf/evaluate.yaml``.
@@ -42,6 +45,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cifar_lab import builders
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config_tree import print_and_save
+from cifar_lab.data.splits import DataError
+from cifar_lab.schema import ConfigError
 from cifar_lab.security import UnsafeConfigError, check_targets
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,10 @@ OWN_KEYS = ("ckpt_path", "tta", "task_name")
 
 class EvaluationError(Exception):
     """A problem the user can fix (missing checkpoint, weights that do not fit the model, ...)."""
+
+
+# Printed as one line and exit status 2 by the command-line entry points (no traceback).
+USER_ERRORS = (EvaluationError, ConfigError, DataError)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -263,23 +272,72 @@ def apply_overrides(base: DictConfig, composed: DictConfig, default: DictConfig,
     return cfg
 
 
-def _compose_default(overrides: Sequence[str]) -> DictConfig:
-    """``conf/evaluate.yaml`` (or the app's config) with only the job's own overrides."""
+def _key(override: str) -> str:
+    """The key (or group) an override string sets: ``+data.x=1`` -> ``data.x``."""
+    return override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+
+
+def training_overrides(ckpt_path: Any, overrides: Sequence[str]) -> list[str]:
+    """The command-line overrides of the checkpoint's training run (``.hydra/overrides.yaml``).
+
+    Composing them before the user's overrides makes the user's keys valid where the training
+    run's groups define them (``data.source.test_size`` for ``data=synthetic``). Left out:
+    Hydra's and the job's own keys, ``hparams_search`` (a sweeper), and keys below a group the
+    user chooses again or deletes (they would not fit the new choice).
+    """
+    try:
+        ckpt_file = resolve_checkpoint(ckpt_path)
+    except EvaluationError:
+        return []
+    run_dir = training_run_dir(ckpt_file)
+    path = run_dir / ".hydra" / "overrides.yaml" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        saved = [str(o) for o in OmegaConf.load(path)]
+        parser = OverridesParser.create()
+        user = parser.parse_overrides(list(overrides))
+        parsed = parser.parse_overrides(saved)
+    except Exception:  # noqa: BLE001 - an unreadable file only loses the convenience
+        return []
+    rechosen = [o.key_or_group for o in user if o.is_delete() or "." not in o.key_or_group]
+    kept = []
+    for text, override in zip(saved, parsed):
+        key = override.key_or_group
+        if _is_own(key) or key.split(".")[0] == "hparams_search":
+            continue
+        if any(key != group and _under(key, [group]) for group in rechosen):
+            continue
+        kept.append(text)
+    return kept
+
+
+def _ckpt_argument(overrides: Sequence[str]) -> str | None:
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o and _key(o) == "ckpt_path"]
+    return values[-1] if values else None
+
+
+def _compose_default(overrides: Sequence[str], injected: Sequence[str] = ()) -> DictConfig:
+    """The app's config with the training run's overrides and the job's own ones, without the user's."""
     name = "evaluate"
     try:
         name = HydraConfig.get().job.config_name or name
     except ValueError:
         pass
-    own = [o for o in overrides if _is_own(o.lstrip("+~").split("=")[0].split("@")[0])]
-    return compose(name, overrides=own)
+    own = [o for o in overrides if _is_own(_key(o))]
+    return compose(name, overrides=[*injected, *own])
 
 
-def evaluation_config(composed: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, Path, dict[str, Any], str]:
-    """The config to evaluate with, the checkpoint file, its contents and where the config came from."""
+def evaluation_config(composed: DictConfig, overrides: Sequence[str], injected: Sequence[str] = ()
+                      ) -> tuple[DictConfig, Path, dict[str, Any], str]:
+    """The config to evaluate with, the checkpoint file, its contents and where the config came from.
+
+    ``overrides`` are the user's; ``injected`` the training run's, composed before them.
+    """
     ckpt_file = resolve_checkpoint(OmegaConf.select(composed, "ckpt_path", throw_on_missing=False))
     checkpoint = load_checkpoint(ckpt_file)
     base, source = training_config(ckpt_file, checkpoint)
-    default = _compose_default(overrides)
+    default = _compose_default(overrides, injected)
     cfg = apply_overrides(base, composed, default, overrides)
     cfg.ckpt_path = str(ckpt_file)
     return cfg, ckpt_file, checkpoint, source
@@ -366,24 +424,58 @@ def _hydra_context(config_name: str, overrides: Sequence[str], output_dir: Path)
     GlobalHydra.instance().clear()
 
 
+def _composes(overrides: Sequence[str]) -> bool:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose("evaluate", overrides=list(overrides))
+        return True
+    except Exception:  # noqa: BLE001 - whatever fails here fails again, reported, in the real run
+        return False
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def with_training_overrides(overrides: Sequence[str]) -> list[str]:
+    """The training run's overrides (when they still compose) followed by the user's."""
+    injected = training_overrides(_ckpt_argument(overrides), overrides)
+    if injected and _composes([*injected, *overrides]):
+        return injected
+    return []
+
+
 def run(overrides: Sequence[str], output_dir: str | Path) -> dict[str, Any]:
     """In-process ``python -m cifar_lab.evaluate <overrides>`` with its run directory at ``output_dir``."""
-    with _hydra_context("evaluate", overrides, Path(output_dir)) as composed:
-        cfg, ckpt_file, checkpoint, source = evaluation_config(composed, overrides)
+    injected = with_training_overrides(overrides)
+    with _hydra_context("evaluate", [*injected, *overrides], Path(output_dir)) as composed:
+        cfg, ckpt_file, checkpoint, source = evaluation_config(composed, overrides, injected)
         return evaluate(cfg, ckpt_file, checkpoint, source)
+
+
+_INJECTED: list[str] = []  # the training run's overrides that cli() put before the user's
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(composed: DictConfig) -> float | None:
     try:
-        overrides = list(HydraConfig.get().overrides.task)
-        cfg, ckpt_file, checkpoint, source = evaluation_config(composed, overrides)
+        task = list(HydraConfig.get().overrides.task)
+        injected = _INJECTED if task[: len(_INJECTED)] == _INJECTED else []
+        cfg, ckpt_file, checkpoint, source = evaluation_config(composed, task[len(injected):], injected)
         summary = evaluate(cfg, ckpt_file, checkpoint, source)
-    except EvaluationError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     return summary["metrics"].get("test/acc")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m cifar_lab.evaluate``: the training run's overrides go first on the command line."""
+    args = sys.argv[1:]
+    first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    _INJECTED[:] = with_training_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    sys.argv[1:] = [*args[:first], *_INJECTED, *args[first:]]
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -43,6 +43,7 @@ from cifar_lab.callbacks.reports import CLASS_NAMES_KEY
 from cifar_lab.callbacks.tta import tta_probs, tta_views
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES
 from cifar_lab.evaluate import (
+    USER_ERRORS,
     EvaluationError,
     _hydra_context,
     load_checkpoint,
@@ -288,7 +289,7 @@ def run(overrides: Sequence[str], output_dir: str | Path) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         predict_from_config(cfg)
-    except EvaluationError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

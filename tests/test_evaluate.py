@@ -28,6 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = compose_cfg(QUICK, run_dir)
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what Hydra saves: unresolved, no hydra node
+    OmegaConf.save(OmegaConf.create(QUICK), run_dir / ".hydra" / "overrides.yaml")
     train(cfg)
     return run_dir
 
@@ -88,6 +89,22 @@ def test_evaluate_a_lone_checkpoint_uses_its_stored_config(trained: Path, tmp_pa
     assert saved.callbacks.model_checkpoint.dirpath == str(out / "checkpoints")
     assert saved.data.eval_batch_size == 7
     assert (out / "classification_report.txt").is_file() and not (out / "misclassified.png").exists()
+
+
+def test_keys_of_the_training_groups_can_be_overridden(trained: Path, tmp_path: Path) -> None:
+    # data.source.test_size exists for data=synthetic (the training choice), not for the default cifar10
+    out = tmp_path / "eval"
+    evaluate.run([f"ckpt_path={trained}", "data.source.test_size=50"], out)
+    assert OmegaConf.load(out / "config.yaml").data.source.test_size == 50
+    assert "accuracy                           " in (out / "classification_report.txt").read_text()
+    assert "        50\n" in (out / "classification_report.txt").read_text()
+
+
+def test_training_overrides_skip_keys_under_a_group_chosen_again(trained: Path) -> None:
+    assert evaluate.training_overrides(trained, []) == [o for o in QUICK]
+    kept = evaluate.training_overrides(trained, ["data=cifar10", "~callbacks"])
+    assert "data=synthetic" in kept and not any(o.startswith(("data.", "callbacks.")) for o in kept)
+    assert evaluate.training_overrides(trained.parent / "nowhere", []) == []
 
 
 def test_evaluate_with_tta(trained: Path, tmp_path: Path) -> None:
@@ -161,8 +178,8 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     proc = run_cli([*QUICK, f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "eval"
-    proc = run_cli([f"ckpt_path={run_dir}", f"hydra.run.dir={out}", "data.eval_batch_size=33"], tmp_path,
-                   script="cifar_lab.evaluate")
+    proc = run_cli([f"ckpt_path={run_dir}", f"hydra.run.dir={out}", "data.eval_batch_size=33",
+                    "data.source.noise=0.35"], tmp_path, script="cifar_lab.evaluate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Run directory: {out}" in proc.stdout
     recorded, evaluated = _summary(run_dir), _summary(out)
