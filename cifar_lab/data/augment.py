@@ -35,6 +35,7 @@ normalisation (a ``float32`` copy, then an in-place scale and shift).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
+    "cpu_threads",
     "BatchOp",
     "RandomCrop",
     "HorizontalFlip",
@@ -70,6 +72,26 @@ Params = dict[str, Tensor]
 
 def _max_value(dtype: torch.dtype) -> float:
     return 1.0 if dtype.is_floating_point else float(torch.iinfo(dtype).max)
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: int | None):
+    """Limits torch's intra-op threads while batch ops run on the CPU.
+
+    Batch-sized tensor ops gain little from several threads, and when the cores are
+    shared (DataLoader workers, other processes) a thread that waits for a descheduled
+    peer at every op's barrier makes them tens of times slower. ``None`` leaves the
+    setting alone; non-CPU devices are unaffected.
+    """
+    previous = torch.get_num_threads()
+    if threads is None or device.type != "cpu" or previous <= threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _check_batch(x: Tensor) -> None:
@@ -1236,6 +1258,8 @@ class BatchAugment(nn.Module):
             eval path: normalisation only.
         mean, std: per-channel statistics in [0, 1] units.
         channels_last: return the batch in ``torch.channels_last`` memory format.
+        cpu_threads: intra-op threads while a CPU batch is processed (see :func:`cpu_threads`;
+            ``None`` keeps torch's setting).
 
     ``forward(x, generator=None, indices=None)``: ``x`` is a ``uint8`` (or [0, 1]
     float) batch; ``indices`` (dataset indices of the images) is forwarded to ops
@@ -1251,8 +1275,11 @@ class BatchAugment(nn.Module):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         channels_last: bool = False,
+        *,
+        cpu_threads: int | None = 1,
     ) -> None:
         super().__init__()
+        self.cpu_threads = cpu_threads
         if ops is None:
             items: list[tuple[str, Any]] = []
         elif isinstance(ops, Mapping):
@@ -1308,7 +1335,8 @@ class BatchAugment(nn.Module):
     def forward(
         self, x: Tensor, generator: torch.Generator | None = None, indices: Tensor | None = None
     ) -> Tensor:
-        return self.normalize(self.augment(x, generator, indices))
+        with cpu_threads(x.device, self.cpu_threads):
+            return self.normalize(self.augment(x, generator, indices))
 
     def to_torchvision(self) -> v2.Compose:
         """Per-image pipeline: ``ToImage`` (PIL/array -> uint8 tensor), the ops'

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from cifar_lab.data.augment import cpu_threads
+
 
 class ShardedBatchSampler(Sampler[Tensor]):
     """Yields index batches; each rank gets its own shard, reshuffled every epoch.
@@ -101,7 +103,8 @@ class TensorBatches(Dataset):
         if isinstance(index, Tensor) and index.dtype == torch.int64 and index.ndim == 1:
             # index_select copies whole rows; advanced indexing (images[index]) walks the
             # batch element by element and is far slower on the CPU for uint8 images
-            batch = (self.images.index_select(0, index), self.labels.index_select(0, index))
+            with cpu_threads(self.images.device, 1):
+                batch = (self.images.index_select(0, index), self.labels.index_select(0, index))
         else:
             batch = (self.images[index], self.labels[index])
         return (*batch, index) if self.with_indices else batch
