@@ -1,0 +1,144 @@
+"""Config validation: a bad value stops the run at once with one message naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_lab.schema import ConfigError, find_problems, validate_config
+from cifar_lab.train import train
+from conftest import ROOT, SYNTH, compose_cfg, run_cli
+
+# (overrides, the message's "key=value" part, words of what is allowed)
+BAD_VALUES = [
+    (["data.batch_size=0"], "data.batch_size=0", "an integer >= 1"),
+    (["data.batch_size=-8"], "data.batch_size=-8", "an integer >= 1"),
+    (["data.eval_batch_size=0"], "data.eval_batch_size=0", "an integer >= 1, or null"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1", "a number > 0"),
+    (["optimizer.weight_decay=-0.01"], "optimizer.weight_decay=-0.01", "a number >= 0"),
+    (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum=1.5", "a number in [0, 1)"),
+    (["data.augment.flip.p=1.5"], "data.augment.flip.p=1.5", "a number in [0, 1]"),
+    (["+data.augment.gray={_target_:cifar_lab.data.augment.RandomGrayscale,p:-0.2}"],
+     "data.augment.gray.p=-0.2", "a number in [0, 1]"),
+    (["experiment=resnet_se", "data.mixing.prob=1.2"], "data.mixing.prob=1.2", "a number in [0, 1]"),
+    (["experiment=resnet_se", "data.mixing.mixup_alpha=0"], "data.mixing.mixup_alpha=0", "a number > 0"),
+    (["experiment=resnet_se", "data.mixing.mixup_alpha=-1"], "data.mixing.mixup_alpha=-1", "a number > 0"),
+    (["data.val_size=600"], "data.val_size=600", "less than 600"),
+    (["data.val_size=-1"], "data.val_size=-1", "an integer >= 0"),
+    (["data.augment.crop.size=48"], "data.augment.crop.size=48", "at most the padded image, 40x40"),
+    (["data.augment.crop.padding=-2"], "data.augment.crop.padding=-2", "non-negative"),
+    (["trainer.precision=fp16"], "trainer.precision=fp16", "'bf16-mixed'"),
+    (["trainer.precision=16-mixed"], "trainer.precision=16-mixed", "float16 needs a GPU"),
+    (["trainer.accelerator=gpus"], "trainer.accelerator=gpus", "'gpu'"),
+    (["data.pipeline=fast"], "data.pipeline=fast", "one of 'batched', 'per_image'"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0", "an integer >= 1, or -1"),
+    (["trainer.gradient_clip_algorithm=clip"], "trainer.gradient_clip_algorithm=clip", "one of 'norm', 'value'"),
+    (["seed=-3"], "seed=-3", "an integer in [0, 4294967295]"),
+    (["scheduler.interval=batch"], "scheduler.interval=batch", "one of 'epoch', 'step'"),
+    (["scheduler=plateau", "scheduler.scheduler.factor=2"], "scheduler.scheduler.factor=2", "(0, 1)"),
+    (["scheduler=cosine_warmup", "scheduler.scheduler.warmup_epochs=50"], "scheduler.scheduler.warmup_epochs=50",
+     "at most scheduler.scheduler.T_max"),
+    (["module.label_smoothing=1.0"], "module.label_smoothing=1.0", "a number in [0, 1)"),
+    (["optimizer=sgd", "optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov=true",
+     "optimizer.momentum > 0"),
+    (["optimized_metric=val/accuracy"], "optimized_metric=val/accuracy", "'val/acc'"),
+    (["optimized_metric=test/acc"], "optimized_metric=test/acc", "'val/acc_best'"),
+    (["callbacks.model_checkpoint.monitor=val/acc1"], "callbacks.model_checkpoint.monitor=val/acc1", "'val/acc'"),
+    (["+trainer.limit_val_batches=0"], "optimized_metric=val/acc_best", "validation off"),
+    (["data.drop_last=true", "data.batch_size=500"], "data.batch_size=500", "at most 400"),
+    (["data.num_classes=1"], "data.num_classes=1", "an integer >= 2"),
+    (["data.std=[0.2,0.0,0.2]"], "data.std=[0.2, 0.0, 0.2]", "a list of 3 values, each a number > 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,shown,allowed", BAD_VALUES, ids=[b[1] for b in BAD_VALUES])
+def test_bad_value_is_named_with_what_is_allowed(tmp_path: Path, overrides, shown, allowed) -> None:
+    base = [o for o in SYNTH if o != "model=simple_cnn"] if any(o.startswith("experiment=") for o in overrides) else SYNTH
+    cfg = compose_cfg([*base, *overrides], tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert message.startswith("invalid config")
+    line = next(line for line in message.splitlines() if shown in line)
+    assert allowed in line, line
+
+
+def test_known_dataset_size_checked_before_loading(tmp_path: Path) -> None:
+    cfg = compose_cfg(["model=simple_cnn", "data=cifar10", "data.val_size=50000", f"data.root={tmp_path}"],
+                      tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data.val_size=50000: must be less than 50000 \(the cifar10 training set"):
+        validate_config(cfg)
+    cfg = compose_cfg(["model=simple_cnn", "data=cifar100", "data.num_classes=10"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.num_classes=10: must be 100 for cifar100"):
+        validate_config(cfg)
+
+
+def test_misspelt_argument_is_refused_with_suggestion(tmp_path: Path) -> None:
+    cfg = compose_cfg([*SYNTH, "+model.dropuot=0.5", "+callbacks.model_checkpoint.save_lst=true"], tmp_path / "run")
+    message = str(pytest.raises(ConfigError, validate_config, cfg).value)
+    assert message.startswith("invalid config (2 problems):")
+    assert "model.dropuot: not an argument of cifar_lab.models.simple_cnn.SimpleCNN (did you mean dropout?)" in message
+    assert "callbacks.model_checkpoint.save_lst: not an argument of" in message and "save_last?" in message
+
+
+def test_every_problem_in_one_message(tmp_path: Path) -> None:
+    cfg = compose_cfg([*SYNTH, "data.batch_size=0", "optimizer.lr=-1", "data.augment.flip.p=2"], tmp_path / "run")
+    message = str(pytest.raises(ConfigError, validate_config, cfg).value)
+    assert message.splitlines()[0] == "invalid config (3 problems):"
+    assert len(message.splitlines()) == 4
+
+
+STOCK = [[f"experiment={p.stem}"] for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml"))] + [
+    ["data=cifar100"], ["data=imagefolder"], ["data=synthetic"], ["trainer=ddp_cpu"], ["trainer=gpu"],
+    ["hparams_search=optuna"], ["debug=overfit"], ["callbacks=none", "logger=tensorboard_csv"],
+    *([f"scheduler={p.stem}"] for p in sorted((ROOT / "conf" / "scheduler").glob("*.yaml"))),
+    *([f"model={p.stem}"] for p in sorted((ROOT / "conf" / "model").glob("*.yaml"))),
+]
+
+
+@pytest.mark.parametrize("overrides", STOCK, ids=[" ".join(o) for o in STOCK])
+def test_stock_configs_are_valid(tmp_path: Path, overrides) -> None:
+    assert find_problems(compose_cfg(overrides, tmp_path / "run")) == []
+
+
+def test_train_stops_before_any_work(tmp_path: Path) -> None:
+    cfg = compose_cfg([*SYNTH, "data.batch_size=0"], tmp_path / "run")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="data.batch_size=0"):
+        train(cfg)
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing printed, saved or built
+
+
+def _only_message(stderr: str, first_line: str) -> None:
+    """The error is one message (after Lightning's own start-up lines at most), with no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert f"Error: {first_line}" in lines, stderr[-3000:]
+    assert sum(line.startswith("Error: ") for line in lines) == 1
+
+
+def test_cli_bad_value_prints_one_message_and_exits_2(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli([*SYNTH, "optimizer.lr=-0.5", f"hydra.run.dir={run_dir}"], tmp_path, script="cifar_lab.train")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _only_message(proc.stderr, "invalid config: optimizer.lr=-0.5: must be a number > 0")
+    assert (run_dir / "error.txt").read_text().startswith("invalid config: optimizer.lr=-0.5")
+
+
+def test_cli_data_error_prints_one_message_and_exits_2(tmp_path: Path) -> None:
+    proc = run_cli(["model=simple_cnn", f"data.root={tmp_path / 'empty'}", "data.source.download=false",
+                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="cifar_lab.train")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _only_message(proc.stderr, f"no cifar10 data found: looked for {tmp_path / 'empty' / 'cifar-10-batches-py'} "
+                               f"and {tmp_path / 'empty' / 'cifar-10-python.tar.gz'} (data.source.download=false).")
+
+
+@pytest.mark.skipif("main_guarded" not in (ROOT / "train.py").read_text(),
+                    reason="train.py does not call cifar_lab.train.main_guarded yet")
+def test_top_level_train_py_prints_one_message_and_exits_2(tmp_path: Path) -> None:
+    proc = run_cli([*SYNTH, "data.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _only_message(proc.stderr, "invalid config: data.batch_size=0: must be an integer >= 1")
