@@ -87,6 +87,20 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
 
 
 @pytest.fixture(autouse=True)
+def _seeded_single_thread_for_model_tests(request):
+    """Model tests run seeded and single-threaded: several small test processes on a small
+    machine oversubscribe the cores with intra-op threads and slow each other down."""
+    if "models" not in request.node.path.parts:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()

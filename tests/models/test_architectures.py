@@ -12,7 +12,7 @@ from cifar_lab.models.mobilenet_v2 import MobileNetV2
 from cifar_lab.models.resnet_se import ResNetSE
 from cifar_lab.models.squeezenet import SqueezeNet
 
-from conftest import load_model_cfg
+from model_helpers import load_model_cfg
 
 
 def n_trainable(net: nn.Module) -> int:

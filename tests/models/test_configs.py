@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cifar_lab.models import RUNTIME_KEYS, build_network
 
-from conftest import MODEL_NAMES, load_model_cfg
+from model_helpers import MODEL_NAMES, load_model_cfg
 
 EXPECTED = {
     "simple_cnn", "simple_cnn_bn", "pseudo_se_net", "conv_block_net", "attention_net",

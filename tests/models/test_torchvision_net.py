@@ -10,7 +10,7 @@ from torch import nn
 from cifar_lab.models import build_network
 from cifar_lab.models.torchvision_net import TorchvisionNet
 
-from conftest import load_model_cfg
+from model_helpers import load_model_cfg
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])

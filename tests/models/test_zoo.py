@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cifar_lab import zoo
 
-from conftest import MODEL_CONF_DIR, MODEL_NAMES
+from model_helpers import MODEL_CONF_DIR, MODEL_NAMES
 
 
 def test_every_config_is_listed():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
 from omegaconf import OmegaConf
 
 MODEL_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
@@ -18,14 +16,3 @@ def load_model_cfg(name: str, num_classes: int = 10, **overrides):
     for key, value in overrides.items():
         OmegaConf.update(root, f"model.{key}", value, force_add=True)
     return root.model
-
-
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    """Seed, and run single-threaded: on a shared small machine, intra-op threads of parallel
-    test processes oversubscribe the cores and slow every run down several-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
