@@ -13,6 +13,8 @@ to every trainer; nothing here needs configuring.
   ``checkpoints/last.ckpt`` from which ``ckpt_path=last`` continues exactly; a second
   Ctrl-C stops at once without saving. Single-process runs; under DDP Lightning's own
   SIGTERM handling applies (a checkpoint is still saved on SIGTERM).
+- :class:`LatestCheckpoint` keeps ``last.ckpt`` at the latest completed epoch (Lightning
+  refreshes it only when the monitored metric improves).
 - :class:`ResumeRNG` saves the global torch/numpy/python RNG states with every checkpoint
   and restores them when training resumes (dropout masks continue as if never stopped).
 - :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file next to its
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AtomicCheckpointIO",
     "GracefulStop",
+    "LatestCheckpoint",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ResumeRNG",
@@ -93,7 +96,7 @@ def _existing_checkpoint(trainer: L.Trainer, default_dir: Path) -> str | None:
 class NonFiniteLossGuard(L.Callback):
     """Stop at the first nan/inf training loss, before it reaches the weights.
 
-    The check runs in ``on_before_backward``, so the failing step changes nothing; under
+    The check runs in ``on_before_backward``, so the failing step changes no weight; under
     DDP the ranks agree first so they stop together. Checkpoints whose weights are not
     finite (a finite loss with an inf gradient one step earlier) are refused as well.
     """
@@ -109,8 +112,7 @@ class NonFiniteLossGuard(L.Callback):
             value = loss.detach().float().cpu()
             shown = "nan" if torch.isnan(value).any() else ("inf" if value.numel() == 1 else "not finite")
             raise NonFiniteLossError(self._message(trainer, f"training loss is {shown}",
-                                                   "training stopped before this step's update, so the "
-                                                   "weights are the last finite ones"))
+                                                   "training stopped before applying this step"))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         for key, tensor in checkpoint.get("state_dict", {}).items():
@@ -238,6 +240,41 @@ class GracefulStop(L.Callback):
         else:
             message = f"training stopped by {name} before any checkpoint was written"
         return TrainingInterrupted(message, self.signum or signal.SIGTERM, checkpoint)
+
+
+# ----------------------------------------------------------------------------- latest state
+class LatestCheckpoint(L.Callback):
+    """Keep ``last.ckpt`` at the latest completed epoch.
+
+    Lightning's ``save_last`` copies a checkpoint only when one is saved, and with a
+    monitored ``save_top_k`` that is only when the metric improves: after a plateau,
+    ``last.ckpt`` could be many epochs old and a crash would cost all of them. This writes
+    it when each epoch is fully done (at the next epoch's start, so epoch-end scheduler
+    steps are in it) and at the end of training. Active when the run's ModelCheckpoint
+    has ``save_last``.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self._saved_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step = trainer.global_step  # the state a resumed run starts from is on disk already
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        callback = trainer.checkpoint_callback
+        if not (isinstance(callback, ModelCheckpoint) and callback.save_last) or trainer.fast_dev_run:
+            return
+        if trainer.global_step == self._saved_step:
+            return
+        trainer.save_checkpoint(last_checkpoint_path(trainer, self.checkpoint_dir))
+        self._saved_step = trainer.global_step
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -376,4 +413,5 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> bool:
 
 def safety_callbacks(checkpoint_dir: str | Path) -> list[L.Callback]:
     """The callbacks every training run gets."""
-    return [NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), ResumeRNG()]
+    return [NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), LatestCheckpoint(checkpoint_dir),
+            ResumeRNG()]
