@@ -126,7 +126,8 @@ def build_table(conf_dir: Path, names: list[str], speed: bool = True, batch_size
         params, macs = count_params(net), count_macs(net)
         ips = "-"
         if speed:
-            ips = f"{images_per_second(net, bool(cfg.get('channels_last', False)), batch_size, warmup, repeats, clock):,.0f}"
+            channels_last = bool(cfg.get("channels_last", False))
+            ips = f"{images_per_second(net, channels_last, batch_size, warmup, repeats, clock):,.0f}"
         rows.append(f"| `{name}` | {target} | {_fmt_int(params)} | {_fmt_macs(macs)} | "
                     f"{REPORT_ACCURACY.get(name, '-')} | {ips} |")
         log(f"{name}: {params:,} params, {macs / 1e6:,.1f}M MACs, {ips} img/s", flush=True)

@@ -28,7 +28,9 @@ class MobileNetV2(_TVMobileNetV2):
     ``cifar=False`` is the ImageNet network (total stride 32).
     """
 
-    def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2, cifar: bool = True) -> None:
+    def __init__(
+        self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2, cifar: bool = True
+    ) -> None:
         super().__init__(
             num_classes=num_classes,
             width_mult=width_mult,

@@ -34,7 +34,6 @@ def load_pretrained(arch: str) -> nn.Module:
         ) from err
 
 
-
 def replace_head(model: nn.Module, num_classes: int, original_classes: int = 1000) -> nn.Module:
     """Replace the last ``Linear``/``Conv2d`` producing ``original_classes`` outputs with a fresh
     layer producing ``num_classes`` (same input size, kernel and bias setting)."""
@@ -50,7 +49,9 @@ def replace_head(model: nn.Module, num_classes: int, original_classes: int = 100
     if isinstance(old, nn.Linear):
         new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     else:
-        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+        new = nn.Conv2d(
+            old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=old.bias is not None
+        )
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model

@@ -112,7 +112,9 @@ def test_block_validates_options():
 
 
 def test_residual_pair_skips():
-    make = lambda i, o: BranchMixBlock(i, o, branches=2, branch_norm=True, branch_act="relu")  # noqa: E731
+    def make(i: int, o: int) -> BranchMixBlock:
+        return BranchMixBlock(i, o, branches=2, branch_norm=True, branch_act="relu")
+
     proj = ResidualPair(make(4, 6), make(6, 6), 4, 6)
     ident = ResidualPair(make(6, 6), make(6, 6), 6, 6)
     assert isinstance(proj.skip, nn.Conv2d) and proj.skip.kernel_size == (1, 1)
