@@ -122,6 +122,9 @@ class _Toy(L.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    def test_step(self, batch, batch_idx):
+        return None
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.5)
 
@@ -134,20 +137,25 @@ class _Recorder(L.Callback):
         self.weights.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
 
 
-def _fit(callbacks: list[L.Callback], steps: int = 7) -> _Toy:
+def _fit(callbacks: list[L.Callback], steps: int = 7, checkpoint_dir: Path | None = None) -> _Toy:
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(8 * steps, 4), torch.randint(0, 2, (8 * steps,)))
+    data = DataLoader(TensorDataset(torch.randn(8 * steps, 4), torch.randint(0, 2, (8 * steps,))), batch_size=8)
     model = _Toy()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    if checkpoint_dir is not None:
+        callbacks = [*callbacks, L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)]
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=checkpoint_dir is not None,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(model, DataLoader(data, batch_size=8))
+    trainer.fit(model, data)
+    if checkpoint_dir is not None:  # as train.py does: test the saved checkpoint with the same trainer
+        trainer.test(model, data, ckpt_path=str(checkpoint_dir / "last.ckpt"), weights_only=False, verbose=False)
     return model
 
 
-def test_ema_matches_hand_computed_average() -> None:
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["in_memory", "tested_from_checkpoint"])
+def test_ema_matches_hand_computed_average(checkpoint: bool, tmp_path: Path) -> None:
     recorder = _Recorder()
     decay = 0.6
-    model = _fit([recorder, EMA(decay=decay, every_n_steps=1)])
+    model = _fit([recorder, EMA(decay=decay, every_n_steps=1)], checkpoint_dir=tmp_path if checkpoint else None)
     expected = dict(recorder.weights[0])  # the first update copies the weights
     for w in recorder.weights[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * w[k] for k in expected}

@@ -4,7 +4,8 @@ Both build on Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging`,
 an :class:`~torch.optim.swa_utils.AveragedModel` copy of the LightningModule, swaps the
 average in for validation, saves it as the checkpoint's ``state_dict`` (the training weights
 go to ``current_model_state``, so resuming continues both) and copies it into the module when
-training ends (so testing and ``metrics.json`` see the averaged weights).
+training ends (so testing and ``metrics.json`` see the averaged weights). Unlike the base class,
+testing from a checkpoint after fitting in the same process also uses the average.
 
 :class:`ScheduledAveraging` adds two things to that:
 
@@ -99,6 +100,14 @@ class ScheduledAveraging(WeightAveraging):
     @torch.no_grad()
     def _copy_average_to_current(self, pl_module: L.LightningModule) -> None:
         super()._copy_average_to_current(pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Testing/validating/predicting from a checkpoint must use its state_dict (the average),
+        # which Lightning has already loaded into the module. The base class would replace it with
+        # the training weights (current_model_state) whenever an average model exists, e.g. when
+        # trainer.test(ckpt_path=...) follows trainer.fit() with the same callback.
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "current_decay": self.current_decay}
