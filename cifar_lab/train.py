@@ -250,6 +250,11 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
     except SIGTERMException:
         raise stopper.interrupted(run_dir, fallback=resume.path if resume else None) from None
+    except SystemExit:  # Lightning exits after a KeyboardInterrupt: here, a second Ctrl-C
+        if not stopper.aborted:
+            raise
+        last = checkpoint_dir_of(cfg) / "last.ckpt"
+        raise stopper.interrupted(run_dir, fallback=str(last) if last.is_file() else None) from None
     val_metrics = _scalars(trainer.callback_metrics, ("val/",))
     train_metrics = _scalars(trainer.callback_metrics, ("train/",))
 

@@ -194,3 +194,31 @@ def test_resume_warns_about_values_taken_from_the_checkpoint(tmp_path: Path, cap
     text = caplog.text
     assert "optimizer.lr: 0.001 in the checkpoint, 0.5 now (the checkpoint's value is restored)" in text
     assert "scheduler.scheduler.T_max: 1 in the checkpoint, 2 now" in text
+
+
+class DoubleCtrlC(L.Callback):
+    """Two Ctrl-C in a row at ``step``: the second aborts at once."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_second_ctrl_c_aborts_without_saving(tmp_path: Path, monkeypatch) -> None:
+    from cifar_lab import builders
+
+    build = builders.build_callbacks
+    monkeypatch.setattr(builders, "build_callbacks", lambda cfg: [*build(cfg), DoubleCtrlC(6)])
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(compose_cfg(BASE, run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert str(stopped.value) == (f"training aborted by a second Ctrl-C, without saving; "
+                                  f"the last good checkpoint is {last}")
+    assert stopped.value.exit_code == 130
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # written when epoch 0 was complete
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -95,6 +95,7 @@ STOCK = [[f"experiment={p.stem}"] for p in sorted((ROOT / "conf" / "experiment")
     ["hparams_search=optuna"], ["debug=overfit"], ["callbacks=none", "logger=tensorboard_csv"],
     *([f"scheduler={p.stem}"] for p in sorted((ROOT / "conf" / "scheduler").glob("*.yaml"))),
     *([f"model={p.stem}"] for p in sorted((ROOT / "conf" / "model").glob("*.yaml"))),
+    *([f"optimizer={p.stem}"] for p in sorted((ROOT / "conf" / "optimizer").glob("*.yaml"))),
 ]
 
 

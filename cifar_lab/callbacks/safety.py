@@ -157,6 +157,7 @@ class GracefulStop(L.Callback):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.signum: int | None = None       # the signal that asked to stop
         self.saved: str | None = None        # checkpoint written on the way out
+        self.aborted = False                 # a second signal: stopped at once, nothing saved
         self._requested = False
         self._forwarded = False
         self._lightning_sigterm: Any = None
@@ -177,6 +178,7 @@ class GracefulStop(L.Callback):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._requested:
+            self.aborted = True
             self._restore()
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
@@ -233,7 +235,10 @@ class GracefulStop(L.Callback):
         """The exception ``train()`` raises after an interrupted fit, with the resume command."""
         name = SIGNAL_NAMES.get(self.signum or signal.SIGTERM, "a signal")
         checkpoint = self.saved or fallback
-        if checkpoint:
+        if self.aborted:
+            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
+            message = f"training aborted by a second {name}, without saving; {kept}"
+        elif checkpoint:
             how = (f"resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir={run_dir} "
                    f"(or ckpt_path={checkpoint})")
             message = f"training stopped by {name}; resumable checkpoint: {checkpoint}\n{how}"
