@@ -151,7 +151,8 @@ def test_ddp_run_writes_one_run_directory_and_logs_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "logs" / everything[0]
     assert proc.stdout.count("Run directory:") == 1
     for name in ("metrics.json", "config.yaml", "classification_report.txt", "confusion_matrix.png", "curves.png"):
-        assert len(list(tmp_path.glob(f"logs/**/{name}"))) == 1, name
+        found = [p for p in (tmp_path / "logs").rglob(name) if ".hydra" not in p.parts]
+        assert found == [run_dir / name], (name, found)
     log_text = (run_dir / "train.log").read_text()
     assert log_text.count("train / 200 val / 200 test images") == 1, log_text
     assert "[rank: 1]" not in proc.stderr
