@@ -1,6 +1,6 @@
 """Interrupt and resume: a stopped run continues to exactly the result of an uninterrupted one.
 
-Runs are in-process, tiny (a small CNN with dropout, 4 training batches per epoch) and
+Runs are in-process, tiny (a small CNN with dropout, mixup, 4 training batches per epoch) and
 deterministic on the CPU; the interruption is a real signal sent to this process from a
 callback at a chosen training step.
 """
@@ -26,6 +26,8 @@ BASE = [
     "model.filters=[8,16]",
     "model.fc_units=32",
     "model.dropout=0.3",  # draws from the global RNG: exact only if its state is restored
+    # mixup on half the batches: draws from the datamodule's per-epoch generator
+    "data.mixing={_target_:cifar_lab.data.mixing.BatchMixer,num_classes:10,mixup_alpha:1.0,prob:0.5,mode:batch}",
     "optimizer=adam",
     "scheduler=cosine",
     "logger=none",
@@ -91,7 +93,6 @@ def _assert_same_run(run_dir: Path, reference) -> None:
         assert torch.equal(final[key], weights[key]), key
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("signum,step", [
     (signal.SIGINT, 6),    # Ctrl-C in the middle of epoch 1 (batch 2 of 4)
     (signal.SIGTERM, 7),   # SIGTERM on the last batch of epoch 1: stops after its validation
@@ -114,7 +115,6 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path: Path, reference, i
     _assert_same_run(run_dir, reference)
 
 
-@pytest.mark.slow
 def test_resume_from_explicit_path_into_new_run_dir(tmp_path: Path, reference, interrupt_at, monkeypatch) -> None:
     first = tmp_path / "first"
     interrupt_at(5, signal.SIGTERM)
@@ -127,7 +127,6 @@ def test_resume_from_explicit_path_into_new_run_dir(tmp_path: Path, reference, i
     assert _summary(second)["resumed_from"] == str(first / "checkpoints" / "last.ckpt")
 
 
-@pytest.mark.slow
 def test_same_seed_deterministic_runs_are_identical(tmp_path: Path, reference) -> None:
     run_dir = tmp_path / "again"
     train(compose_cfg(BASE, run_dir))
