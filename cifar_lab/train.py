@@ -221,6 +221,14 @@ def _quiet_other_ranks() -> None:
         logging.getLogger("cifar_lab").setLevel(logging.WARNING)
 
 
+def _last_good(cfg: DictConfig, resume: Resume | None) -> str | None:
+    """This run's last.ckpt, else the checkpoint it resumed from."""
+    last = checkpoint_dir_of(cfg) / "last.ckpt"
+    if last.is_file():
+        return str(last)
+    return resume.path if resume else None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Run one training job as configured; return the metric named by ``optimized_metric``."""
     start = time.perf_counter()
@@ -249,12 +257,11 @@ def train(cfg: DictConfig) -> float | None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
     except SIGTERMException:
-        raise stopper.interrupted(run_dir, fallback=resume.path if resume else None) from None
+        raise stopper.interrupted(run_dir, fallback=_last_good(cfg, resume)) from None
     except SystemExit:  # Lightning exits after a KeyboardInterrupt: here, a second Ctrl-C
         if not stopper.aborted:
             raise
-        last = checkpoint_dir_of(cfg) / "last.ckpt"
-        raise stopper.interrupted(run_dir, fallback=str(last) if last.is_file() else None) from None
+        raise stopper.interrupted(run_dir, fallback=_last_good(cfg, resume)) from None
     val_metrics = _scalars(trainer.callback_metrics, ("val/",))
     train_metrics = _scalars(trainer.callback_metrics, ("train/",))
 
@@ -268,7 +275,8 @@ def train(cfg: DictConfig) -> float | None:
             trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
         except SIGTERMException:
             raise TrainingInterrupted(f"stopped while testing; training had finished (checkpoints in "
-                                      f"{checkpoint_dir_of(cfg)})", stopper.signum or signal.SIGTERM, best_ckpt or None) from None
+                                      f"{checkpoint_dir_of(cfg)})", stopper.signum or signal.SIGTERM,
+                                      best_ckpt or None) from None
     test_metrics = _scalars(trainer.callback_metrics, ("test/",))
 
     metrics = {**train_metrics, **val_metrics, **test_metrics}

@@ -83,6 +83,19 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path: Path) -> None:
     assert saved["global_step"] == 4 and _finite(saved["state_dict"])
 
 
+def test_weight_check_ignores_metric_states(tmp_path: Path) -> None:
+    module = L.LightningModule()
+    module.layer = torch.nn.Linear(2, 2)
+    guard = safety.NonFiniteLossGuard(tmp_path)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    state = {"layer.weight": torch.ones(2, 2), "layer.bias": torch.zeros(2),
+             "val_acc_best.max_value": torch.tensor(float("-inf"))}  # a MaxMetric before its first update
+    guard.on_save_checkpoint(trainer, module, {"state_dict": state})
+    state["layer.bias"] = torch.tensor([0.0, float("nan")])
+    with pytest.raises(NonFiniteLossError, match=r"the weights are not finite \(layer.bias\)"):
+        guard.on_save_checkpoint(trainer, module, {"state_dict": state})
+
+
 def test_last_checkpoint_follows_every_epoch_not_only_improvements(tmp_path: Path) -> None:
     # lr 0: val/acc never improves after epoch 0, so Lightning alone would leave last.ckpt at epoch 0
     train(compose_cfg([*TINY, "trainer.max_epochs=3", "optimizer=sgd", "optimizer.lr=1e-12"], tmp_path / "run"))

@@ -115,7 +115,12 @@ class NonFiniteLossGuard(L.Callback):
                                                    "training stopped before applying this step"))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Parameters and buffers (BatchNorm statistics) only: metric states such as a running
+        # maximum legitimately start at -inf.
+        weights = {name for name, _ in pl_module.named_parameters()} | {name for name, _ in pl_module.named_buffers()}
         for key, tensor in checkpoint.get("state_dict", {}).items():
+            if key not in weights:
+                continue
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteLossError(self._message(
                     trainer, f"the weights are not finite ({key})",
