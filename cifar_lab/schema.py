@@ -334,7 +334,8 @@ def _check_crops(cfg: dict) -> Iterator[str]:
                            f"data.augment.{name}.padding={_show(op.get('padding', 4))})")
         elif op.get("p", 1.0) != 1.0 and crop != (size, size):
             yield _problem(f"data.augment.{name}.size", op.get("size"),
-                           f"{size} (the image size) when data.augment.{name}.p < 1, so an uncropped image keeps its size")
+                           f"{size} (the image size) when data.augment.{name}.p < 1, "
+                           "so an uncropped image keeps its size")
 
 
 def _training_set(cfg: dict) -> tuple[int, str] | None:
@@ -386,7 +387,8 @@ def _check_optimizer(cfg: dict) -> Iterator[str]:
                        "false unless optimizer.momentum > 0 and optimizer.dampening = 0 "
                        f"(momentum={_show(opt.get('momentum'))}, dampening={_show(opt.get('dampening', 0))})")
     sched = _get(cfg, "scheduler.scheduler") or {}
-    if _is_number(sched.get("warmup_epochs")) and _is_number(sched.get("T_max")) and sched["warmup_epochs"] > sched["T_max"]:
+    warmup, total = sched.get("warmup_epochs"), sched.get("T_max")
+    if _is_number(warmup) and _is_number(total) and warmup > total:
         yield _problem("scheduler.scheduler.warmup_epochs", sched["warmup_epochs"],
                        f"at most scheduler.scheduler.T_max ({_show(sched['T_max'])})")
 

@@ -156,7 +156,8 @@ def test_runs_started_together_get_their_own_directories(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_ddp_run_writes_one_run_directory_and_logs_once(tmp_path: Path) -> None:
     proc = run_cli([*SYNTH, "trainer=ddp_cpu", "trainer.max_epochs=1", "logger=csv", "+trainer.limit_train_batches=2",
-                    "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
+                    "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+                    "trainer.enable_progress_bar=false",
                     "model.filters=[8,16]", "model.fc_units=32"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     everything = sorted(p.relative_to(tmp_path / "logs") for p in (tmp_path / "logs").glob("*/*/*"))

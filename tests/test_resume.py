@@ -143,7 +143,8 @@ def _one_epoch(tmp_path: Path) -> Path:
 def test_resume_refuses_another_model_and_missing_checkpoints(tmp_path: Path) -> None:
     run_dir = _one_epoch(tmp_path)
     other = [*BASE, "model=simple_cnn_bn", f"ckpt_path={run_dir}"]
-    with pytest.raises(ConfigError, match=r"cannot resume from .*last\.ckpt: it was trained with a different setup") as err:
+    refused = r"cannot resume from .*last\.ckpt: it was trained with a different setup"
+    with pytest.raises(ConfigError, match=refused) as err:
         train(compose_cfg(other, tmp_path / "other"))
     assert "model.batch_norm: False in the checkpoint, True now" in str(err.value)
     assert not (tmp_path / "other" / "config.yaml").exists()  # refused before anything was built

@@ -55,7 +55,8 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("overrides,shown,allowed", BAD_VALUES, ids=[b[1] for b in BAD_VALUES])
 def test_bad_value_is_named_with_what_is_allowed(tmp_path: Path, overrides, shown, allowed) -> None:
-    base = [o for o in SYNTH if o != "model=simple_cnn"] if any(o.startswith("experiment=") for o in overrides) else SYNTH
+    recipe = any(o.startswith("experiment=") for o in overrides)
+    base = [o for o in SYNTH if o != "model=simple_cnn"] if recipe else SYNTH
     cfg = compose_cfg([*base, *overrides], tmp_path / "run")
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)

@@ -26,7 +26,6 @@ to every trainer; nothing here needs configuring.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import signal

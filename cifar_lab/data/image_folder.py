@@ -82,7 +82,8 @@ class ImageFolderSource:
                         " (it is empty)"
                     raise DataError(
                         f"class folder {split_dir / name} holds no image files{seen}. Every class needs images "
-                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly inside its folder: add them or remove the folder"
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly inside its folder: "
+                        "add them or remove the folder"
                     )
                 found[split][name] = files
         if list(found["train"]) != list(found["test"]):
