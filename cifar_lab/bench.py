@@ -73,8 +73,8 @@ class Settings:
     repeats: int = 3  # interleaved repeats per comparison
     data_batches: int = 60  # timed batches per data repeat
     data_warmup: int = 4
-    train_steps: int = 6  # timed training steps per repeat
-    train_warmup: int = 2
+    train_steps: int = 4  # timed training steps per repeat
+    train_warmup: int = 2  # untimed steps before a runner's first repeat
     heavy_batch_size: int = 128  # batch size of resnet_se and attention_net
     overhead_steps: int = 60
     overhead_warmup: int = 5
@@ -160,6 +160,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    info["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                              "GOMP_SPINCOUNT", "CIFAR_LAB_DATA") if k in os.environ}
     with contextlib.suppress(OSError):
         info["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
     return info
@@ -597,7 +599,7 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
         ab_runners = {v.name: _lab_runner(compose([*base_overrides, f"model={model}"]), v, bs, settings, device)
                       for v in variants}
         log(f"  ablation ({model}, batched path)")
-        ab = _interleaved(settings.repeats, ab_runners, log)
+        ab = _interleaved(max(1, settings.repeats - 1), ab_runners, log)
         result["ablation"] = {name: {"images_per_s": v, "median": _median(v)} for name, v in ab.items()}
     return result
 
@@ -705,7 +707,8 @@ def format_table(res: dict[str, Any]) -> str:
     lines = []
     m = res["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
-                 f"threads {m['torch_threads']}, load {m.get('loadavg_start')} -> {m.get('loadavg_end')}")
+                 f"threads {m['torch_threads']}, env {m.get('env') or {}}, "
+                 f"load {m.get('loadavg_start')} -> {m.get('loadavg_end')}")
     lines.append(f"data: {res['data_source']} (reference: {res.get('reference_dataset')})")
     rows = [("measure", "reference", "cifar-lab", "speedup", "cifar-lab settings")]
     d = res.get("data")
@@ -756,6 +759,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heavy-batch-size", type=int, default=None, help="batch size of resnet_se and attention_net")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
+    p.add_argument("--omp-wait-policy", choices=("active", "passive"), default=None,
+                   help="run with OMP_WAIT_POLICY set (the process restarts itself, as OpenMP reads it at start-up)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=None)
     p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
                    help="also time every precision x memory format on the batched path (default: full run only)")
@@ -819,6 +824,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.omp_wait_policy and os.environ.get("OMP_WAIT_POLICY", "").lower() != args.omp_wait_policy:
+        argv = sys.argv[1:] if argv is None else argv
+        env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy.upper()}
+        os.execve(sys.executable, [sys.executable, "-m", "cifar_lab.bench", *argv], env)
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
