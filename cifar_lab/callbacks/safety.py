@@ -258,9 +258,9 @@ class LatestCheckpoint(L.Callback):
     Lightning's ``save_last`` copies a checkpoint only when one is saved, and with a
     monitored ``save_top_k`` that is only when the metric improves: after a plateau,
     ``last.ckpt`` could be many epochs old and a crash would cost all of them. This writes
-    it when each epoch is fully done (at the next epoch's start, so epoch-end scheduler
-    steps are in it) and at the end of training. Active when the run's ModelCheckpoint
-    has ``save_last``.
+    it when an epoch is fully done (at the next epoch's start, so epoch-end scheduler
+    steps are in it) and at the end of training, unless the ModelCheckpoint saved at that
+    step already. Active when the run's ModelCheckpoint has ``save_last``.
     """
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
@@ -282,6 +282,8 @@ class LatestCheckpoint(L.Callback):
             return
         if trainer.global_step == self._saved_step:
             return
+        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+            return  # the ModelCheckpoint saved at this very step, last.ckpt included
         trainer.save_checkpoint(last_checkpoint_path(trainer, self.checkpoint_dir))
         self._saved_step = trainer.global_step
 
