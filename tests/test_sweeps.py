@@ -156,8 +156,8 @@ def test_grid_sweep_goes_on_after_a_failing_job(tmp_path: Path) -> None:
     """``-m model=a,b optimizer.lr=0.01,-1``: 4 jobs, the two with a negative lr fail, the sweep completes."""
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(["-m", *FAST, "model=simple_cnn,simple_cnn_bn", "optimizer=adam", "optimizer.lr=0.01,-1",
-                    f"hydra.sweep.dir={sweep_dir}", "+hydra.callbacks.sweep_report._target_=cifar_lab.sweep.SweepReport",
-                    "+hydra.callbacks.sweep_report.print_best_config=false"], tmp_path)
+                    f"hydra.sweep.dir={sweep_dir}",
+                    "hydra.callbacks.sweep_report.print_best_config=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {int(p.name): p for p in sweep_dir.iterdir() if p.is_dir()}
     assert sorted(jobs) == [0, 1, 2, 3]
