@@ -8,13 +8,12 @@ Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn``
 import hydra
 from omegaconf import DictConfig
 
-from cifar_lab.sweep import run_task
-from cifar_lab.train import train
+from cifar_lab.train import main_guarded
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run_task(train, cfg)
+    return main_guarded(cfg)
 
 
 if __name__ == "__main__":
