@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from cifar_lab.callbacks import safety
-from cifar_lab.callbacks.safety import AtomicCheckpointIO, NonFiniteLossError, atomic_torch_save, use_atomic_checkpoints
+from cifar_lab.callbacks.safety import AtomicCheckpointIO, NonFiniteLossError, use_atomic_checkpoints
+from cifar_lab.fileio import atomic_torch_save
 from cifar_lab.data import archive as archive_mod
 from cifar_lab.data.archive import CifarArchive
 from cifar_lab.data.image_folder import ImageFolderSource

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from cifar_lab.data.cache import atomic_save, fingerprint, load_if_fresh
+from cifar_lab.data.cache import fingerprint, load_if_fresh
+from cifar_lab.fileio import atomic_torch_save
 from cifar_lab.data.splits import DataError, ImageSplits
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class ImageFolderSource:
         if self.cache:
             payload = dict(fingerprint=key, classes=classes, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
             try:
-                atomic_save(payload, cache_path)
+                atomic_torch_save(payload, cache_path)
                 log.info("cached decoded images in %s", cache_path)
             except OSError as err:  # read-only data folder: keep going without a cache
                 log.warning("could not write cache %s (%s); set data.source.cache_dir to a writable folder", cache_path, err)
