@@ -95,9 +95,16 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
         labels = target.argmax(dim=1) if target.ndim == 2 else target
         preds = logits.detach().float()
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(x))
-        getattr(self, f"{stage}_acc").update(preds, labels)
-        getattr(self, f"{stage}_acc_top5").update(preds, labels)
+        loss_mean, acc, acc_top5 = (getattr(self, f"{stage}_{name}") for name in ("loss", "acc", "acc_top5"))
+        if stage == "train":
+            # forward() also returns the batch's own value, which per-step logging needs
+            loss_mean(loss.detach(), len(x))
+            acc(preds, labels)
+            acc_top5(preds, labels)
+        else:
+            loss_mean.update(loss.detach(), len(x))
+            acc.update(preds, labels)
+            acc_top5.update(preds, labels)
         return loss, logits, labels
 
     def _log_stage(self, stage: str, on_step: bool = False) -> None:

@@ -35,7 +35,8 @@ def test_short_run_learns_above_chance(tmp_path: Path) -> None:
     assert summary["metrics"]["test/acc"] > 0.5, summary  # chance is 0.1
     assert value == summary["metrics"]["val/acc_best"]
     assert Path(summary["best_ckpt"]).is_file()
-    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss_step", "train/acc_step", "train/loss_epoch", "val/acc", "val/acc_best"} <= set(header)
 
 
 def test_resume_from_last_checkpoint_continues_at_next_epoch(tmp_path: Path) -> None:
