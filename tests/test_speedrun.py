@@ -19,7 +19,7 @@ from cifar_lab.callbacks.tta import TTACallback, tta_views
 from cifar_lab.callbacks.whitening import WhiteningInit, training_images
 from cifar_lab.models.speedrun_net import SpeedrunNet
 from cifar_lab.models.whitening import extract_patches, init_whitening_, patch_whitening_weights
-from cifar_lab.speedrun_optim import LinearWarmupDecay, grouped_sgd, linear_warmup_decay
+from cifar_lab.speedrun_optim import LinearWarmupDecay, grouped_sgd, linear_warmup_decay, muon_sgd, orthogonalize
 from cifar_lab.train import train
 from conftest import compose_cfg
 
@@ -204,6 +204,34 @@ def test_grouped_sgd_scales_vector_learning_rate_and_keeps_decay_per_step() -> N
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == trainable
     assert opt.defaults["nesterov"]
+
+
+@pytest.mark.parametrize("shape", [(64, 216), (300, 40)])
+def test_orthogonalize_flattens_the_spectrum(shape) -> None:
+    g = torch.randn(*shape) @ torch.diag(torch.logspace(-1, 1, shape[1]))  # badly conditioned
+    s = torch.linalg.svdvals(orthogonalize(g).float())
+    assert s.min() > 0.6 and s.max() < 1.3, (s.min(), s.max())
+
+
+def test_muon_sgd_groups_and_steps() -> None:
+    torch.manual_seed(0)
+    net = SpeedrunNet(widths=[8, 16, 16])
+    opt = muon_sgd(net.parameters(), lr=0.2, momentum=0.6, sgd_lr=0.1, weight_decay=1e-3, bias_lr_scale=10.0)
+    filters, head, vectors = opt.param_groups
+    assert filters["muon"] and all(p.ndim == 4 for p in filters["params"]) and len(filters["params"]) == 6
+    assert head["params"] == [net.head.weight] and head["lr"] == 0.1 and not head["muon"]
+    assert vectors["lr"] == pytest.approx(1.0) and vectors["weight_decay"] == pytest.approx(1e-4)
+    x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
+    conv = net.blocks[1][0].weight
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(net(x) * 9, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert conv.norm().item() == pytest.approx(len(conv) ** 0.5, rel=0.3)  # renormalised each step
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_linear_warmup_decay_shape() -> None:
