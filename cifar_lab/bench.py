@@ -70,10 +70,12 @@ class Settings:
     quick: bool = False
     batch_size: int = 128
     workers: int = 2
-    repeats: int = 3  # interleaved repeats per comparison
-    data_batches: int = 60  # timed batches per data repeat
+    # Many short interleaved repeats: on a shared machine the load changes within seconds,
+    # and medians over short alternating blocks follow it far better than a few long ones.
+    repeats: int = 8  # interleaved repeats per comparison
+    data_batches: int = 40  # timed batches per data repeat
     data_warmup: int = 4
-    train_steps: int = 4  # timed training steps per repeat
+    train_steps: int = 2  # timed training steps per repeat
     train_warmup: int = 2  # untimed steps before a runner's first repeat
     heavy_batch_size: int = 128  # batch size of resnet_se and attention_net
     overhead_steps: int = 60
@@ -599,7 +601,7 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
         ab_runners = {v.name: _lab_runner(compose([*base_overrides, f"model={model}"]), v, bs, settings, device)
                       for v in variants}
         log(f"  ablation ({model}, batched path)")
-        ab = _interleaved(max(1, settings.repeats - 1), ab_runners, log)
+        ab = _interleaved(max(1, settings.repeats // 2), ab_runners, log)
         result["ablation"] = {name: {"images_per_s": v, "median": _median(v)} for name, v in ab.items()}
     return result
 
