@@ -77,12 +77,21 @@ def _read_pickle(path: Path) -> dict:
     except OSError as err:  # permissions, a folder in its place, I/O errors
         raise DataError(f"cannot read CIFAR batch file {path} ({type(err).__name__}: {err.strerror or err})") from None
     try:
-        return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        content = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except Exception as err:  # truncated, corrupted, or not a pickle at all
         raise DataError(
             f"cannot read CIFAR batch file {path} ({type(err).__name__}: {err}); the file is truncated "
             "or corrupted: delete it (and its archive) so it is downloaded again, or replace it"
         ) from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path} is not a CIFAR batch file (it holds a {type(content).__name__}, not a dict)")
+    # The official files were pickled by Python 2 (str keys); copies re-pickled by Python 3
+    # often carry bytes keys and bytes class names. Both mean the same.
+    return {_text(key): value for key, value in content.items()}
+
+
+def _text(value):
+    return value.decode("latin1") if isinstance(value, bytes) else value
 
 
 class CifarArchive:
@@ -198,7 +207,7 @@ class CifarArchive:
 
     def _load(self) -> ImageSplits:
         meta = _read_pickle(self.folder / self.layout["meta"])
-        classes = [str(c) for c in meta[self.layout["names_key"]]]
+        classes = [str(_text(c)) for c in meta[self.layout["names_key"]]]
         train_x, train_y = self._read_split(self.layout["train"])
         test_x, test_y = self._read_split(self.layout["test"])
         splits = ImageSplits(train_x, train_y, test_x, test_y, classes)

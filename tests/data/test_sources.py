@@ -154,3 +154,18 @@ def test_synthetic_is_deterministic_and_balanced() -> None:
     # class-dependent content: the per-class mean images differ clearly
     means = torch.stack([a.train_x[a.train_y == c].float().mean(0) for c in range(5)])
     assert torch.cdist(means.flatten(1), means.flatten(1)).fill_diagonal_(1e9).min() > 50
+
+
+def test_batches_pickled_with_bytes_keys_load(tmp_path: Path) -> None:
+    """Copies re-pickled by Python 3 often use bytes keys and bytes class names."""
+    import pickle
+
+    folder = write_cifar_batches(tmp_path / "cifar")
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            content = pickle.load(f)
+        as_bytes = {k.encode(): ([n.encode() for n in v] if k == "label_names" else v) for k, v in content.items()}
+        with open(path, "wb") as f:
+            pickle.dump(as_bytes, f)
+    splits = CifarArchive(tmp_path / "cifar", download=False).load()
+    assert splits.classes == CLASSES10 and len(splits.train_x) == 100
