@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from cifar_lab.machine import cpu_name
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ("simple_cnn", "resnet_se", "attention_net")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -134,15 +136,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def machine_info() -> dict[str, Any]:
     import lightning
@@ -150,7 +143,7 @@ def machine_info() -> dict[str, Any]:
 
     flags = _cpu_flags()
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}),
         "torch_threads": torch.get_num_threads(),

@@ -21,7 +21,6 @@ timed by wall clock or, with ``--clock process``, by this process's CPU time
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from cifar_lab.machine import cpu_name
 from cifar_lab.models import build_network
 
 DEFAULT_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -94,15 +94,6 @@ def images_per_second(net: torch.nn.Module, channels_last: bool, batch_size: int
     return batch_size / statistics.median(times)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
@@ -144,7 +135,7 @@ def build_table(conf_dir: Path, names: list[str], speed: bool = True, batch_size
         "  (SPEC.md; their budgets and GPUs), not measured here.",
         f"- **CPU img/s**: inference, eval mode, `no_grad`, batch {batch_size}, channels_last as configured,",
         f"  median of {repeats} timed batches after {warmup} warm-up; torch {torch.__version__},",
-        f"  {torch.get_num_threads()} intra-op thread(s), {_cpu_name()}; "
+        f"  {torch.get_num_threads()} intra-op thread(s), {cpu_name()}; "
         + ("images per second of this process's CPU time (`--clock process`: wall-clock speed on an idle"
            " core, unaffected by other load)." if clock == "process" else "wall-clock time (`--clock wall`)."),
         "",
