@@ -446,7 +446,8 @@ def bench_memory(cfg, settings: Settings, device: torch.device) -> dict[str, Any
         next(it)
     it.close()
     peak = _status_kb("VmHWM") or 0
-    held = {t.data_ptr(): t.numel() * t.element_size() for x, _y in dm.splits.values() for t in (x,)}
+    # whole storages, counted once: splits may be views of one buffer
+    held = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x, _y in dm.splits.values()}
     dataset_bytes = sum(held.values())
     result = {
         "available": True,

@@ -77,8 +77,12 @@ class ClassifierModule(L.LightningModule):
 
         top5 = min(5, num_classes)
         for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
-            setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
+            # Training inputs come from our own loss path, so skip torchmetrics' per-call checks
+            # there: they cost host syncs on every step of the hot loop.
+            checks = stage != "train"
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro", validate_args=checks))
+            setattr(self, f"{stage}_acc_top5",
+                    MulticlassAccuracy(num_classes, top_k=top5, average="micro", validate_args=checks))
             setattr(self, f"{stage}_loss", MeanMetric())
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resume, so val/acc_best stays right
@@ -96,26 +100,31 @@ class ClassifierModule(L.LightningModule):
         labels = target.argmax(dim=1) if target.ndim == 2 else target
         preds = logits.detach().float()
         loss_mean, acc, acc_top5 = (getattr(self, f"{stage}_{name}") for name in ("loss", "acc", "acc_top5"))
-        if stage == "train":
-            # forward() also returns the batch's own value, which per-step logging needs
-            loss_mean(loss.detach(), len(x))
-            acc(preds, labels)
-            acc_top5(preds, labels)
-        else:
-            loss_mean.update(loss.detach(), len(x))
-            acc.update(preds, labels)
-            acc_top5.update(preds, labels)
+        loss_mean.update(loss.detach(), len(x))
+        acc.update(preds, labels)
+        acc_top5.update(preds, labels)
         return loss, logits, labels
 
-    def _log_stage(self, stage: str, on_step: bool = False) -> None:
+    def _log_stage(self, stage: str) -> None:
         for name in ("loss", "acc", "acc_top5"):
             metric = getattr(self, f"{stage}_{name}")
-            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True,
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True,
                      prog_bar=name in ("loss", "acc"), sync_dist=False)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, _, _ = self._shared_step(batch, "train")
-        self._log_stage("train", on_step=True)
+        loss, logits, labels = self._shared_step(batch, "train")
+        # Each self.log call costs about a millisecond of Python, as much as a small model's
+        # whole step on a CPU. So the epoch metrics (accumulated by update() every step) are
+        # logged on the epoch's last batch only, where callbacks' on_train_epoch_end sees them,
+        # and the per-step loss and batch accuracy only on the steps the logger writes
+        # (Lightning writes when steps taken + 1 is a multiple of log_every_n_steps).
+        trainer = self.trainer
+        if batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= self.global_step + 1:
+            self._log_stage("train")
+        if (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.fast_dev_run:
+            correct = (logits.detach().argmax(dim=1) == labels).float().mean()
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/acc_step", correct, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -117,8 +117,7 @@ def _metric_names() -> tuple[str, ...]:
     for stage in ("train", "val", "test"):
         for name in ("loss", "acc", "acc_top5"):
             names.append(f"{stage}/{name}")
-            if stage == "train":  # logged on step and epoch: Lightning adds both suffixed keys
-                names += [f"{stage}/{name}_step", f"{stage}/{name}_epoch"]
+    names += ["train/loss_step", "train/acc_step"]  # per-step curves
     return tuple(names)
 
 

@@ -314,6 +314,8 @@ def test_speedrun_experiment_composes() -> None:
     assert cfg.module.label_smoothing == 0.2 and cfg.data.batch_size == 1024 and cfg.data.val_size == 0
     assert cfg.data.augment.flip is None and "AlternatingFlip" in cfg.data.augment.alternating_flip._target_
     assert {"whitening", "lookahead", "tta"} <= set(cfg.callbacks) and cfg.callbacks.model_checkpoint is None
+    long = compose_cfg(["experiment=speedrun_long"], Path("/tmp/unused"))
+    assert long.trainer.max_epochs == 2 * cfg.trainer.max_epochs and long.optimizer == cfg.optimizer
 
 
 def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:

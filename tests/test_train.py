@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -35,8 +36,13 @@ def test_short_run_learns_above_chance(tmp_path: Path) -> None:
     assert summary["metrics"]["test/acc"] > 0.5, summary  # chance is 0.1
     assert value == summary["metrics"]["val/acc_best"]
     assert Path(summary["best_ckpt"]).is_file()
-    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss_step", "train/acc_step", "train/loss_epoch", "val/acc", "val/acc_best"} <= set(header)
+    with (tmp_path / "run" / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"train/loss_step", "train/acc_step", "train/loss", "train/acc", "val/acc", "val/acc_best"} <= set(rows[0])
+    # every row the logger wrote for a training step carries both the loss and the batch accuracy
+    step_rows = [r for r in rows if r["train/loss_step"]]
+    assert step_rows and all(0.0 <= float(r["train/acc_step"]) <= 1.0 for r in step_rows)
+    assert sum(bool(r["train/loss"]) for r in rows) == 3  # one epoch value per epoch
 
 
 def test_resume_from_last_checkpoint_continues_at_next_epoch(tmp_path: Path) -> None:

@@ -215,7 +215,10 @@ class CifarArchive:
         return splits
 
     def _read_split(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = [], []
+        # Filled batch by batch into one preallocated tensor (sized from the first file, grown
+        # only if a later file is larger): concatenating at the end would hold every image twice.
+        images = labels = None
+        filled = 0
         for name in names:
             path = self.folder / name
             batch = _read_pickle(path)
@@ -224,11 +227,22 @@ class CifarArchive:
                 target = np.asarray(batch[self.layout["label_key"]], dtype=np.int64)
             except (KeyError, TypeError, ValueError) as err:
                 raise DataError(f"{path} is not a CIFAR batch file ({type(err).__name__}: {err})") from None
+            del batch
             if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(target) != len(data):
                 raise DataError(
                     f"{path}: expected a (N, 3072) uint8 array with N labels, got {data.shape} "
                     f"and {len(target)} labels; the file is corrupted or from another dataset"
                 )
-            images.append(data.reshape(-1, 3, 32, 32))
-            labels.append(target)
-        return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+            if images is None:
+                images = torch.empty(len(data) * len(names), 3, 32, 32, dtype=torch.uint8)
+                labels = torch.empty(len(data) * len(names), dtype=torch.int64)
+            if filled + len(data) > len(images):
+                extra = filled + len(data) - len(images)
+                images = torch.cat([images, images.new_empty(extra, 3, 32, 32)])
+                labels = torch.cat([labels, labels.new_empty(extra)])
+            images[filled:filled + len(data)] = torch.from_numpy(data.reshape(-1, 3, 32, 32))
+            labels[filled:filled + len(data)] = torch.from_numpy(target)
+            filled += len(data)
+            del data, target
+        assert images is not None and labels is not None, "a split lists at least one batch file"
+        return images[:filled], labels[:filled]

@@ -39,6 +39,21 @@ def balanced_split(labels: Tensor, holdout: int, num_classes: int, seed: int) ->
     return torch.nonzero(mask).flatten(), held_idx
 
 
+def partition_rows_(x: Tensor, keep: Tensor, held: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """``(x[keep], x[held])`` as two views of ``x``'s own storage, rows reordered in place.
+
+    ``x[keep]`` would copy nearly the whole training set and double the data path's peak
+    memory. Only the held rows are copied aside; the kept rows move forward chunk by chunk,
+    which is safe because ``keep`` is sorted, so ``keep[i] >= i``.
+    """
+    held_rows = x[held]
+    for start in range(0, len(keep), chunk):
+        rows = keep[start:start + chunk]
+        x[start:start + len(rows)] = x[rows]
+    x[len(keep):] = held_rows
+    return x[: len(keep)], x[len(keep):]
+
+
 class _ResumableBatchSampler(ShardedBatchSampler):
     """A training sampler that skips, once, the batches a resumed run already trained on.
 
@@ -137,8 +152,8 @@ class CIFARDataModule(L.LightningDataModule):
             val = (data.test_x, data.test_y)
         else:
             keep, held = balanced_split(data.train_y, self.val_size, self.num_classes, self.seed)
-            train = (data.train_x[keep], data.train_y[keep])
-            val = (data.train_x[held], data.train_y[held])
+            (train_x, val_x), (train_y, val_y) = (partition_rows_(t, keep, held) for t in (data.train_x, data.train_y))
+            train, val = (train_x, train_y), (val_x, val_y)
         self.splits = {"train": train, "val": val, "test": (data.test_x, data.test_y)}
         log.info(
             "%s: %d train / %d val / %d test images",

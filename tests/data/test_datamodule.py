@@ -9,7 +9,7 @@ import torch
 
 from cifar_lab.data.archive import CifarArchive
 from cifar_lab.data.augment import HorizontalFlip, RandomCrop
-from cifar_lab.data.datamodule import CIFARDataModule, balanced_split
+from cifar_lab.data.datamodule import CIFARDataModule, balanced_split, partition_rows_
 from cifar_lab.data.image_folder import ImageFolderSource
 from cifar_lab.data.sampling import ShardedBatchSampler
 from cifar_lab.data.splits import DataError
@@ -41,6 +41,17 @@ def test_val_split_is_seeded() -> None:
     labels = torch.arange(200) % 10
     assert torch.equal(balanced_split(labels, 30, 10, seed=5)[1], balanced_split(labels, 30, 10, seed=5)[1])
     assert not torch.equal(balanced_split(labels, 30, 10, seed=5)[1], balanced_split(labels, 30, 10, seed=6)[1])
+
+
+def test_partition_in_place_matches_indexing_without_a_copy() -> None:
+    labels = torch.arange(1000) % 10
+    images = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8)
+    keep, held = balanced_split(labels, 130, 10, seed=1)
+    expected = (images[keep].clone(), images[held].clone())
+    storage = images.untyped_storage().data_ptr()
+    train, val = partition_rows_(images, keep, held, chunk=64)  # several chunks
+    assert torch.equal(train, expected[0]) and torch.equal(val, expected[1])
+    assert train.untyped_storage().data_ptr() == val.untyped_storage().data_ptr() == storage
 
 
 def test_val_size_zero_validates_on_test(cifar_root: Path) -> None:

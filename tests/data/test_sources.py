@@ -169,3 +169,23 @@ def test_batches_pickled_with_bytes_keys_load(tmp_path: Path) -> None:
             pickle.dump(as_bytes, f)
     splits = CifarArchive(tmp_path / "cifar", download=False).load()
     assert splits.classes == CLASSES10 and len(splits.train_x) == 100
+
+
+def test_archive_split_keeps_file_order_with_uneven_batches(tmp_path: Path) -> None:
+    """Batches of different sizes (a larger one later forces the buffer to grow) concatenate in order."""
+    import pickle
+
+    import numpy as np
+
+    folder = write_cifar_batches(tmp_path / "cifar")
+    expected_x, expected_y = [], []
+    for i, n in enumerate([3, 20, 7, 31, 1], start=1):
+        data = np.full((n, 3072), i, dtype=np.uint8)
+        data[:, 0] = np.arange(n)
+        labels = [(i + j) % 10 for j in range(n)]
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        expected_x.append(torch.from_numpy(data).view(n, 3, 32, 32))
+        expected_y.append(torch.tensor(labels))
+    splits = CifarArchive(tmp_path / "cifar", download=False).load()
+    assert torch.equal(splits.train_x, torch.cat(expected_x)) and torch.equal(splits.train_y, torch.cat(expected_y))
