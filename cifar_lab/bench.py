@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from cifar_lab.host_memory import keep_freed_memory
 from cifar_lab.machine import cpu_name
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -705,7 +706,8 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
                  f"threads {m['torch_threads']}, env {m.get('env') or {}}, "
                  f"load {m.get('loadavg_start')} -> {m.get('loadavg_end')}")
-    lines.append(f"data: {res['data_source']} (reference: {res.get('reference_dataset')})")
+    lines.append(f"data: {res['data_source']} (reference: {res.get('reference_dataset')}); "
+                 f"host memory reuse (train/overhead): {'on' if res.get('reuse_host_memory') else 'off'}")
     rows = [("measure", "reference", "cifar-lab", "speedup", "cifar-lab settings")]
     d = res.get("data")
     if d:
@@ -793,6 +795,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     if "memory" not in args.skip:
         log("memory: peak RSS of cifar-lab's data path")
         res["memory"] = bench_memory(data_cfg, settings, device)
+    # train.py's default (reuse_host_memory), switched on after the memory measurement, whose
+    # resident-set figures retained heap pages would hide; the reference shares the process.
+    res["reuse_host_memory"] = bool(data_cfg.get("reuse_host_memory", False)) and keep_freed_memory()
     ref_dataset, res["reference_dataset"] = reference_dataset(kind, root, generated)
     with _open(data_cfg):
         data_cfg.data.val_size = 0  # both sides read the whole training set

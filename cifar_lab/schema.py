@@ -135,6 +135,7 @@ RULES: dict[str, Check] = {
     # run
     "seed": integer(0, 2**32 - 1),
     "test": BOOL,
+    "reuse_host_memory": BOOL,
     "optimized_metric": optional(one_of(*FIT_METRICS), "(return nothing)"),
     # data
     "data.batch_size": integer(1),

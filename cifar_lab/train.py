@@ -40,6 +40,7 @@ from cifar_lab.callbacks.safety import (
 )
 from cifar_lab.config_tree import print_and_save
 from cifar_lab.data.splits import DataError
+from cifar_lab.host_memory import keep_freed_memory
 from cifar_lab.schema import ConfigError, validate_config
 from cifar_lab.security import check_targets
 
@@ -241,6 +242,8 @@ def train(cfg: DictConfig) -> float | None:
     for warning in resume.warnings if resume else []:
         log.warning("resuming from %s: %s", resume.path, warning)
     L.seed_everything(cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
+    if cfg.get("reuse_host_memory", False):
+        keep_freed_memory()
 
     datamodule = builders.build_datamodule(cfg)
     if rank_zero_only.rank == 0:
@@ -270,7 +273,8 @@ def train(cfg: DictConfig) -> float | None:
         checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
         best_ckpt = checkpoint.best_model_path if checkpoint else ""
         if not best_ckpt:
-            log.warning("no best checkpoint was saved; testing the current weights")
+            # a warning only where a checkpoint was expected (not in recipes that test the last weights)
+            (log.warning if checkpoint else log.info)("no best checkpoint was saved; testing the current weights")
         try:
             trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
         except SIGTERMException:
