@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+from omegaconf import OmegaConf
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,6 +315,8 @@ def test_speedrun_experiment_composes() -> None:
     assert cfg.module.label_smoothing == 0.2 and cfg.data.batch_size == 1024 and cfg.data.val_size == 0
     assert cfg.data.augment.flip is None and "AlternatingFlip" in cfg.data.augment.alternating_flip._target_
     assert {"whitening", "lookahead", "tta"} <= set(cfg.callbacks) and cfg.callbacks.model_checkpoint is None
+    # precision follows the device default, so the recipe also runs on GPUs without bf16
+    assert "precision" not in OmegaConf.load(Path(__file__).parents[1] / "conf/experiment/speedrun.yaml").trainer
     long = compose_cfg(["experiment=speedrun_long"], Path("/tmp/unused"))
     assert long.trainer.max_epochs == 2 * cfg.trainer.max_epochs and long.optimizer == cfg.optimizer
 
