@@ -54,6 +54,15 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own Ctrl-C handler for each test, whatever the runner inherited: a shell
+    starts background jobs with SIGINT ignored, and the tests check that it is restored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def interrupt_at(monkeypatch):
     """``interrupt_at(step, signum)``: the next train() gets a SignalAt callback."""
