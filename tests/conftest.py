@@ -23,6 +23,13 @@ CONF = ROOT / "conf"
 CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def random_images(b: int = 16, seed: int = 0, h: int = 32, w: int = 32, dtype=torch.uint8) -> torch.Tensor:
+    """A seeded batch of random uint8 images, or the same scaled to [0, 1] in a float dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g)
+    return x if dtype == torch.uint8 else x.to(dtype) / 255
+
+
 def write_cifar_batches(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0) -> Path:
     """A tiny cifar-10-batches-py folder in the official layout; labels cycle through classes."""
     rng = np.random.default_rng(seed)

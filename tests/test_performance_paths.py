@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SYNTH, compose_cfg
+from conftest import random_images as _batch
 
 import cifar_lab.data.augment as A
 from cifar_lab.data.augment import (
@@ -34,12 +35,6 @@ from cifar_lab.data.synthetic import SyntheticSource
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-
-def _batch(b: int = 16, seed: int = 0, h: int = 32, w: int = 32, dtype=torch.uint8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g)
-    return x if dtype == torch.uint8 else x.to(dtype) / 255
 
 
 def _gather_path(aug: BatchAugment, x: torch.Tensor, seed: int, indices=None) -> torch.Tensor:

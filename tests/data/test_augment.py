@@ -21,14 +21,10 @@ from cifar_lab.data.augment import (
     RandomGrayscale,
     RandomRotation,
 )
+from conftest import random_images as _batch
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
-
-
-def _batch(b: int = 16, seed: int = 0, h: int = 32, w: int = 32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
