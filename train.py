@@ -2,13 +2,13 @@
 
 Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn`` (grid) or
 ``python train.py hparams_search=optuna`` (Optuna TPE). In a sweep a failing job is recorded
-(``<job dir>/error.txt``) and returns nan, and the sweep goes on (cifar_lab.sweep).
+(``<job dir>/error.txt``) and returns nan, and the sweep goes on (cifar_lab.cli.sweep).
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from cifar_lab.train import main_guarded
+from cifar_lab.cli.train import main_guarded
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -1,6 +1,6 @@
 """cifar-lab: a Lightning + Hydra experiment framework for CIFAR-10/100 classification."""
 
-from cifar_lab.resolvers import register as _register_resolvers
+from cifar_lab.config.resolvers import register as _register_resolvers
 
 __version__ = "0.1.0"
 

@@ -6,13 +6,21 @@ import logging
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_lab.models import build_network
 from cifar_lab.module import ClassifierModule
 
 log = logging.getLogger(__name__)
+
+
+def task_overrides() -> list[str]:
+    """This job's command-line overrides (empty outside a Hydra job)."""
+    try:
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:
+        return []
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -27,13 +35,14 @@ def build_module(cfg: DictConfig) -> ClassifierModule:
     # instantiate() would otherwise try to build.
     module_factory = instantiate(cfg.module, _partial_=True, _convert_="all")
     return module_factory(
-        net=build_network(cfg.model),
+        net=instantiate(cfg.model, _convert_="all"),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         scheduler_interval=scheduler_cfg.get("interval", "epoch"),
         scheduler_frequency=scheduler_cfg.get("frequency", 1),
         scheduler_monitor=scheduler_cfg.get("monitor", "val/loss"),
         hparams=OmegaConf.to_container(cfg, resolve=True),
+        run_overrides=task_overrides(),
     )
 
 

@@ -1,5 +1,6 @@
-"""Keep freed host memory inside the process instead of handing it back to the OS.
+"""The host the process runs on: what CPU it is (for measurement records) and how its memory is kept.
 
+**Keeping freed memory.** 
 glibc serves large allocations (above a threshold between 128 kB and 32 MB) with fresh
 ``mmap`` pages and unmaps them again on ``free``. A training step on the CPU allocates and
 frees activation buffers of 100 MB and more, so every step page-faults them in anew: on a
@@ -13,8 +14,11 @@ exits, which suits a training process.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import platform
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +43,29 @@ def keep_freed_memory(top_pad_bytes: int = 64 << 20) -> bool:
     if not ok:
         log.warning("could not configure the C allocator (mallopt refused); host memory is returned as usual")
     return ok
+
+
+# ----------------------------------------------------------------------------- the CPU
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty off Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS reports it (``/proc/cpuinfo`` on Linux)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where unknown)."""
+    return set(_cpuinfo().get("flags", "").split())

@@ -13,7 +13,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifar_lab.checkpoints import OVERRIDES_KEY
+
 SCHEDULER_INTERVALS = ("epoch", "step")
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 def split_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -53,18 +56,28 @@ class ClassifierModule(L.LightningModule):
         num_classes: int = 10,
         label_smoothing: float = 0.0,
         no_decay_norm_and_bias: bool = False,
-        channels_last: bool = False,
+        memory_format: str = "channels_last",
         compile: bool = False,
         compile_mode: str | None = None,
         hparams: dict[str, Any] | None = None,
+        run_overrides: list[str] | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(f"scheduler.interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"module.memory_format must be one of {tuple(MEMORY_FORMATS)}, got {memory_format!r}")
         # The composed run config goes into the checkpoint and TensorBoard's HPARAMS tab.
         self.save_hyperparameters(hparams or {}, logger=False)
-        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        self.forward_net = torch.compile(self.net, mode=compile_mode) if compile else self.net
+        self.run_overrides = list(run_overrides or [])
+        self.memory_format = memory_format
+        self.channels_last = memory_format == "channels_last"
+        self.net = net.to(memory_format=MEMORY_FORMATS[memory_format])
+        if compile:
+            # nn.Module.compile compiles the module's forward in place: the state_dict keeps
+            # one copy of each parameter under net.* (torch.compile(net) would register a second
+            # module holding the same parameters).
+            self.net.compile(mode=compile_mode)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -73,7 +86,6 @@ class ClassifierModule(L.LightningModule):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.no_decay_norm_and_bias = no_decay_norm_and_bias
-        self.channels_last = channels_last
 
         top5 = min(5, num_classes)
         for stage in ("train", "val", "test"):
@@ -90,7 +102,17 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.forward_net(x)
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        # The datamodule's normalisation writes batches in the layout the network reads.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "channels_last"):
+            datamodule.channels_last = self.channels_last
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The training command's overrides: evaluate and predict replay them to rebuild the config.
+        checkpoint[OVERRIDES_KEY] = list(self.run_overrides)
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor, Tensor]:
         x, target = batch

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import cifar_lab  # noqa: F401  (registers resolvers)
+from cifar_lab.config.compose import hydra_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -79,18 +78,10 @@ def image_root(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
 
 
-def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
+def compose_cfg(overrides: list[str], output_dir: Path = Path("unused-run-dir")) -> DictConfig:
     """Compose conf/train.yaml as the CLI would, with Hydra's runtime set for interpolations."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    with hydra_job("train", overrides, output_dir) as cfg:
+        return cfg
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import write_cifar_batches, write_image_folder
 
-from cifar_lab import bench
+from cifar_lab.tools import bench
 
 
 def test_detect_data_layouts(tmp_path: Path) -> None:

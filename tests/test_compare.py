@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar_lab import compare
+from cifar_lab.cli import compare
 from conftest import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"

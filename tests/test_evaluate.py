@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifar_lab import evaluate
-from cifar_lab.train import train
-from conftest import CONF, SYNTH, compose_cfg, run_cli
+from cifar_lab import checkpoints
+from cifar_lab.cli import evaluate
+from cifar_lab.config.compose import from_training, hydra_job, replayable
+from cifar_lab.errors import CheckpointError, UnsafeConfigError
+from cifar_lab.cli.train import train
+from conftest import SYNTH, compose_cfg, run_cli
 
 QUICK = [*SYNTH, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",
          "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
@@ -62,7 +64,7 @@ def test_evaluate_reproduces_recorded_test_accuracy(trained: Path, tmp_path: Pat
     summary = evaluate.run([f"ckpt_path={trained}", "trainer.enable_progress_bar=false"], out)
     recorded = _summary(trained)
     assert summary["ckpt_path"] == recorded["best_ckpt"]
-    assert summary["config_source"] == str(trained / ".hydra" / "config.yaml")
+    assert summary["config_source"] == str(trained / ".hydra" / "overrides.yaml")
     assert summary["metrics"]["test/acc"] == pytest.approx(recorded["metrics"]["test/acc"], abs=1e-6)
     assert summary["metrics"]["test/loss"] == pytest.approx(recorded["metrics"]["test/loss"], rel=1e-5)
     assert summary["metrics"]["test/ece"] == pytest.approx(recorded["metrics"]["test/ece"], abs=1e-5)
@@ -81,7 +83,7 @@ def test_evaluate_a_lone_checkpoint_uses_its_stored_config(trained: Path, tmp_pa
     shutil.copy(_summary(trained)["best_ckpt"], lone)
     out = tmp_path / "eval"
     summary = evaluate.run([f"ckpt_path={lone}", "data.eval_batch_size=7", "callbacks.report.misclassified=0"], out)
-    assert summary["config_source"].endswith("(hyper_parameters)")
+    assert summary["config_source"] == f"{lone} (stored overrides)"
     assert summary["metrics"]["test/acc"] == pytest.approx(_summary(trained)["metrics"]["test/acc"], abs=1e-6)
     saved = OmegaConf.load(out / "config.yaml")
     # paths inside the training run directory now point at this job's directory
@@ -101,10 +103,19 @@ def test_keys_of_the_training_groups_can_be_overridden(trained: Path, tmp_path: 
 
 
 def test_training_overrides_skip_keys_under_a_group_chosen_again(trained: Path) -> None:
-    assert evaluate.training_overrides(trained, []) == [o for o in QUICK]
-    kept = evaluate.training_overrides(trained, ["data=cifar10", "~callbacks"])
+    ckpt = checkpoints.resolve(trained, "use")
+    saved, source = checkpoints.saved_overrides(ckpt, checkpoints.load(ckpt))
+    assert source == str(trained / ".hydra" / "overrides.yaml")
+    assert replayable(saved, []) == [o for o in QUICK]
+    kept = replayable(saved, ["data=cifar10", "~callbacks"])
     assert "data=synthetic" in kept and not any(o.startswith(("data.", "callbacks.")) for o in kept)
-    assert evaluate.training_overrides(trained.parent / "nowhere", []) == []
+    # the job's own keys are never replayed
+    assert replayable(["ckpt_path=last", "hydra.run.dir=/x", "hparams_search=optuna", "seed=3"], []) == ["seed=3"]
+
+
+def test_a_lone_checkpoint_carries_its_training_overrides(trained: Path) -> None:
+    checkpoint = checkpoints.load(_summary(trained)["best_ckpt"])
+    assert checkpoint[checkpoints.OVERRIDES_KEY] == QUICK  # the training command's overrides
 
 
 def test_evaluate_with_tta(trained: Path, tmp_path: Path) -> None:
@@ -116,38 +127,39 @@ def test_evaluate_with_tta(trained: Path, tmp_path: Path) -> None:
 
 
 def test_overrides_apply_on_top_of_the_training_config() -> None:
-    base = compose_cfg(["data=synthetic", "model=simple_cnn", "data.batch_size=32", "optimizer=sgd"], Path("/tmp/x"))
+    training = ["data=synthetic", "model=simple_cnn", "data.batch_size=32", "optimizer=sgd", "ckpt_path=last"]
+    base = compose_cfg(training, Path("/tmp/x"))
     overrides = ["ckpt_path=some.ckpt", "trainer=cpu", "data.eval_batch_size=7", "~callbacks.lr_monitor",
                  "debug=limit", "+extra.key=1", "tta.enabled=true", "hydra.run.dir=/tmp/y"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        composed = compose("evaluate", overrides=overrides)
-        default = compose("evaluate", overrides=["ckpt_path=some.ckpt"])
-    cfg = evaluate.apply_overrides(base, composed, default, overrides)
+    saved = OmegaConf.to_container(base, resolve=True)
+    with hydra_job("evaluate", [*replayable(training, overrides), *overrides], Path("/tmp/y")) as cfg:
+        from_training(cfg, saved, overrides)
+        composed_limit = cfg.trainer.limit_test_batches
     assert cfg.data.source._target_.endswith("SyntheticSource")  # the training data stays
     assert cfg.data.batch_size == 32 and cfg.data.eval_batch_size == 7
     assert cfg.model._target_.endswith("SimpleCNN") and cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.trainer.accelerator == "cpu"  # group choice: the whole node
-    assert cfg.trainer.limit_test_batches == composed.trainer.limit_test_batches  # from debug=limit
+    assert composed_limit == compose_cfg(["debug=limit"]).trainer.limit_test_batches  # from debug=limit
     assert "lr_monitor" not in cfg.callbacks and "report" in cfg.callbacks
     assert cfg.extra.key == 1 and cfg.tta.enabled is True and cfg.ckpt_path == "some.ckpt"
     assert cfg.task_name == "evaluate" and "hydra" not in cfg
 
 
 def test_checkpoint_resolution_errors(tmp_path: Path) -> None:
-    with pytest.raises(evaluate.EvaluationError, match="ckpt_path is required"):
-        evaluate.resolve_checkpoint(None)
-    with pytest.raises(evaluate.EvaluationError, match="no checkpoint found"):
-        evaluate.resolve_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="ckpt_path is required"):
+        checkpoints.resolve(None, "use")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        checkpoints.resolve(tmp_path, "use")
     bad = tmp_path / "bad.ckpt"
     bad.write_text("not a checkpoint")
-    with pytest.raises(evaluate.EvaluationError, match="cannot read checkpoint"):
-        evaluate.load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        checkpoints.load(bad)
     torch.save({"state_dict": {"net.weight": torch.zeros(1)}}, tmp_path / "plain.ckpt")
-    checkpoint = evaluate.load_checkpoint(tmp_path / "plain.ckpt")
-    with pytest.raises(evaluate.EvaluationError, match="no training config"):
-        evaluate.training_config(tmp_path / "plain.ckpt", checkpoint)
-    with pytest.raises(evaluate.EvaluationError, match="do not fit"):
-        evaluate.load_network_weights(torch.nn.Linear(2, 2), checkpoint, "plain.ckpt")
+    checkpoint = checkpoints.load(tmp_path / "plain.ckpt")
+    with pytest.raises(CheckpointError, match="no training config"):
+        checkpoints.saved_config(tmp_path / "plain.ckpt", checkpoint)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        checkpoints.load_network_weights(torch.nn.Linear(2, 2), checkpoint, "plain.ckpt")
 
 
 def test_unsafe_checkpoints_are_refused(tmp_path: Path) -> None:
@@ -155,20 +167,20 @@ def test_unsafe_checkpoints_are_refused(tmp_path: Path) -> None:
 
     pickled = tmp_path / "object.ckpt"
     torch.save({"state_dict": {}, "args": argparse.Namespace(x=1)}, pickled)
-    with pytest.raises(evaluate.EvaluationError, match="refusing to load"):
-        evaluate.load_checkpoint(pickled)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        checkpoints.load(pickled)
     hostile = tmp_path / "hostile.ckpt"
     torch.save({"state_dict": {"net.w": torch.zeros(1)},
                 "hyper_parameters": {"model": {"_target_": "os.system", "command": "true"}, "data": {}}}, hostile)
-    with pytest.raises(evaluate.EvaluationError, match="refusing to build"):
-        evaluate.training_config(hostile, evaluate.load_checkpoint(hostile))
+    with pytest.raises(UnsafeConfigError, match="refusing to build"):
+        checkpoints.saved_config(hostile, checkpoints.load(hostile))
 
 
 @pytest.mark.slow  # a fresh interpreter importing Lightning: seconds on a busy machine
 def test_cli_reports_a_missing_checkpoint_without_traceback(tmp_path: Path) -> None:
     proc = run_cli([f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, script="cifar_lab.evaluate")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"error: ckpt_path={tmp_path / 'missing.ckpt'}: no such file or directory" in proc.stderr
+    assert f"Error: ckpt_path={tmp_path / 'missing.ckpt'}: no such file or directory" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -184,6 +196,6 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     assert f"Run directory: {out}" in proc.stdout
     recorded, evaluated = _summary(run_dir), _summary(out)
     assert evaluated["metrics"]["test/acc"] == pytest.approx(recorded["metrics"]["test/acc"], abs=1e-6)
-    assert evaluated["config_source"] == str(run_dir / ".hydra" / "config.yaml")
+    assert evaluated["config_source"] == str(run_dir / ".hydra" / "overrides.yaml")
     for name in REPORT_FILES:
         assert (out / name).is_file()

@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = """
 import sys, torch
-from cifar_lab.host_memory import keep_freed_memory
+from cifar_lab.host import keep_freed_memory
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):

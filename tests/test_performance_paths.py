@@ -298,7 +298,7 @@ def test_two_process_ddp_ranks_see_disjoint_samples_covering_the_split(tmp_path)
 
 
 def _train_fast(tmp_path: Path, extra: list[str]) -> dict:
-    from cifar_lab.train import train
+    from cifar_lab.cli.train import train
 
     cfg = compose_cfg([*SYNTH, "logger=none", "debug=fast_dev_run", *extra], tmp_path)
     train(cfg)
@@ -306,20 +306,20 @@ def _train_fast(tmp_path: Path, extra: list[str]) -> dict:
 
 
 def test_bf16_mixed_channels_last_trains_on_cpu(tmp_path):
-    metrics = _train_fast(tmp_path, ["trainer.precision=bf16-mixed", "model.channels_last=true"])
+    metrics = _train_fast(tmp_path, ["trainer.precision=bf16-mixed", "module.memory_format=channels_last"])
     assert metrics["global_step"] == 1
     assert np.isfinite(metrics["metrics"]["train/loss"]) and np.isfinite(metrics["metrics"]["train/loss_step"])
 
 
 @pytest.mark.slow
 def test_bf16_mixed_channels_last_compile_trains_on_cpu(tmp_path):
-    metrics = _train_fast(tmp_path, ["trainer.precision=bf16-mixed", "model.compile=true", "model.channels_last=true"])
+    metrics = _train_fast(tmp_path, ["trainer.precision=bf16-mixed", "module.compile=true", "module.memory_format=channels_last"])
     assert metrics["global_step"] == 1
     assert all(np.isfinite(v) for v in metrics["metrics"].values())
 
 
 def test_precision_default_follows_the_device(monkeypatch):
-    from cifar_lab import resolvers
+    from cifar_lab.config import resolvers
 
     monkeypatch.setattr(resolvers, "cpu_has_bf16_matmul", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -337,7 +337,7 @@ def test_precision_default_follows_the_device(monkeypatch):
 
 
 def test_composed_precision_is_resolved_and_overridable(tmp_path):
-    from cifar_lab.resolvers import default_precision
+    from cifar_lab.config.resolvers import default_precision
 
     cfg = compose_cfg(SYNTH, tmp_path)
     assert cfg.trainer.precision == default_precision("cpu")

@@ -16,8 +16,9 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.io import write_png
 
-from cifar_lab import predict as predict_mod
-from cifar_lab.predict import PredictionError, natural_key, predict
+from cifar_lab.cli import predict as predict_mod
+from cifar_lab.cli.predict import natural_key, predict
+from cifar_lab.errors import InputError as PredictionError
 from conftest import SYNTH, compose_cfg, run_cli
 
 CLASSES = ["red", "green", "blue"]
@@ -42,8 +43,6 @@ def write_checkpoint(path: Path, class_names: bool = True) -> Path:
             {"_target_": "torch.nn.AdaptiveAvgPool2d", "output_size": 1},
             {"_target_": "torch.nn.Flatten"},
         ],
-        "channels_last": False,
-        "compile": False,
     }
     checkpoint = {
         "state_dict": {"net.0.weight": torch.eye(3).view(3, 3, 1, 1), "net.0.bias": torch.zeros(3)},
@@ -181,5 +180,5 @@ def test_cli_success_and_clean_error(ckpt: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     proc = run_cli([f"ckpt_path={ckpt}", f"input={tmp_path / 'empty'}"], tmp_path, script="cifar_lab.predict")
     assert proc.returncode == 2
-    assert f"error: input folder {tmp_path / 'empty'} holds no image files" in proc.stderr
+    assert f"Error: input folder {tmp_path / 'empty'} holds no image files" in proc.stderr
     assert "Traceback" not in proc.stderr

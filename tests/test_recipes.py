@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_lab import builders
 from cifar_lab.module import ClassifierModule
-from cifar_lab.schedules import WarmupCosine, warmup_cosine
+from cifar_lab.optim.schedules import WarmupDecay, warmup_cosine
 from conftest import compose_cfg
 
 # A small simple CNN on 8x8 inputs keeps these Trainer runs to about a second.
 SIZE = 8
 TINY = ["data=synthetic", "model=simple_cnn", "model.filters=[4,8]", "model.fc_units=16", f"+model.input_size={SIZE}",
-        "model.channels_last=false", "trainer=cpu"]
+        "module.memory_format=contiguous", "trainer=cpu"]
 BATCHES_PER_EPOCH = 4
 EPOCHS = 3
 
@@ -138,7 +138,7 @@ def test_cosine_warmup_steps_per_batch(tmp_path: Path) -> None:
     module = _module(["optimizer=sgd", "scheduler=cosine_warmup", "scheduler.scheduler.warmup_epochs=1"], tmp_path)
     lrs = _fit_lrs(module)
     total, warmup = EPOCHS * BATCHES_PER_EPOCH, BATCHES_PER_EPOCH  # steps_per_epoch filled in: 4
-    curve = WarmupCosine(total, warmup, start=0.01)
+    curve = WarmupDecay(total, warmup, start=0.01, shape="cosine")
     assert lrs == pytest.approx([0.1 * curve(t) for t in range(total)])
     assert lrs[0] == pytest.approx(0.001) and max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == warmup
     assert len(set(lrs)) == total  # a new rate every step
@@ -190,11 +190,11 @@ def test_scheduler_defaults(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- warmup_cosine
 def test_warmup_cosine_curve() -> None:
-    curve = WarmupCosine(total=10, warmup=2, start=0.0, floor=0.1)
+    curve = WarmupDecay(total=10, warmup=2, start=0.0, end=0.1, shape="cosine")
     assert curve(0) == 0.0 and curve(1) == pytest.approx(0.5) and curve(2) == pytest.approx(1.0)
     assert curve(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
     assert curve(10) == pytest.approx(0.1) and curve(50) == pytest.approx(0.1)  # flat after T_max
-    assert WarmupCosine(total=4)(0) == 1.0  # no warmup: starts at the full rate
+    assert WarmupDecay(total=4, shape="cosine")(0) == 1.0  # no warmup: starts at the full rate
 
 
 def test_warmup_cosine_per_epoch_and_eta_min() -> None:

@@ -24,9 +24,9 @@ from cifar_lab.data.archive import CifarArchive
 from cifar_lab.data.image_folder import ImageFolderSource
 from cifar_lab.data.splits import DataError
 from cifar_lab.module import ClassifierModule
-from cifar_lab.schema import ConfigError
-from cifar_lab.security import UnsafeConfigError, check_targets
-from cifar_lab.train import train
+from cifar_lab.config.schema import ConfigError
+from cifar_lab.config.trust import UnsafeConfigError, check_targets
+from cifar_lab.cli.train import train
 from conftest import ROOT, SYNTH, compose_cfg, run_cli, write_cifar_batches
 
 # 4 training batches per epoch of a small CNN: a few seconds per run.
@@ -107,7 +107,7 @@ def test_last_checkpoint_follows_every_epoch_not_only_improvements(tmp_path: Pat
 def test_cli_diverging_run_prints_one_message_and_exits_3(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli([*TINY, "optimizer=sgd", "optimizer.lr=1e30", f"hydra.run.dir={run_dir}"], tmp_path,
-                   script="cifar_lab.train")
+                   script="cifar_lab.cli.train")
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "Error: training loss is nan at epoch 0, batch 1 (global step 1)" in proc.stderr

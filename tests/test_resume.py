@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from cifar_lab.callbacks.safety import TrainingInterrupted
-from cifar_lab.schema import ConfigError
-from cifar_lab.train import train
+from cifar_lab.config.schema import ConfigError
+from cifar_lab.cli.train import train
 from conftest import SYNTH, compose_cfg
 
 BASE = [
@@ -198,7 +198,7 @@ def test_resume_warns_about_values_taken_from_the_checkpoint(tmp_path: Path, cap
     run_dir = _one_epoch(tmp_path)
     cfg = compose_cfg([*BASE, "trainer.max_epochs=2", "optimizer.lr=0.5", "test=false", f"ckpt_path={run_dir}"],
                       tmp_path / "d")
-    with caplog.at_level("WARNING", logger="cifar_lab.train"):
+    with caplog.at_level("WARNING", logger="cifar_lab.cli.train"):
         train(cfg)
     text = caplog.text
     assert "optimizer.lr: 0.001 in the checkpoint, 0.5 now (the checkpoint's value is restored)" in text

@@ -20,8 +20,10 @@ from cifar_lab.callbacks.tta import TTACallback, tta_views
 from cifar_lab.callbacks.whitening import WhiteningInit, training_images
 from cifar_lab.models.speedrun_net import SpeedrunNet
 from cifar_lab.models.whitening import extract_patches, init_whitening_, patch_whitening_weights
-from cifar_lab.speedrun_optim import LinearWarmupDecay, grouped_sgd, linear_warmup_decay, muon_sgd, orthogonalize
-from cifar_lab.train import train
+from cifar_lab.optim.grouped_sgd import grouped_sgd
+from cifar_lab.optim.muon import muon_sgd, orthogonalize
+from cifar_lab.optim.schedules import WarmupDecay, linear_warmup_decay
+from cifar_lab.cli.train import train
 from conftest import compose_cfg
 
 
@@ -236,7 +238,7 @@ def test_muon_sgd_groups_and_steps() -> None:
 
 
 def test_linear_warmup_decay_shape() -> None:
-    f = LinearWarmupDecay(total=100, warmup=20, start=0.2, end=0.0)
+    f = WarmupDecay(total=100, warmup=20, start=0.2, end=0.0, shape="linear")
     assert [f(0), f(10), f(20), f(60), f(100), f(150)] == pytest.approx([0.2, 0.6, 1.0, 0.5, 0.0, 0.0])
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = linear_warmup_decay(opt, total_steps=10, warmup_fraction=0.3)
@@ -311,7 +313,7 @@ SPEEDRUN_SYNTH = [
 def test_speedrun_experiment_composes() -> None:
     cfg = compose_cfg(["experiment=speedrun"], Path("/tmp/unused"))
     assert cfg.model._target_ == "cifar_lab.models.speedrun_net.SpeedrunNet"
-    assert cfg.optimizer._target_ == "cifar_lab.speedrun_optim.grouped_sgd" and cfg.optimizer.bias_lr_scale == 64
+    assert cfg.optimizer._target_ == "cifar_lab.optim.grouped_sgd.grouped_sgd" and cfg.optimizer.bias_lr_scale == 64
     assert cfg.module.label_smoothing == 0.2 and cfg.data.batch_size == 1024 and cfg.data.val_size == 0
     assert cfg.data.augment.flip is None and "AlternatingFlip" in cfg.data.augment.alternating_flip._target_
     assert {"whitening", "lookahead", "tta"} <= set(cfg.callbacks) and cfg.callbacks.model_checkpoint is None

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
-from cifar_lab.sweep import SweepReport, TrialFailed, best_job, collect_jobs, run_task
+from cifar_lab.cli.sweep import SweepReport, TrialFailed, best_job, collect_jobs, run_task
 from conftest import SYNTH, compose_cfg, run_cli
 
 # One batch per stage, no loggers or callbacks: each job costs about a second after startup.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_lab.train import train
+from cifar_lab.cli.train import train
 from conftest import SYNTH, compose_cfg, run_cli, write_cifar_batches
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar_lab.schema import ConfigError, find_problems, validate_config
-from cifar_lab.train import train
+from cifar_lab.config.schema import ConfigError, find_problems, validate_config
+from cifar_lab.cli.train import train
 from conftest import ROOT, SYNTH, compose_cfg, run_cli
 
 # (overrides, the message's "key=value" part, words of what is allowed)
@@ -124,7 +124,7 @@ def _only_message(stderr: str, first_line: str) -> None:
 
 def test_cli_bad_value_prints_one_message_and_exits_2(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli([*SYNTH, "optimizer.lr=-0.5", f"hydra.run.dir={run_dir}"], tmp_path, script="cifar_lab.train")
+    proc = run_cli([*SYNTH, "optimizer.lr=-0.5", f"hydra.run.dir={run_dir}"], tmp_path, script="cifar_lab.cli.train")
     assert proc.returncode == 2, proc.stderr[-3000:]
     _only_message(proc.stderr, "invalid config: optimizer.lr=-0.5: must be a number > 0")
     assert (run_dir / "error.txt").read_text().startswith("invalid config: optimizer.lr=-0.5")
@@ -132,14 +132,14 @@ def test_cli_bad_value_prints_one_message_and_exits_2(tmp_path: Path) -> None:
 
 def test_cli_data_error_prints_one_message_and_exits_2(tmp_path: Path) -> None:
     proc = run_cli(["model=simple_cnn", f"data.root={tmp_path / 'empty'}", "data.source.download=false",
-                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="cifar_lab.train")
+                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="cifar_lab.cli.train")
     assert proc.returncode == 2, proc.stderr[-3000:]
     _only_message(proc.stderr, f"no cifar10 data found: looked for {tmp_path / 'empty' / 'cifar-10-batches-py'} "
                                f"and {tmp_path / 'empty' / 'cifar-10-python.tar.gz'} (data.source.download=false).")
 
 
 @pytest.mark.skipif("main_guarded" not in (ROOT / "train.py").read_text(),
-                    reason="train.py does not call cifar_lab.train.main_guarded yet")
+                    reason="train.py does not call cifar_lab.cli.train.main_guarded yet")
 def test_top_level_train_py_prints_one_message_and_exits_2(tmp_path: Path) -> None:
     proc = run_cli([*SYNTH, "data.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -116,6 +116,12 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 # ----------------------------------------------------------------------------- callback
 
 
+
+def scalars(metrics: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The entries of a Lightning metrics mapping whose keys start with ``prefixes``, as floats."""
+    return {key: float(value.item() if isinstance(value, Tensor) else value)
+            for key, value in sorted(metrics.items()) if key.startswith(prefixes)}
+
 class ClassificationReport(L.Callback):
     """Per-class precision/recall/F1, confusion matrix, ECE and misclassified images; report files.
 
@@ -303,14 +309,6 @@ class ClassificationReport(L.Callback):
         final = {f"hp/{k.replace('/', '_')}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         tb.log_hyperparams(params, final)
 
-    @staticmethod
-    def _scalars(metrics: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
-        out = {}
-        for key, value in metrics.items():
-            if key.startswith(prefixes) and "_per_class/" not in key:
-                out[key] = float(value.item() if isinstance(value, Tensor) else value)
-        return out
-
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         num_classes = int(getattr(pl_module, "num_classes", 0) or 0)
@@ -382,14 +380,14 @@ class ClassificationReport(L.Callback):
         # Epoch-level values are in callback_metrics by now (they are not yet in on_validation_epoch_end).
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        values = self._scalars(trainer.callback_metrics, ("val/loss", "val/acc"))
+        values = scalars(trainer.callback_metrics, ("val/loss", "val/acc"))
         entry = self.history.setdefault(trainer.current_epoch, {})
         for key in ("val/loss", "val/acc"):
             if key in values:
                 entry[key] = values[key]
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        values = self._scalars(trainer.callback_metrics, ("train/",))
+        values = scalars(trainer.callback_metrics, ("train/",))
         entry = self.history.setdefault(trainer.current_epoch, {})
         for key in ("train/loss", "train/acc"):
             value = values.get(f"{key}_epoch", values.get(key))
@@ -397,7 +395,7 @@ class ClassificationReport(L.Callback):
                 entry[key] = value
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.fit_metrics = self._scalars(trainer.callback_metrics, ("val/", "train/"))
+        self.fit_metrics = scalars(trainer.callback_metrics, ("val/", "train/"))
         self._write_curves(trainer)
         will_test = bool(dict(pl_module.hparams).get("test", True)) if pl_module.hparams else True
         if not will_test:
@@ -448,7 +446,7 @@ class ClassificationReport(L.Callback):
             if self.write_files:
                 plots.save_figure(grid, self._run_dir(trainer) / "misclassified.png")
         final = {k: v for k, v in self.fit_metrics.items() if k in ("val/acc_best", "val/acc", "val/loss")}
-        final.update(self._scalars(trainer.callback_metrics, ("test/",)))
+        final.update(scalars(trainer.callback_metrics, ("test/",)))
         self._log_hparams(trainer, pl_module, final)
 
     def _misclassified_figure(self, names: Sequence[str]) -> Any:

@@ -41,6 +41,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cifar_lab.errors import NonFiniteLossError, TrainingInterrupted
 from cifar_lab.fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -60,23 +61,6 @@ __all__ = [
 
 LAST_NAME = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a nan/inf loss or weights; the message names the step and likely causes."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on Ctrl-C or SIGTERM. A KeyboardInterrupt, so a sweep stops too."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM, checkpoint: str | None = None) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.checkpoint = checkpoint
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)
 
 
 def last_checkpoint_path(trainer: L.Trainer, default_dir: Path) -> Path:

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from cifar_lab.errors import InputError
+
 COLUMNS: list[tuple[str, str]] = [
     ("run", "run"),
     ("model", "model"),
@@ -35,10 +37,6 @@ COLUMNS: list[tuple[str, str]] = [
     ("wall_time_s", "wall time"),
 ]
 SORT_KEYS = [key for key, _ in COLUMNS]
-
-
-class CompareError(Exception):
-    """Nothing to compare, or an unusable argument."""
 
 
 @dataclass
@@ -73,7 +71,7 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
             for file in sorted(path.rglob("metrics.json")):
                 found[file.resolve()] = None
         else:
-            raise CompareError(f"{given}: no such run directory (or metrics.json file)")
+            raise InputError(f"{given}: no such run directory (or metrics.json file)")
     return list(found)
 
 
@@ -158,7 +156,7 @@ def collect(paths: Sequence[str | Path]) -> list[Run]:
         except (OSError, ValueError) as err:
             print(f"warning: skipping {file}: {err}", file=sys.stderr)
     if not runs:
-        raise CompareError(f"no readable metrics.json under {', '.join(str(p) for p in paths)}")
+        raise InputError(f"no readable metrics.json under {', '.join(str(p) for p in paths)}")
     return runs
 
 
@@ -205,7 +203,7 @@ def _cell(run: Run, key: str) -> str:
 def sort_runs(runs: list[Run], key: str = "test_acc") -> list[Run]:
     """Best first for accuracies, largest first otherwise; runs lacking the value go last."""
     if key not in SORT_KEYS:
-        raise CompareError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}")
+        raise InputError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}")
     present = [r for r in runs if getattr(r, key) not in (None, "")]
     missing = [r for r in runs if getattr(r, key) in (None, "")]
     reverse = key not in ("run", "model", "optimizer", "scheduler")
@@ -301,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runs = sort_runs(collect(args.dirs), args.sort)
-    except CompareError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table = markdown_table(runs)

@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,27 +38,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from cifar_lab.callbacks.reports import CLASS_NAMES_KEY
+from cifar_lab import checkpoints
 from cifar_lab.callbacks.tta import tta_probs, tta_views
+from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES
-from cifar_lab.evaluate import (
-    USER_ERRORS,
-    EvaluationError,
-    _hydra_context,
-    load_checkpoint,
-    load_network_weights,
-    resolve_checkpoint,
-    training_config,
-)
-from cifar_lab.models import build_network
+from cifar_lab.errors import InputError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
 LABEL_FORMATS = ("name", "index")
-
-
-class PredictionError(EvaluationError):
-    """Unusable input or options; the message says what is wrong and how to fix it."""
 
 
 # ----------------------------------------------------------------------------- input
@@ -83,7 +70,7 @@ def _decode(path: Path) -> Tensor:
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except Exception as err:  # noqa: BLE001 - any decoding failure is a bad input file
-        raise PredictionError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+        raise InputError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
 
 
 def _array_images(array: Any, origin: str) -> Tensor:
@@ -91,11 +78,11 @@ def _array_images(array: Any, origin: str) -> Tensor:
     if isinstance(array, Tensor):
         array = array.detach().cpu().numpy()
     if not isinstance(array, np.ndarray):
-        raise PredictionError(
+        raise InputError(
             f"{origin} holds a {type(array).__name__}, expected an array of images: uint8 (N, H, W, 3)"
         )
     if array.dtype != np.uint8:
-        raise PredictionError(f"{origin}: images must be uint8 (values 0-255), got dtype {array.dtype}")
+        raise InputError(f"{origin}: images must be uint8 (values 0-255), got dtype {array.dtype}")
     shape = tuple(array.shape)
     if array.ndim == 2 and shape[1] == 3 * 32 * 32:
         array = array.reshape(-1, 3, 32, 32)  # CIFAR python-batch rows
@@ -105,11 +92,11 @@ def _array_images(array: Any, origin: str) -> Tensor:
         pass
     else:
         hint = " (one image? add a leading axis: x[None])" if array.ndim == 3 else ""
-        raise PredictionError(
+        raise InputError(
             f"{origin}: expected images of shape (N, H, W, 3), (N, 3, H, W) or (N, 3072), got {shape}{hint}"
         )
     if array.shape[0] == 0:
-        raise PredictionError(f"{origin} holds no images (shape {shape})")
+        raise InputError(f"{origin} holds no images (shape {shape})")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -117,37 +104,37 @@ def load_input(path: str | Path) -> tuple[Tensor | list[Tensor], list[str] | Non
     """The images (one tensor, or a list for folders whose images differ in size) and file names."""
     path = Path(str(path)).expanduser()
     if str(path) in ("", "???"):
-        raise PredictionError("input is required: input=<folder of images | .npy file | pickle file>")
+        raise InputError("input is required: input=<folder of images | .npy file | pickle file>")
     if path.is_dir():
         files = list_images(path)
         if not files:
-            raise PredictionError(
+            raise InputError(
                 f"input folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         images = [_decode(p) for p in files]
         return images, [p.name for p in files]
     if not path.is_file():
-        raise PredictionError(f"input={path}: no such file or folder")
+        raise InputError(f"input={path}: no such file or folder")
     if path.stat().st_size == 0:
-        raise PredictionError(f"input file {path} is empty")
+        raise InputError(f"input file {path} is empty")
     if path.suffix.lower() == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
         except Exception as err:  # noqa: BLE001
-            raise PredictionError(f"{path} is not a readable .npy array file ({type(err).__name__}: {err})") from err
+            raise InputError(f"{path} is not a readable .npy array file ({type(err).__name__}: {err})") from err
         return _array_images(array, str(path)), None
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f)
     except Exception as err:  # noqa: BLE001 - anything that fails to unpickle is "not a pickle"
-        raise PredictionError(
+        raise InputError(
             f"{path} is not a pickle file ({type(err).__name__}); input must be a folder of images, "
             "a .npy file or a pickle of a uint8 (N, H, W, 3) array"
         ) from err
     if isinstance(obj, dict):
         data = obj.get("data", obj.get(b"data"))
         if data is None:
-            raise PredictionError(f"{path} holds a dict without a 'data' entry; expected an array of images")
+            raise InputError(f"{path} holds a dict without a 'data' entry; expected an array of images")
         obj = data
     return _array_images(obj, str(path)), None
 
@@ -163,7 +150,7 @@ def fit_size(images: Tensor | list[Tensor], size: int, resize: bool,
         if (h, w) != (size, size):
             if not resize:
                 where = f"image {names[i]} is" if names else "the input images are"
-                raise PredictionError(
+                raise InputError(
                     f"{where} {w}x{h} pixels but the model takes {size}x{size}; "
                     "pass resize=true to resize the images"
                 )
@@ -182,19 +169,19 @@ def _device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as err:
-        raise PredictionError(f"device={name}: {err}") from err
+        raise InputError(f"device={name}: {err}") from err
 
 
-def class_names(train_cfg: DictConfig, checkpoint: dict[str, Any], datamodule: Any) -> list[str]:
+def class_names(checkpoint: dict[str, Any], datamodule: Any) -> list[str]:
     """Class names stored in the checkpoint, else from the training data (loads it)."""
-    names = checkpoint.get(CLASS_NAMES_KEY)
+    names = checkpoint.get(checkpoints.CLASS_NAMES_KEY)
     if names:
         return [str(n) for n in names]
     try:
         datamodule.setup("predict")
         return [str(n) for n in datamodule.classes]
     except Exception as err:  # noqa: BLE001
-        raise PredictionError(
+        raise InputError(
             f"the class names are not in the checkpoint and the training data could not be loaded to find them "
             f"({type(err).__name__}: {err}); use label_format=index or point data.root at the data"
         ) from err
@@ -214,13 +201,15 @@ def predict(
 ) -> Path:
     """Predict every image of ``input`` and write ``output``; returns the CSV path."""
     if label_format not in LABEL_FORMATS:
-        raise PredictionError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
+        raise InputError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
     if batch_size < 1:
-        raise PredictionError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    ckpt_file = checkpoints.resolve(ckpt_path, "use")
+    checkpoint = checkpoints.load(ckpt_file)
+    saved, _ = checkpoints.saved_config(ckpt_file, checkpoint)
+    training, _ = checkpoints.saved_overrides(ckpt_file, checkpoint)
     images, files = load_input(input)  # check the input before anything expensive
-    ckpt_file = resolve_checkpoint(ckpt_path)
-    checkpoint = load_checkpoint(ckpt_file)
-    train_cfg, _ = training_config(ckpt_file, checkpoint)
+    train_cfg = compose_training(training, [], saved)
     OmegaConf.update(train_cfg, "paths.output_dir", str(Path(output).resolve().parent), force_add=True)
     for key, value in (data_overrides or {}).items():
         OmegaConf.update(train_cfg, f"data.{key}", value, force_add=True)
@@ -229,9 +218,9 @@ def predict(
     x_all = fit_size(images, size, resize, files)
 
     datamodule = instantiate(train_cfg.data, _convert_="all")
-    names = class_names(train_cfg, checkpoint, datamodule) if label_format == "name" else []
-    net = build_network(train_cfg.model)
-    load_network_weights(net, checkpoint, ckpt_file)
+    names = class_names(checkpoint, datamodule) if label_format == "name" else []
+    net = instantiate(train_cfg.model, _convert_="all")
+    checkpoints.load_network_weights(net, checkpoint, ckpt_file)
     dev = _device(device)
     net = net.to(dev).eval()
     tta = dict(tta or {})
@@ -248,7 +237,7 @@ def predict(
             preds.append(probs.argmax(dim=1).cpu())
     labels = torch.cat(preds).tolist()
     if names and max(labels) >= len(names):
-        raise PredictionError(f"the model predicts class {max(labels)} but only {len(names)} class names are known")
+        raise InputError(f"the model predicts class {max(labels)} but only {len(names)} class names are known")
 
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,19 +268,19 @@ def predict_from_config(cfg: DictConfig) -> Path:
     )
 
 
-def run(overrides: Sequence[str], output_dir: str | Path) -> Path:
-    """In-process ``python -m cifar_lab.predict <overrides>`` (job directory ``output_dir``)."""
-    with _hydra_context("predict", overrides, Path(output_dir)) as cfg:
+def run(overrides: Sequence[str], output_dir: str | Path | None = None, *, logging_to_file: bool = False) -> Path:
+    """``python -m cifar_lab.predict <overrides>`` (job directory ``output_dir``, else hydra.run.dir)."""
+    with hydra_job("predict", overrides, output_dir, logging_to_file=logging_to_file) as cfg:
         return predict_from_config(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    try:
-        predict_from_config(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return
+    with exit_on_user_error():
+        run(args, logging_to_file=True)
 
 
 if __name__ == "__main__":

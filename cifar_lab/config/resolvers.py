@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
-
 from omegaconf import OmegaConf
+
+from cifar_lab.host import cpu_flags
 
 
 @functools.lru_cache(maxsize=1)
@@ -16,13 +16,7 @@ def cpu_has_bf16_matmul() -> bool:
     On such CPUs oneDNN runs bf16 convolutions several times faster than float32 (see
     docs/benchmarks.md); elsewhere bf16 autocast mostly adds conversions.
     """
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return "amx_bf16" in line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return False
+    return "amx_bf16" in cpu_flags()
 
 
 def default_precision(accelerator: str = "auto") -> str:

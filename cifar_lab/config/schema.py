@@ -27,11 +27,9 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ConfigError", "Check", "RULES", "CROSS_CHECKS", "validate_config", "KNOWN_METRICS"]
+from cifar_lab.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config value the run cannot work with; the message names the key, the value and what is allowed."""
+__all__ = ["Check", "RULES", "CROSS_CHECKS", "validate_config", "KNOWN_METRICS"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -165,8 +163,6 @@ RULES: dict[str, Check] = {
     "model.dropout": optional(number(0, 1, hi_open=True)),
     "model.head_dropout": optional(number(0, 1, hi_open=True)),
     "model.stochastic_depth": number(0, 1, hi_open=True),
-    "model.channels_last": BOOL,
-    "model.compile": BOOL,
     # optimizer
     "optimizer.lr": POSITIVE,
     "optimizer.weight_decay": NON_NEGATIVE,
@@ -202,6 +198,8 @@ RULES: dict[str, Check] = {
     # the LightningModule
     "module.label_smoothing": number(0, 1, hi_open=True),
     "module.no_decay_norm_and_bias": BOOL,
+    "module.memory_format": one_of("channels_last", "contiguous"),
+    "module.compile": BOOL,
     # trainer
     "trainer.accelerator": one_of(*ACCELERATORS),
     "trainer.precision": one_of(*PRECISIONS),
@@ -428,14 +426,6 @@ _PASSED_BY_BUILDERS = {
 }
 
 
-def _runtime_keys(path: str) -> set[str]:
-    if path == "model":
-        from cifar_lab.models import RUNTIME_KEYS
-
-        return set(RUNTIME_KEYS)
-    return set()
-
-
 def _locate(target: str) -> Any:
     """The object a dotted ``_target_`` names: the longest importable module, then attributes."""
     parts = target.split(".")
@@ -481,7 +471,7 @@ def _check_arguments(cfg: dict) -> Iterator[str]:
                 continue
             accepted = set(params) | _PASSED_BY_BUILDERS.get(path, set())
             for key in node:
-                if key in _HYDRA_KEYS or key in accepted or key in _runtime_keys(path):
+                if key in _HYDRA_KEYS or key in accepted:
                     continue
                 names = sorted(p for p in params if p not in _PASSED_BY_BUILDERS.get(path, set()) and p != "self")
                 close = difflib.get_close_matches(str(key), names, n=1)

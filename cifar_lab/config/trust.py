@@ -9,7 +9,7 @@ entry points there that load code, run commands or move files (``torch.hub``,
 ``torch.load``, ``torch.utils.cpp_extension``, ...). Call it before instantiating anything
 from such a config::
 
-    from cifar_lab.security import check_targets
+    from cifar_lab.config.trust import check_targets
     check_targets(cfg, origin=str(ckpt_path))   # raises UnsafeConfigError
 
 Names are resolved the way Hydra resolves them (import, then attribute access) without
@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cifar_lab.schema import ConfigError
+from cifar_lab.errors import UnsafeConfigError
 
 __all__ = ["ALLOWED_PACKAGES", "DENIED", "UnsafeConfigError", "check_targets", "iter_targets"]
 
@@ -76,10 +76,6 @@ DENIED = (
 DENIED_NAMES = {"load", "load_from_checkpoint", "load_state_dict_from_url", "save", "save_checkpoint",
                 "system", "popen", "exec", "eval", "run", "call", "check_call", "check_output", "remove",
                 "unlink", "rmtree"}
-
-
-class UnsafeConfigError(ConfigError):
-    """A config from outside names something it may not build."""
 
 
 # Your own packages, comma-separated, e.g. CIFAR_LAB_TRUSTED_PACKAGES=mylab (same rules apply inside them).

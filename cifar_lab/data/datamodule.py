@@ -97,7 +97,6 @@ class CIFARDataModule(L.LightningDataModule):
         std: Sequence[float] = (0.2470, 0.2435, 0.2616),
         mixing: BatchMixer | None = None,
         seed: int = 0,
-        channels_last: bool = False,
         drop_last: bool = False,
         pin_memory: bool = False,
     ) -> None:
@@ -112,11 +111,10 @@ class CIFARDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.num_workers = num_workers
         self.pipeline = pipeline
-        self.train_augment = BatchAugment(augment or {}, mean, std, channels_last=channels_last)
-        self.eval_augment = BatchAugment({}, mean, std, channels_last=channels_last)
+        self.train_augment = BatchAugment(augment or {}, mean, std)
+        self.eval_augment = BatchAugment({}, mean, std)
         self.mixer = mixing
         self.seed = seed
-        self.channels_last = channels_last
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.classes: list[str] = []
@@ -125,6 +123,20 @@ class CIFARDataModule(L.LightningDataModule):
         self._generator: torch.Generator | None = None
         self._train_batches = 0  # training batches augmented in the current epoch
         self._resume: dict[str, Any] | None = None  # position loaded from a checkpoint
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether batches leave in ``torch.channels_last`` memory format.
+
+        Not a data option: the training module sets it to its own memory format
+        (``module.memory_format``) so the normalisation writes the layout the network reads.
+        """
+        return self.train_augment.normalize.channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        for augment in (self.train_augment, self.eval_augment):
+            augment.normalize.channels_last = bool(value)
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:

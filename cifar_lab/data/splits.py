@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cifar_lab.errors import DataError
 
-class DataError(RuntimeError):
-    """A data problem the user can fix; the message names the file and the remedy."""
+__all__ = ["DataError", "ImageSplits"]
 
 
 @dataclass

@@ -17,7 +17,7 @@ Speed-oriented choices:
   (``whiten_trainable=False``), only its bias learns.
 * BatchNorm scales are frozen at 1 (``bn_scale_trainable=False``); only the shifts learn.
   The shifts are the parameters that tolerate (and benefit from) a much larger learning
-  rate, see :func:`cifar_lab.speedrun_optim.grouped_sgd`.
+  rate, see :func:`cifar_lab.optim.grouped_sgd.grouped_sgd`.
 * Convolutions after the first start as a partial identity (``dirac_init``): the first
   ``min(in, out)`` filters pass their input channel through unchanged, the others keep
   PyTorch's default init. Deep plain stacks then train from the first step.

@@ -53,10 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from cifar_lab.host_memory import keep_freed_memory
-from cifar_lab.machine import cpu_name
+from cifar_lab.host import cpu_flags, cpu_name, keep_freed_memory
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from cifar_lab.config import CONF_DIR  # noqa: E402
 MODELS = ("simple_cnn", "resnet_se", "attention_net")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -127,22 +126,11 @@ class Settings:
 # ----------------------------------------------------------------------------- machine
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-
 def machine_info() -> dict[str, Any]:
     import lightning
     import torchvision
 
-    flags = _cpu_flags()
+    flags = cpu_flags()
     info: dict[str, Any] = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -536,10 +524,11 @@ def _lab_runner(cfg, variant: LabVariant, bs: int, settings: Settings, device: t
     from cifar_lab import builders
 
     with _open(cfg):
-        cfg.model.channels_last = variant.channels_last
-        cfg.model.compile = variant.compile
+        cfg.module.memory_format = "channels_last" if variant.channels_last else "contiguous"
+        cfg.module.compile = variant.compile
     dm = lab_datamodule(cfg, bs)
     module = builders.build_module(cfg).to(device).train()
+    dm.channels_last = module.channels_last  # what the module's setup() does in a Trainer
     step = _train_step_fn(module, _optimizer(cfg, module.net.parameters()), variant.precision, device)
     warmup = _Warmup(settings.train_warmup)
 
@@ -559,14 +548,14 @@ def _lab_runner(cfg, variant: LabVariant, bs: int, settings: Settings, device: t
 
 def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], settings: Settings,
                 device: torch.device, log) -> dict[str, Any]:
-    from cifar_lab.models import build_network
+    from hydra.utils import instantiate
 
     bs = settings.batch_size if model == "simple_cnn" else settings.heavy_batch_size
     cfg = compose([*base_overrides, f"model={model}"])
-    default = LabVariant(str(cfg.trainer.precision), bool(cfg.model.channels_last), bool(cfg.model.compile))
+    default = LabVariant(str(cfg.trainer.precision), cfg.module.memory_format == "channels_last", bool(cfg.module.compile))
 
     torch.manual_seed(0)
-    net = build_network(cfg.model).to(device).train()
+    net = instantiate(cfg.model, _convert_="all").to(device).train()
     ref_step = _train_step_fn(net, _optimizer(cfg, net.parameters()), "32", device)
     ref_warmup = _Warmup(settings.train_warmup)
 

@@ -8,12 +8,12 @@ Usage::
     python -m cifar_lab.zoo --models simple_cnn resnet_se --no-speed
 
 Each config is composed with Hydra (``+model=<name> +data.num_classes=10``) and
-built with :func:`cifar_lab.models.build_network`. Multiply-accumulates are
+built with ``hydra.utils.instantiate``. Multiply-accumulates are
 ``torch.utils.flop_counter.FlopCounterMode`` FLOPs / 2 for one 3x32x32 image in
 eval mode; they cover convolutions and matrix products (linear layers, the
 branch-mixing contractions), not elementwise ops, pooling or normalisation.
-Speed is CPU inference (eval mode, ``no_grad``, batch 256, channels_last when the
-config asks for it): the median of ``--repeats`` timed batches after ``--warmup``,
+Speed is CPU inference (eval mode, ``no_grad``, batch 256, channels_last as the training
+module's default, ``--nchw`` for NCHW): the median of ``--repeats`` timed batches after ``--warmup``,
 timed by wall clock or, with ``--clock process``, by this process's CPU time
 (steady on a shared machine).
 """
@@ -30,10 +30,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifar_lab.machine import cpu_name
-from cifar_lab.models import build_network
+from cifar_lab.host import cpu_name
+from hydra.utils import instantiate
 
-DEFAULT_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from cifar_lab.config import CONF_DIR as DEFAULT_CONF_DIR  # noqa: E402
 
 # Top-1 CIFAR-10 test accuracy (%) stated by the report each config reproduces (see SPEC.md).
 REPORT_ACCURACY = {
@@ -104,20 +104,19 @@ def _fmt_macs(n: int) -> str:
 
 
 def build_table(conf_dir: Path, names: list[str], speed: bool = True, batch_size: int = 256, warmup: int = 1,
-                repeats: int = 3, clock: str = "wall", log=print,
+                repeats: int = 3, clock: str = "wall", log=print, channels_last: bool = True,
                 command: str = "python -m cifar_lab.zoo") -> str:
     rows = []
     for name in names:
         cfg = compose_model(conf_dir, name)
         torch.manual_seed(0)
-        net = build_network(cfg)
+        net = instantiate(cfg, _convert_="all")
         target = str(cfg.get("_target_", "")).rsplit(".", 1)[-1]
         if name == "torchvision":
             target += f" ({cfg.get('arch')})"
         params, macs = count_params(net), count_macs(net)
         ips = "-"
         if speed:
-            channels_last = bool(cfg.get("channels_last", False))
             ips = f"{images_per_second(net, channels_last, batch_size, warmup, repeats, clock):,.0f}"
         rows.append(f"| `{name}` | {target} | {_fmt_int(params)} | {_fmt_macs(macs)} | "
                     f"{REPORT_ACCURACY.get(name, '-')} | {ips} |")
@@ -133,7 +132,7 @@ def build_table(conf_dir: Path, names: list[str], speed: bool = True, batch_size
         "  convolutions and matrix products; elementwise ops, pooling and normalisation not counted).",
         "- **Report acc.**: CIFAR-10 test accuracy (%) stated by the report the config follows",
         "  (SPEC.md; their budgets and GPUs), not measured here.",
-        f"- **CPU img/s**: inference, eval mode, `no_grad`, batch {batch_size}, channels_last as configured,",
+        f"- **CPU img/s**: inference, eval mode, `no_grad`, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'},",
         f"  median of {repeats} timed batches after {warmup} warm-up; torch {torch.__version__},",
         f"  {torch.get_num_threads()} intra-op thread(s), {cpu_name()}; "
         + ("images per second of this process's CPU time (`--clock process`: wall-clock speed on an idle"
@@ -154,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nchw", action="store_true", help="time in NCHW instead of channels_last")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="time batches by wall clock or by this process's CPU time (stable on a busy machine)")
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     conf_dir = args.conf_dir.resolve()
     names = args.models or model_names(conf_dir)
     table = build_table(conf_dir, names, not args.no_speed, args.batch_size, args.warmup, args.repeats,
-                        args.clock, log=lambda *a, **k: print(*a, file=sys.stderr, **k), command=command)
+                        args.clock, log=lambda *a, **k: print(*a, file=sys.stderr, **k), command=command,
+                        channels_last=not args.nchw)
     print(table, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

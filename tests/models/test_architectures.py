@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_lab.models import build_network
+from hydra.utils import instantiate
 from cifar_lab.models.efficientnet import SCALING, EfficientNet, MBConv, round_channels
 from cifar_lab.models.mobilenet_v2 import MobileNetV2
 from cifar_lab.models.resnet_se import ResNetSE
@@ -20,7 +20,7 @@ def n_trainable(net: nn.Module) -> int:
 
 
 def test_resnet_se_parameter_count():
-    assert n_trainable(build_network(load_model_cfg("resnet_se"))) == 4_993_166
+    assert n_trainable(instantiate(load_model_cfg("resnet_se"))) == 4_993_166
 
 
 def test_resnet_se_options():

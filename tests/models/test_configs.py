@@ -1,4 +1,4 @@
-"""Every model config builds through ``build_network`` and trains end to end on a tiny batch."""
+"""Every model config holds constructor arguments only: ``instantiate(cfg.model)`` builds it, and it trains."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_lab.models import RUNTIME_KEYS, build_network
+from hydra.utils import instantiate
 
 from model_helpers import MODEL_NAMES, load_model_cfg
 
@@ -25,13 +25,14 @@ def test_config_shape(name):
     cfg = load_model_cfg(name)
     assert "_target_" in cfg
     assert cfg.num_classes == 10  # interpolated from data.num_classes
-    assert "channels_last" in cfg and "compile" in cfg
+    # constructor arguments only: how the network runs is the training module's business
+    assert not {"channels_last", "compile", "compile_mode"} & set(cfg.keys())
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_forward_backward(name, num_classes):
-    net = build_network(load_model_cfg(name, num_classes))
+    net = instantiate(load_model_cfg(name, num_classes))
     assert isinstance(net, torch.nn.Module)
     net.train()
     x = torch.randn(2, 3, 32, 32)
@@ -43,28 +44,34 @@ def test_forward_backward(name, num_classes):
     assert not missing, f"parameters without gradient: {missing[:5]}"
 
 
-def test_build_network_drops_runtime_keys_and_accepts_mappings():
-    cfg = load_model_cfg("simple_cnn", compile_mode="max-autotune")
-    assert set(RUNTIME_KEYS) <= set(cfg.keys())
-    net = build_network(cfg)
-    assert net.classifier[-1].out_features == 10
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_instantiate_model_node_of_the_composed_config(name):
+    """``hydra.utils.instantiate(cfg.model)`` on the whole composed config, as a user would call it."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg([f"model={name}", "data=synthetic", "data.num_classes=7"])
+    net = instantiate(cfg.model)
+    assert isinstance(net, torch.nn.Module)
+    assert net.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_plain_mappings_instantiate():
     plain = {"_target_": "cifar_lab.models.simple_cnn.SimpleCNN", "num_classes": 7, "filters": [8, 8, 8],
-             "kernel_sizes": [3, 5, 7], "channels_last": True, "compile": False}
-    net = build_network(plain)
+             "kernel_sizes": [3, 5, 7]}
+    net = instantiate(plain)
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 7)
-    assert plain["channels_last"] is True  # the caller's mapping is not modified
 
 
 @pytest.mark.parametrize("kernel_sizes", [[3, 3], [5, 3], [7, 1], [4, 2]])
 def test_simple_cnn_any_kernel_and_filters(kernel_sizes):
-    net = build_network(load_model_cfg("simple_cnn", filters=[16, 48], kernel_sizes=kernel_sizes, fc_units=64))
+    net = instantiate(load_model_cfg("simple_cnn", filters=[16, 48], kernel_sizes=kernel_sizes, fc_units=64))
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_simple_cnn_layouts_match_report():
-    vanilla = build_network(load_model_cfg("simple_cnn"))
+    vanilla = instantiate(load_model_cfg("simple_cnn"))
     assert vanilla.classifier[2].in_features == 64 * 8 * 8 and vanilla.classifier[2].out_features == 512
-    bn = build_network(load_model_cfg("simple_cnn_bn"))
+    bn = instantiate(load_model_cfg("simple_cnn_bn"))
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()) == 2
     assert [m.p for m in bn.modules() if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
     assert bn.classifier[2].out_features == 256
@@ -111,12 +118,12 @@ HEAVY = [
 
 @pytest.mark.parametrize("name,overrides,steps,lr,ratio", CHEAP, ids=[c[0] for c in CHEAP])
 def test_overfits_one_batch(name, overrides, steps, lr, ratio):
-    first, last = _overfit(build_network(load_model_cfg(name, **overrides)), steps, lr)
+    first, last = _overfit(instantiate(load_model_cfg(name, **overrides)), steps, lr)
     assert last < ratio * first, (first, last)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,overrides,steps,lr,ratio", HEAVY, ids=[c[0] for c in HEAVY])
 def test_heavy_models_overfit_one_batch(name, overrides, steps, lr, ratio):
-    first, last = _overfit(build_network(load_model_cfg(name, **overrides)), steps, lr)
+    first, last = _overfit(instantiate(load_model_cfg(name, **overrides)), steps, lr)
     assert last < ratio * first, (first, last)

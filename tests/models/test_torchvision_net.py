@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_lab.models import build_network
+from hydra.utils import instantiate
 from cifar_lab.models.torchvision_net import TorchvisionNet
 
 from model_helpers import load_model_cfg
@@ -15,7 +15,7 @@ from model_helpers import load_model_cfg
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 def test_from_scratch_archs(arch):
-    net = build_network(load_model_cfg("torchvision", arch=arch, num_classes=10))
+    net = instantiate(load_model_cfg("torchvision", arch=arch, num_classes=10))
     assert isinstance(net, TorchvisionNet)
     heads = [m for m in net.modules() if isinstance(m, nn.Linear)]
     assert heads[-1].out_features == 10
@@ -59,7 +59,7 @@ def test_pretrained_offline_error(monkeypatch, tmp_path):
         TorchvisionNet(arch="resnet18", pretrained=True)
     msg = str(info.value)
     with pytest.raises(Exception, match="Could not fetch the pretrained weights") as via_config:
-        build_network(load_model_cfg("torchvision", arch="resnet18", pretrained=True))
+        instantiate(load_model_cfg("torchvision", arch="resnet18", pretrained=True))
     assert isinstance(via_config.value.__cause__, RuntimeError)  # hydra wraps the constructor's error
     assert "https://download.pytorch.org/models/resnet18-" in msg
     assert str(tmp_path / "hub" / "checkpoints") in msg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cifar_lab import zoo
+from cifar_lab.tools import zoo
 
 from model_helpers import MODEL_CONF_DIR, MODEL_NAMES
 
@@ -14,9 +14,9 @@ def test_every_config_is_listed():
 def test_compose_and_count():
     cfg = zoo.compose_model(MODEL_CONF_DIR.parent, "simple_cnn")
     assert cfg.num_classes == 10
-    from cifar_lab.models import build_network
+    from hydra.utils import instantiate
 
-    net = build_network(cfg)
+    net = instantiate(cfg)
     assert zoo.count_params(net) == 3 * 32 * 9 + 32 + 32 * 64 * 9 + 64 + 4096 * 512 + 512 + 5130
     assert zoo.count_macs(net) == 32 * 27 * 1024 + 64 * 288 * 256 + 4096 * 512 + 5120
 

@@ -1,0 +1,8 @@
+"""``python -m cifar_lab.bench``: see :mod:`cifar_lab.tools.bench`."""
+
+import sys
+
+from cifar_lab.tools.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Checkpoints and run directories: find, load safely, trust, and check before a resume.
+
+A **run directory** is what ``train.py`` leaves: ``.hydra/`` (the composed config and the
+command-line overrides), ``checkpoints/`` (``last.ckpt`` and the best by ``val/acc``) and
+``metrics.json`` (which names the best checkpoint). Every command resolves one the same way:
+
+* to **resume** (``train.py ckpt_path=...``): ``last`` means this run's own ``last.ckpt``
+  (with ``hydra.run.dir=<run dir>``); a run directory means its ``checkpoints/last.ckpt``;
+* to **use** the trained model (``evaluate``, ``predict``): a run directory means its best
+  checkpoint (named in ``metrics.json``), else ``checkpoints/last.ckpt``.
+
+Checkpoints are read with ``weights_only=True`` (tensors and plain values only: unpickling
+anything else could run code), and the run config saved in them (``hyper_parameters``) or
+next to them (``.hydra/config.yaml``) may only name allow-listed ``_target_``s
+(:func:`cifar_lab.config.trust.check_targets`) before anything is built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_lab.config.trust import check_targets
+from cifar_lab.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OVERRIDES_KEY",
+    "CLASS_NAMES_KEY",
+    "Resume",
+    "resolve",
+    "load",
+    "run_dir_of_checkpoint",
+    "saved_config",
+    "saved_overrides",
+    "load_network_weights",
+    "check_resume_compatible",
+    "prepare_resume",
+]
+
+# Extra entries cifar-lab writes into every checkpoint next to Lightning's own.
+OVERRIDES_KEY = "overrides"       # the training command's overrides, replayed by evaluate/predict
+CLASS_NAMES_KEY = "class_names"   # the class names, for predict's CSV
+
+# Where a checkpoint's saved config must equal the current one for a resume to be allowed:
+# the network (its state dict), the classes, the optimizer and scheduler types (their
+# state dicts) and the parameter grouping. Runtime options (module.memory_format,
+# module.compile) may change freely: they do not change the weights.
+RESUME_MUST_MATCH = ("model", "data.num_classes", "optimizer._target_", "scheduler.scheduler._target_",
+                     "module.no_decay_norm_and_bias")
+# Values a resume takes from the checkpoint, whatever the config now says.
+RESUME_RESTORED = ("optimizer", "scheduler")
+# Values that may change, but then the run no longer matches an uninterrupted one.
+# Keys earlier versions kept in the model config (runtime options, now module.*): ignored when
+# comparing a checkpoint's network with the current one.
+LEGACY_MODEL_KEYS = ("channels_last", "compile", "compile_mode")
+RESUME_CHANGES_RESULT = ("seed", "data.batch_size", "data.augment", "data.mixing", "data.val_size", "data.source",
+                         "data.pipeline", "module.label_smoothing", "trainer.precision",
+                         "trainer.accumulate_grad_batches", "trainer.gradient_clip_val")
+
+
+# ----------------------------------------------------------------------------- finding
+def _best_recorded(run_dir: Path) -> Path | None:
+    """The best checkpoint named in the run's metrics.json, if it still exists."""
+    try:
+        best = json.loads((run_dir / "metrics.json").read_text()).get("best_ckpt") or ""
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(best) if best and Path(best).is_file() else None
+
+
+def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: Path | None = None) -> Path | None:
+    """The checkpoint file ``ckpt_path`` means for ``purpose`` (see the module docstring).
+
+    ``None``/empty gives ``None`` for a resume (a fresh run) and an error for ``use``.
+    Anything that does not exist is a :class:`CheckpointError`, never a silent fresh start.
+    """
+    if ckpt_path in (None, "", "???"):
+        if purpose == "resume":
+            return None
+        raise CheckpointError("ckpt_path is required: ckpt_path=<checkpoint .ckpt file or training run directory>")
+    if purpose == "resume" and ckpt_path == "last":
+        folder = checkpoint_dir or Path("checkpoints")
+        candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if not candidates:
+            raise CheckpointError(
+                f"ckpt_path=last: no last.ckpt in {folder}. `last` resumes the run directory given with "
+                "hydra.run.dir=<run directory>; without it every run gets a new directory. Pass "
+                "hydra.run.dir=<the run to resume>, or ckpt_path=<run directory or .ckpt file>"
+            )
+        return candidates[-1]
+    path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        found = last if purpose == "resume" else (_best_recorded(path) or last)
+        if not found.is_file():
+            looked = str(last) if purpose == "resume" else f"the best checkpoint named in metrics.json and {last}"
+            raise CheckpointError(f"ckpt_path={ckpt_path}: no checkpoint found in that directory (looked for {looked})")
+        return found
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file or directory")
+    return path
+
+
+def run_dir_of_checkpoint(ckpt_file: Path) -> Path | None:
+    """The run directory a checkpoint belongs to, if it still holds its ``.hydra/config.yaml``."""
+    parent = Path(ckpt_file).resolve().parent
+    for candidate in (parent.parent, parent) if parent.name == "checkpoints" else (parent,):
+        if (candidate / ".hydra" / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
+def load(ckpt_file: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dict on the CPU, read with ``weights_only=True`` (no code can run)."""
+    try:
+        checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects weights_only refuses
+        text = str(err).strip()
+        unsupported = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+        if unsupported:
+            reason = unsupported[0]
+            raise CheckpointError(
+                f"refusing to load {ckpt_file}: it holds objects other than tensors and plain values "
+                f"({reason}); only checkpoints written by cifar-lab can be used"
+            ) from None
+        cause = err.__cause__ or err.__context__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(err).__name__}: {text[:200]}"
+        raise CheckpointError(
+            f"cannot read checkpoint {ckpt_file} ({detail}); it is truncated, corrupted or not a checkpoint: "
+            "use another one (checkpoints/epoch_*.ckpt or last.ckpt)"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{ckpt_file} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def saved_config(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The resolved run config a checkpoint was trained with (plain dict), checked, and where it came from.
+
+    The checkpoint's own ``hyper_parameters`` (what the weights were built with); a
+    checkpoint without it falls back to its run directory's ``.hydra/config.yaml``.
+    """
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and "model" in hparams:
+        origin = f"{ckpt_file} (hyper_parameters)"
+        check_targets(hparams, origin=origin)
+        return dict(hparams), origin
+    run_dir = run_dir_of_checkpoint(ckpt_file)
+    if run_dir is not None:
+        path = run_dir / ".hydra" / "config.yaml"
+        cfg = OmegaConf.load(path)
+        if isinstance(cfg, DictConfig) and "model" in cfg:
+            check_targets(cfg, origin=str(path))
+            return OmegaConf.to_container(cfg, resolve=False), str(path)  # type: ignore[return-value]
+    raise CheckpointError(
+        f"{ckpt_file}: no training config found; the checkpoint's hyper_parameters hold no run config and "
+        "there is no .hydra/config.yaml in its run directory"
+    )
+
+
+def saved_overrides(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[list[str] | None, str]:
+    """The training command's overrides and where they were found.
+
+    Its run directory's ``.hydra/overrides.yaml``, else the copy stored in the checkpoint;
+    ``(None, "")`` when neither has them (an older checkpoint moved away from its run).
+    """
+    run_dir = run_dir_of_checkpoint(ckpt_file)
+    path = run_dir / ".hydra" / "overrides.yaml" if run_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            loaded = OmegaConf.load(path)
+            return [str(o) for o in loaded], str(path)
+        except Exception:  # noqa: BLE001 - unreadable: fall back to the checkpoint's copy
+            pass
+    stored = checkpoint.get(OVERRIDES_KEY)
+    if isinstance(stored, list) and all(isinstance(o, str) for o in stored):
+        return list(stored), f"{ckpt_file} (stored overrides)"
+    return None, ""
+
+
+def load_network_weights(net: torch.nn.Module, checkpoint: dict[str, Any], ckpt_file: Path | str) -> None:
+    """Copy the checkpoint's ``net.*`` weights into ``net``."""
+    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    if not state:
+        raise CheckpointError(f"{ckpt_file}: the state_dict has no 'net.*' weights; is it a cifar_lab checkpoint?")
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = " ".join(str(err).split())
+        raise CheckpointError(
+            f"{ckpt_file}: the weights do not fit the configured model {type(net).__name__} ({detail[:500]}). "
+            "Use the model config the checkpoint was trained with"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else "")
+        unexpected = ", ".join(result.unexpected_keys[:5]) + (" ..." if len(result.unexpected_keys) > 5 else "")
+        raise CheckpointError(
+            f"{ckpt_file}: the weights do not fit the configured model {type(net).__name__} "
+            f"(missing: {missing or '-'}; unexpected: {unexpected or '-'}). Use the model config "
+            "the checkpoint was trained with"
+        )
+
+
+# ----------------------------------------------------------------------------- resuming
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    """``{"prefix.a.b": value}`` for a plain nested dict (an empty dict is one leaf)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}.{key}"))
+        return out or {prefix: {}}
+    return {prefix: node}
+
+
+def _differences(saved: DictConfig, current: DictConfig, keys: tuple[str, ...], skip: tuple[str, ...] = ()
+                 ) -> list[str]:
+    lines = []
+    for key in keys:
+        old, new = (_leaves(_plain(OmegaConf.select(c, key, default=None)), key) for c in (saved, current))
+        for name in sorted(set(old) | set(new)):
+            if name.rsplit(".", 1)[-1] in skip or old.get(name) == new.get(name):
+                continue
+            lines.append(f"{name}: {old.get(name)!r} in the checkpoint, {new.get(name)!r} now")
+    return lines
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: DictConfig, path: str | Path) -> list[str]:
+    """Refuse a checkpoint trained with another network, classes, optimizer or scheduler type.
+
+    Returns warnings for values the resume takes from the checkpoint (optimizer and
+    scheduler settings) or that make the result differ from an uninterrupted run.
+    """
+    saved_cfg = OmegaConf.create(saved)
+    mismatched = _differences(saved_cfg, cfg, RESUME_MUST_MATCH, skip=LEGACY_MODEL_KEYS)
+    if mismatched:
+        shown = "\n".join(f"  - {line}" for line in mismatched[:8])
+        more = f"\n  - ... and {len(mismatched) - 8} more" if len(mismatched) > 8 else ""
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with a different setup:\n{shown}{more}\n"
+            "Resume with the overrides that run used (its config.yaml is next to checkpoints/), or start a "
+            "new run without ckpt_path"
+        )
+    skip_restored = tuple(k.split(".")[-1] for k in RESUME_MUST_MATCH)
+    warnings = [f"{line} (the checkpoint's value is restored)"
+                for line in _differences(saved_cfg, cfg, RESUME_RESTORED, skip=skip_restored)]
+    warnings += [f"{line} (the resumed run will differ from an uninterrupted one)"
+                 for line in _differences(saved_cfg, cfg, RESUME_CHANGES_RESULT)]
+    return warnings
+
+
+@dataclass
+class Resume:
+    """A checked checkpoint to resume from, with the warnings the check produced."""
+
+    path: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
+    """Resolve ``ckpt_path`` for a resume and check the checkpoint before anything is built."""
+    path = resolve(cfg.get("ckpt_path"), "resume", checkpoint_dir)
+    if path is None:
+        return None
+    checkpoint = load(path, mmap=True)
+    saved = checkpoint.get("hyper_parameters")
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise CheckpointError(f"{path} holds no cifar-lab run config (hyper_parameters), so it cannot be checked "
+                              "against this run; resume only from checkpoints written by train.py")
+    check_targets(saved, origin=str(path))
+    return Resume(str(path), check_resume_compatible(saved, cfg, path))

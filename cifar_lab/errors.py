@@ -1,0 +1,122 @@
+"""Errors a user can fix, their exit codes, and the one guard every command runs under.
+
+Each command (``train.py``, ``python -m cifar_lab.evaluate``, ``.predict``, ``.compare``, and
+every job of a sweep) raises a :class:`UserError` subclass for a problem the user can fix;
+:func:`exit_on_user_error` turns it into its message alone on stderr (no traceback) and the
+exit code below. Anything else is a bug and keeps its traceback.
+
+=========  ===================================================================
+exit code  meaning
+=========  ===================================================================
+0          success
+1          an unexpected error (a bug: the traceback is printed)
+2          :class:`ConfigError`, :class:`DataError`, :class:`CheckpointError`,
+           :class:`InputError`: fix the config, the data, the checkpoint or the input
+3          :class:`NonFiniteLossError`: the loss diverged
+128 + N    :class:`TrainingInterrupted` by signal N (130: Ctrl-C, 143: SIGTERM),
+           after saving a resumable checkpoint
+=========  ===================================================================
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = [
+    "EXIT_USER",
+    "EXIT_DIVERGED",
+    "UserError",
+    "ConfigError",
+    "UnsafeConfigError",
+    "DataError",
+    "CheckpointError",
+    "InputError",
+    "NonFiniteLossError",
+    "TrainingInterrupted",
+    "exit_on_user_error",
+]
+
+EXIT_USER = 2
+EXIT_DIVERGED = 3
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names it and the fix."""
+
+    exit_code = EXIT_USER
+
+
+class ConfigError(UserError, ValueError):
+    """A config value the run cannot work with; the message names the key, the value and what is allowed."""
+
+
+class UnsafeConfigError(ConfigError):
+    """A config read back from a file names something it may not build."""
+
+
+class DataError(UserError, RuntimeError):
+    """A data problem the user can fix; the message names the file and the remedy."""
+
+
+class CheckpointError(UserError):
+    """A missing, unreadable or unsuitable checkpoint (or run directory)."""
+
+
+class InputError(UserError):
+    """Unusable input to a command (images to predict, run directories to compare, an option)."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training produced a nan/inf loss or weights; the message names the step and likely causes."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C or SIGTERM. A KeyboardInterrupt, so a sweep stops too."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+def _keep_in(run_dir: Path | None, message: str) -> None:
+    """A copy of the message in an existing run directory's error.txt (best effort, rank 0 only)."""
+    if run_dir is None:
+        return
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    try:
+        if run_dir.is_dir():
+            (run_dir / "error.txt").write_text(message + "\n")
+    except OSError:
+        pass
+
+
+@contextmanager
+def exit_on_user_error(run_dir: Path | None = None) -> Iterator[None]:
+    """Run a command's body: a :class:`UserError` prints ``Error: <message>`` and exits with its code.
+
+    With ``run_dir`` the message is also kept in ``<run_dir>/error.txt``. An interruption
+    prints where the resumable checkpoint is and exits with 128 + the signal number.
+    """
+    try:
+        yield
+    except UserError as err:
+        print(f"Error: {err}", file=sys.stderr, flush=True)
+        _keep_in(run_dir, str(err))
+        sys.exit(err.exit_code)
+    except TrainingInterrupted as err:
+        print(str(err), file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)

@@ -1,0 +1,6 @@
+"""``python -m cifar_lab.predict``: see :mod:`cifar_lab.cli.predict`."""
+
+from cifar_lab.cli.predict import main
+
+if __name__ == "__main__":
+    main()

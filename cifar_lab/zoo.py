@@ -1,0 +1,6 @@
+"""``python -m cifar_lab.zoo``: see :mod:`cifar_lab.tools.zoo`."""
+
+from cifar_lab.tools.zoo import main
+
+if __name__ == "__main__":
+    main()
