@@ -1,18 +1,47 @@
-"""Turn the composed config into the objects a run needs."""
+"""Turn the composed config into the objects a run needs.
+
+Each object is built as soon as it can be, before any data is read: a value that torch or
+Lightning refuses (a negative learning rate, an unknown precision, a dropout of 1.5) ends
+the run within seconds as one :class:`~cifar_lab.errors.ConfigError` that names the config
+node, its ``_target_`` and the library's own words (:func:`refused`). The schema
+(:mod:`cifar_lab.config.schema`) checks only what these constructors do not.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
 
 log = logging.getLogger(__name__)
+
+# What constructors raise for a value they refuse.
+_REFUSALS = (ValueError, TypeError, MisconfigurationException, InstantiationException)
+
+
+@contextmanager
+def refused(key: str, node: Any) -> Iterator[None]:
+    """Turn a constructor's refusal of the config at ``key`` into one ConfigError naming it."""
+    try:
+        yield
+    except _REFUSALS as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        words = " ".join(str(cause).split()) or type(cause).__name__
+        target = OmegaConf.select(node, "_target_", default=None) if isinstance(node, DictConfig) else None
+        where = f"{key} ({target})" if target else key
+        raise ConfigError(f"invalid config: {where}: {words}") from None
 
 
 def task_overrides() -> list[str]:
@@ -24,26 +53,50 @@ def task_overrides() -> list[str]:
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return instantiate(cfg.data, _convert_="all")
+    with refused("data", cfg.data):
+        return instantiate(cfg.data, _convert_="all")
 
 
 def build_module(cfg: DictConfig) -> ClassifierModule:
-    """The network from ``model``, optimizer and scheduler partials, wrapped in the module."""
+    """The network from ``model``, optimizer and scheduler partials, wrapped in the module.
+
+    The optimizer and scheduler are built once here on the network's parameters and thrown
+    away, so their constructors check their arguments now rather than when fitting starts.
+    """
     scheduler_cfg = cfg.get("scheduler") or {}
-    scheduler = instantiate(scheduler_cfg.get("scheduler")) if scheduler_cfg.get("scheduler") else None
-    # A partial first: the run config passed as `hparams` holds `_target_`s that
-    # instantiate() would otherwise try to build.
-    module_factory = instantiate(cfg.module, _partial_=True, _convert_="all")
-    return module_factory(
-        net=instantiate(cfg.model, _convert_="all"),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=scheduler,
-        scheduler_interval=scheduler_cfg.get("interval", "epoch"),
-        scheduler_frequency=scheduler_cfg.get("frequency", 1),
-        scheduler_monitor=scheduler_cfg.get("monitor", "val/loss"),
-        hparams=OmegaConf.to_container(cfg, resolve=True),
-        run_overrides=task_overrides(),
-    )
+    with refused("model", cfg.model):
+        net = instantiate(cfg.model, _convert_="all")
+    with refused("optimizer", cfg.optimizer):
+        optimizer = instantiate(cfg.optimizer)
+        probe = optimizer(params=net.parameters())
+    scheduler = None
+    if scheduler_cfg.get("scheduler"):
+        with refused("scheduler.scheduler", scheduler_cfg.scheduler):
+            scheduler = instantiate(scheduler_cfg.scheduler)
+            _probe_scheduler(scheduler, probe, cfg)
+    with refused("module", cfg.module):
+        # A partial first: the run config passed as `hparams` holds `_target_`s that
+        # instantiate() would otherwise try to build.
+        module_factory = instantiate(cfg.module, _partial_=True, _convert_="all")
+        return module_factory(
+            net=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scheduler_interval=scheduler_cfg.get("interval", "epoch"),
+            scheduler_frequency=scheduler_cfg.get("frequency", 1),
+            scheduler_monitor=scheduler_cfg.get("monitor", "val/loss"),
+            hparams=OmegaConf.to_container(cfg, resolve=True),
+            run_overrides=task_overrides(),
+        )
+
+
+def _probe_scheduler(scheduler: Any, optimizer: Any, cfg: DictConfig) -> None:
+    """Build the scheduler once on a throw-away optimizer (lengths the module fills in are guessed)."""
+    accepted = inspect.signature(scheduler.func).parameters
+    epochs = max(1, int(OmegaConf.select(cfg, "trainer.max_epochs", default=1) or 1))
+    guesses = {"total_steps": epochs * 10, "steps_per_epoch": 10}
+    kwargs = {k: v for k, v in guesses.items() if k in accepted and scheduler.keywords.get(k) is None}
+    scheduler(optimizer=optimizer, **kwargs)
 
 
 def _instantiate_group(group: DictConfig | None, kind: str) -> list:
@@ -52,8 +105,10 @@ def _instantiate_group(group: DictConfig | None, kind: str) -> list:
         if node is None:
             continue
         if "_target_" not in node:
-            raise ValueError(f"{kind}.{name} has no _target_; each {kind} entry must name a class to build")
-        objects.append(instantiate(node, _convert_="all"))
+            raise ConfigError(f"invalid config: {kind}.{name} has no _target_; each {kind} entry must name a "
+                              "class to build")
+        with refused(f"{kind}.{name}", node):
+            objects.append(instantiate(node, _convert_="all"))
     return objects
 
 
@@ -69,4 +124,5 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    with refused("trainer", cfg.trainer):
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")

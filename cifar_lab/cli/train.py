@@ -78,23 +78,25 @@ def train(cfg: DictConfig) -> float | None:
     resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
     run_dir = run_dir_of(cfg)
     _quiet_other_ranks()
-    if rank_zero_only.rank == 0:
-        print_and_save(cfg, run_dir)
-    for warning in resume.warnings if resume else []:
-        log.warning("resuming from %s: %s", resume.path, warning)
     L.seed_everything(cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
-    if cfg.get("reuse_host_memory", False):
-        keep_freed_memory()
-
-    datamodule = builders.build_datamodule(cfg)
-    if rank_zero_only.rank == 0:
-        # Fail on missing data before anything expensive is built (other DDP ranks wait in fit).
-        datamodule.prepare_data()
+    # Everything cheap first, so a value torch or Lightning refuses stops the run in seconds,
+    # before any data is read (builders turn their errors into one ConfigError).
     module = builders.build_module(cfg)
     safety = safety_callbacks(checkpoint_dir_of(cfg))
     callbacks = builders.build_callbacks(cfg) + safety
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)
+    if rank_zero_only.rank == 0:
+        print_and_save(cfg, run_dir)
+    for warning in resume.warnings if resume else []:
+        log.warning("resuming from %s: %s", resume.path, warning)
+    if cfg.get("reuse_host_memory", False):
+        keep_freed_memory()
+
+    datamodule = builders.build_datamodule(cfg)
+    if rank_zero_only.rank == 0:
+        # Fail on missing data before anything expensive runs (other DDP ranks wait in fit).
+        datamodule.prepare_data()
     use_atomic_checkpoints(trainer)
     stopper = next(c for c in safety if isinstance(c, GracefulStop))
 
