@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cifar_lab.errors import InputError
 
@@ -75,15 +77,6 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
     return list(found)
 
 
-def _select(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _number(value: Any, kind: type) -> Any:
     try:
         return kind(value) if value is not None else None
@@ -107,20 +100,32 @@ def read_run(metrics_file: Path, label: str) -> Run:
             cfg = yaml.safe_load(config_file.read_text()) or {}
         except yaml.YAMLError:
             cfg = {}
+    # The config as an OmegaConf node, made once for the dotted look-ups below. Any YAML
+    # value (a date, say) is kept as it is; a file that is not a mapping, or has keys
+    # OmegaConf does not take, has nothing to look up.
+    try:
+        conf = OmegaConf.create(cfg if isinstance(cfg, dict) else {}, flags={"allow_objects": True})
+    except OmegaConfBaseException:
+        conf = OmegaConf.create({})
+
+    def select(dotted: str) -> Any:
+        """The value at ``dotted`` (e.g. ``optimizer.lr``); None when any part is missing."""
+        return OmegaConf.select(conf, dotted, default=None, throw_on_resolution_failure=False)
+
     choices = summary.get("choices") or {}
     metrics = summary.get("metrics") or {}
     scheduler_choice = choices.get("scheduler")
-    scheduler = scheduler_choice or _short_target(_select(cfg, "scheduler.scheduler._target_"))
+    scheduler = scheduler_choice or _short_target(select("scheduler.scheduler._target_"))
     return Run(
         path=run_dir,
         run=label,
         task=str(summary.get("task", "train")),
-        model=str(summary.get("model") or choices.get("model") or _short_target(_select(cfg, "model._target_"))),
+        model=str(summary.get("model") or choices.get("model") or _short_target(select("model._target_"))),
         params=_number(summary.get("params"), int),
-        optimizer=str(choices.get("optimizer") or _short_target(_select(cfg, "optimizer._target_"))),
-        lr=_number(_select(cfg, "optimizer.lr"), float),
-        batch_size=_number(_select(cfg, "data.batch_size"), int),
-        scheduler=str(scheduler or ("none" if cfg and not _select(cfg, "scheduler.scheduler") else "")),
+        optimizer=str(choices.get("optimizer") or _short_target(select("optimizer._target_"))),
+        lr=_number(select("optimizer.lr"), float),
+        batch_size=_number(select("data.batch_size"), int),
+        scheduler=str(scheduler or ("none" if cfg and not select("scheduler.scheduler") else "")),
         epochs=_number(summary.get("epochs"), int),
         val_acc_best=_number(metrics.get("val/acc_best"), float),
         test_acc=_number(metrics.get("test/acc"), float),

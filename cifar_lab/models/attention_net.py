@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .blocks import BranchMixBlock, ResidualPair
+from .blocks import BranchMixBlock, PooledMLPHead, ResidualPair
 from .init import init_weights
 
 __all__ = ["AttentionNet"]
@@ -53,14 +53,7 @@ class AttentionNet(nn.Module):
             nn.BatchNorm2d(256),
             nn.ReLU(inplace=True),
         )
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(256, head_hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(head_hidden, num_classes),
-        )
+        self.head = PooledMLPHead(256, head_hidden, num_classes, dropout=dropout)
         init_weights(self, init)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 The central piece is :class:`BranchMixBlock`, the input-conditioned mixture of
 parallel convolutions used (with different settings) by the pseudo-SE net,
-the conv-block net and the attention net.
+the conv-block net and the attention net; the three also share their classifier,
+:class:`PooledMLPHead`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "StackedConv2d",
     "BranchMixBlock",
     "ResidualPair",
+    "PooledMLPHead",
     "SqueezeExcite",
     "drop_path",
     "DropPath",
@@ -209,6 +211,39 @@ class ResidualPair(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x)) + self.skip(x)
+
+
+class PooledMLPHead(nn.Sequential):
+    """Classifier head: global average pool, then a two-layer MLP on the pooled features.
+
+    ``AdaptiveAvgPool2d(1) -> Flatten -> Linear(in -> hidden) -> activation
+    -> [Dropout(dropout)] -> Linear(hidden -> num_classes)``
+
+    ``dropout=None`` leaves the dropout layer out altogether (``dropout=0.0`` keeps
+    a no-op one). It is an ``nn.Sequential``, so its parameters are named by
+    position (``2.weight``, then ``4.weight`` or, with a dropout layer,
+    ``5.weight``) exactly like the plain ``nn.Sequential`` heads the networks
+    were first written with, and their checkpoints still load.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int,
+        num_classes: int,
+        dropout: float | None = None,
+        act: str = "relu",
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            make_activation(act),
+        ]
+        if dropout is not None:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(hidden, num_classes))
+        super().__init__(*layers)
 
 
 class SqueezeExcite(nn.Module):

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .blocks import BranchMixBlock
+from .blocks import BranchMixBlock, PooledMLPHead
 from .init import init_weights
 
 __all__ = ["ConvBlockNet"]
@@ -62,14 +62,7 @@ class ConvBlockNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             ch = out
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(ch, head_hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(head_dropout),
-            nn.Linear(head_hidden, num_classes),
-        )
+        self.head = PooledMLPHead(ch, head_hidden, num_classes, dropout=head_dropout)
         init_weights(self, init)
 
     def forward(self, x: Tensor) -> Tensor:

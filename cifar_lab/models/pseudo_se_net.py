@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .blocks import BranchMixBlock
+from .blocks import BranchMixBlock, PooledMLPHead
 from .init import init_weights
 
 __all__ = ["PseudoSENet"]
@@ -45,13 +45,7 @@ class PseudoSENet(nn.Module):
             )
             ch = out
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(ch, hidden_units),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_units, num_classes),
-        )
+        self.head = PooledMLPHead(ch, hidden_units, num_classes)  # no dropout layer
         init_weights(self, init)
 
     def forward(self, x: Tensor) -> Tensor:

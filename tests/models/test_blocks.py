@@ -161,3 +161,17 @@ def test_drop_path():
     assert_close(y[kept], torch.full_like(y[kept], 2.0))
     dp.eval()
     assert torch.equal(dp(x), x)
+
+
+def test_pooled_mlp_head_layout_and_parameter_names():
+    from cifar_lab.models.blocks import PooledMLPHead
+
+    with_dropout = PooledMLPHead(16, 8, 10, dropout=0.5)
+    without = PooledMLPHead(16, 8, 10)
+    # positions match the plain nn.Sequential heads older checkpoints were saved with
+    assert list(with_dropout.state_dict()) == ["2.weight", "2.bias", "5.weight", "5.bias"]
+    assert list(without.state_dict()) == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    x = torch.randn(3, 16, 4, 4)
+    assert with_dropout.eval()(x).shape == (3, 10)
+    manual = without[4](without[3](without[2](x.mean(dim=(2, 3)))))
+    torch.testing.assert_close(without(x), manual)

@@ -1,0 +1,98 @@
+"""cifar-lab's side of every comparison: the composed config, its datamodule, and training
+batches as Lightning delivers them (loader, transfer, ``on_after_batch_transfer``)."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from cifar_lab.config import CONF_DIR
+
+
+def compose(overrides: list[str]):
+    """``conf/train.yaml`` composed with ``overrides``, without a Hydra run directory."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import cifar_lab  # noqa: F401  (registers the resolvers)
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["logger=none", "callbacks=none", *overrides],
+                            return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):  # what a Hydra run would set; the benchmark writes no run files
+        cfg.hydra.runtime.output_dir = str(Path(tempfile.gettempdir()) / "cifar_lab_bench")
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@contextlib.contextmanager
+def _open(cfg):
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        yield
+
+
+class _TrainingStub:
+    """What ``CIFARDataModule.on_after_batch_transfer`` reads from a Trainer while training."""
+
+    training = True
+    sanity_checking = False
+    current_epoch = 0
+    global_rank = 0
+    world_size = 1
+
+
+_LOADED: dict[str, Any] = {}  # source description -> ImageSplits, so repeats skip decoding
+
+
+def build_datamodule(cfg, cached: bool = True):
+    """The configured datamodule; with ``cached`` its source loads from disk only once per run."""
+    from cifar_lab import builders
+
+    dm = builders.build_datamodule(cfg)
+    if cached:
+        source = dm.source
+        key = source.describe()
+        load = source.load
+
+        def load_once():
+            if key not in _LOADED:
+                _LOADED[key] = load()
+            return _LOADED[key]
+
+        source.load = load_once
+    return dm
+
+
+def lab_datamodule(cfg, batch_size: int, cached: bool = True):
+    """A set-up datamodule that augments as in training (a stand-in for the Trainer)."""
+    with _open(cfg):
+        cfg.data.batch_size = batch_size
+    dm = build_datamodule(cfg, cached)
+    dm.setup("fit")
+    dm.trainer = _TrainingStub()
+    # batches in the network's layout, as the training module's setup() arranges in a Trainer
+    dm.channels_last = cfg.module.memory_format == "channels_last"
+    return dm
+
+
+def lab_batches(dm, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """cifar-lab's training batches as Lightning delivers them: loader, transfer, hook."""
+    while True:
+        for batch in dm.train_dataloader():
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            yield dm.on_after_batch_transfer(batch, 0)

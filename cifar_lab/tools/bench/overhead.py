@@ -1,0 +1,104 @@
+"""Measurement 3, Lightning's overhead: ``Trainer.fit`` of the real module and datamodule
+against a hand-written loop over the same model, data and precision, timed in pairs."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from cifar_lab.tools.bench.lab import _open, build_datamodule, compose, lab_batches, lab_datamodule
+from cifar_lab.tools.bench.settings import Settings
+from cifar_lab.tools.bench.timing import _median, _sync
+from cifar_lab.tools.bench.training import _optimizer, _train_step_fn
+
+
+def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Step times of ``Trainer.fit`` and of a hand-written step, interleaved step by step.
+
+    After every Lightning step a callback runs one hand-written step (its own module,
+    optimizer and datamodule, same config) and times it; a Lightning step is the time
+    from the end of that hand-written step to the end of the next Lightning step (batch
+    fetch, hooks, training_step with its metrics and logging, backward, optimizer). Each
+    pair shares the machine's load, which separate runs on a shared machine do not.
+    """
+    import lightning as L
+
+    from cifar_lab import builders
+
+    lightning_times: list[float] = []
+    plain_times: list[float] = []
+    plain_dm = lab_datamodule(cfg, int(cfg.data.batch_size))
+    plain_module = builders.build_module(cfg).to(device).train()
+    plain_step = _train_step_fn(plain_module, _optimizer(cfg, plain_module.net.parameters()),
+                                str(cfg.trainer.precision), device)
+    plain_batches = lab_batches(plain_dm, device)
+
+    class PairedSteps(L.Callback):
+        mark = 0.0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            _sync(device)
+            self.mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            _sync(device)
+            now = time.perf_counter()
+            lightning_times.append(now - self.mark)
+            with torch.enable_grad():
+                plain_step(*next(plain_batches))  # batch fetch + augmentation + step, as in a loop
+            _sync(device)
+            self.mark = time.perf_counter()
+            plain_times.append(self.mark - now)
+
+    dm = build_datamodule(cfg)
+    module = builders.build_module(cfg)
+    t = cfg.trainer
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            default_root_dir=tmp, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+            precision=t.precision, max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            limit_val_batches=0, callbacks=[PairedSteps()], log_every_n_steps=t.log_every_n_steps,
+            use_distributed_sampler=False, gradient_clip_val=t.gradient_clip_val,
+            accumulate_grad_batches=t.accumulate_grad_batches, benchmark=t.benchmark, deterministic=t.deterministic,
+        )
+        trainer.fit(module, datamodule=dm)
+    plain_batches.close()
+    return {"lightning": lightning_times[warmup:], "plain": plain_times[warmup:]}
+
+
+def bench_overhead(base_overrides: list[str], settings: Settings, device: torch.device, log,
+                   model: str = "simple_cnn") -> dict[str, Any]:
+    """Lightning's per-step cost over a hand-written loop, for ``model`` and for a tiny
+    network (where almost all of a step is overhead, so it shows in milliseconds)."""
+    out: dict[str, Any] = {"model_name": model, "batch_size": settings.batch_size, "steps": settings.overhead_steps,
+                           "method": "paired: one hand-written step after every Lightning step, medians"}
+    tiny = [f"model={model}", "model.filters=[4,4]", "model.fc_units=8"] if model == "simple_cnn" else None
+    for label, extra in (("model", [f"model={model}"]), ("tiny", tiny)):
+        if extra is None:
+            continue
+        cfg = compose([*base_overrides, *extra])
+        with _open(cfg):
+            cfg.data.batch_size = settings.batch_size
+        times: dict[str, list[float]] = {"lightning": [], "plain": []}
+        for r in range(settings.overhead_repeats):
+            res = _paired_fit(cfg, settings.overhead_steps, settings.overhead_warmup, device)
+            for k in times:
+                times[k].extend(res[k])
+            log(f"    {label:<6s} repeat {r + 1}/{settings.overhead_repeats}: median step "
+                f"{1000 * _median(res['lightning']):7.2f} ms Lightning, {1000 * _median(res['plain']):7.2f} ms plain")
+        lm, pm = _median(times["lightning"]), _median(times["plain"])
+        diffs = [a - b for a, b in zip(times["lightning"], times["plain"])]
+        out[label] = {"lightning_median_step_ms": 1000 * lm, "plain_median_step_ms": 1000 * pm,
+                      "median_paired_difference_ms": 1000 * _median(diffs),
+                      "ratio": lm / pm, "precision": str(cfg.trainer.precision), "steps_timed": len(diffs)}
+        out["precision"] = str(cfg.trainer.precision)
+    out["ratio"] = out["model"]["ratio"]
+    if "tiny" in out:
+        # the tiny network's absolute per-step overhead added to the real model's step
+        add = out["tiny"]["median_paired_difference_ms"]
+        out["ratio_from_tiny_overhead"] = (out["model"]["plain_median_step_ms"] + add) / out["model"]["plain_median_step_ms"]
+    return out
