@@ -1,8 +1,11 @@
-"""Atomic file writes: a reader (or a crash) never sees half a checkpoint or cache."""
+"""Safe file I/O: atomic writes (a reader or a crash never sees half a checkpoint or cache), and
+pickles read without running code."""
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,3 +48,37 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle names something other than arrays and plain values."""
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, numbers, strings, bytes and numpy arrays, and nothing else.
+
+    A pickle names the functions that rebuild its objects, and unpickling calls them: a
+    crafted file runs any code it likes. Refusing every global but numpy's array
+    reconstruction keeps a data file (a CIFAR batch, an input to predict) a data file.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle hook
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise RefusedPickle(f"refusing to load {module}.{name} (only arrays and plain values are read)")
+
+
+def load_array_pickle(raw: bytes) -> Any:
+    """The object a pickle holds, read with :class:`ArrayUnpickler`.
+
+    Raises :class:`RefusedPickle` for a pickle of other objects, ``pickle.UnpicklingError``
+    (or another error) for one that is malformed.
+    """
+    return ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()

@@ -18,6 +18,7 @@ from torchvision.io import write_png
 
 from cifar_lab.cli import predict as predict_mod
 from cifar_lab.cli.predict import natural_key, predict
+from cifar_lab.errors import CheckpointError
 from cifar_lab.errors import InputError as PredictionError
 from conftest import SYNTH, compose_cfg, run_cli
 
@@ -88,10 +89,38 @@ def test_pickle_inputs_and_index_labels(ckpt: Path, tmp_path: Path) -> None:
     with open(tmp_path / "batch", "wb") as f:
         pickle.dump({"data": rows, "filenames": ["x"] * len(rows)}, f)
     assert read_csv(predict(ckpt, tmp_path / "batch", tmp_path / "b.csv")) == expected_rows(PATTERN)
-    # a torch tensor (N, 3, H, W)
+    # an (N, 3, H, W) numpy array
     with open(tmp_path / "t.pkl", "wb") as f:
-        pickle.dump(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), f)
+        pickle.dump(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), f)
     assert read_csv(predict(ckpt, tmp_path / "t.pkl", tmp_path / "c.csv")) == expected_rows(PATTERN)
+    # a pickled torch tensor needs torch's own rebuild functions: refused like any other object
+    with open(tmp_path / "torch.pkl", "wb") as f:
+        pickle.dump(torch.from_numpy(images), f)
+    with pytest.raises(PredictionError, match="refusing to load torch"):
+        predict(ckpt, tmp_path / "torch.pkl", tmp_path / "d.csv")
+
+
+class _Planted:
+    """A pickle payload that would create a marker file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_pickle_never_runs_code(ckpt: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "images.pkl"
+    crafted.write_bytes(pickle.dumps({"data": _Planted(marker)}))
+    with pytest.raises(PredictionError, match=r"refusing to load pathlib\.Path"):
+        predict(ckpt, crafted, tmp_path / "out.csv")
+    assert not marker.exists() and not (tmp_path / "out.csv").exists()
+    # a bad checkpoint is reported before the input is even opened
+    with pytest.raises(CheckpointError, match="no such file"):
+        predict(tmp_path / "missing.ckpt", crafted, tmp_path / "out.csv")
+    assert not marker.exists()
 
 
 def test_folder_in_natural_name_order(ckpt: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@
   ``img2.png`` comes before ``img10.png``; ``0.png .. N-1.png`` get ids equal to their stems;
 * a ``.npy`` file holding a uint8 array ``(N, H, W, 3)`` (channels last, as CIFAR's
   python batches reshape to and as PIL/numpy images are), or ``(N, 3, H, W)``;
-* a pickle file holding such an array (numpy or torch), or a dict with a ``data`` entry in
+* a pickle file holding such a numpy array, or a dict with a ``data`` entry in
   the CIFAR python-batch layout (``(N, 3072)`` uint8 rows, red plane then green then blue).
 
 The CSV has the header ``id,label`` and one row per input image; ``id`` is the image's
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -43,6 +42,7 @@ from cifar_lab.callbacks.tta import tta_probs, tta_views
 from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES
 from cifar_lab.errors import InputError, exit_on_user_error
+from cifar_lab.fileio import RefusedPickle, load_array_pickle
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,17 @@ def load_input(path: str | Path) -> tuple[Tensor | list[Tensor], list[str] | Non
             raise InputError(f"{path} is not a readable .npy array file ({type(err).__name__}: {err})") from err
         return _array_images(array, str(path)), None
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
+        obj = load_array_pickle(path.read_bytes())
+    except RefusedPickle as err:
+        raise InputError(
+            f"{path}: {err}; a pickle input may hold only a uint8 image array (or a CIFAR-style dict of one), "
+            "never other objects: save the images with numpy.save as a .npy file instead"
+        ) from None
     except Exception as err:  # noqa: BLE001 - anything that fails to unpickle is "not a pickle"
         raise InputError(
             f"{path} is not a pickle file ({type(err).__name__}); input must be a folder of images, "
             "a .npy file or a pickle of a uint8 (N, H, W, 3) array"
-        ) from err
+        ) from None
     if isinstance(obj, dict):
         data = obj.get("data", obj.get(b"data"))
         if data is None:

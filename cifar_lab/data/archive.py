@@ -7,10 +7,8 @@ load (checked by structure instead) and hands the datamodule one uint8 tensor pe
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
@@ -24,6 +22,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from cifar_lab.data.splits import DataError, ImageSplits
+from cifar_lab.fileio import load_array_pickle
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +47,6 @@ _LAYOUT = {
 }
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR batch files contain (dicts, lists, numpy arrays).
-
-    Batch files are pickles by format; refusing every other global keeps a tampered
-    file from running code.
-    """
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle hook
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
@@ -77,7 +56,7 @@ def _read_pickle(path: Path) -> dict:
     except OSError as err:  # permissions, a folder in its place, I/O errors
         raise DataError(f"cannot read CIFAR batch file {path} ({type(err).__name__}: {err.strerror or err})") from None
     try:
-        content = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        content = load_array_pickle(raw)
     except Exception as err:  # truncated, corrupted, or not a pickle at all
         raise DataError(
             f"cannot read CIFAR batch file {path} ({type(err).__name__}: {err}); the file is truncated "
