@@ -125,6 +125,8 @@ KNOWN_METRICS = _metric_names()
 # What a sweep optimises or a callback monitors during fitting: never a test metric.
 FIT_METRICS = tuple(m for m in KNOWN_METRICS if not m.startswith("test/"))
 PIPELINES = ("batched", "per_image")
+# Precisions Lightning accepts that cast the whole network (its input included): not supported.
+CAST_PRECISIONS = ("64", "64-true", "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
 SCHEDULER_INTERVALS = ("epoch", "step")
 
 # ----------------------------------------------------------------------------- the table
@@ -362,9 +364,16 @@ def _check_trainer(cfg: dict) -> Iterator[str]:
     lo, hi = trainer.get("min_epochs"), trainer.get("max_epochs")
     if _is_int(lo) and _is_int(hi) and hi != -1 and lo > hi:
         yield _problem("trainer.min_epochs", lo, f"at most trainer.max_epochs ({hi})")
-    if trainer.get("accelerator") == "cpu" and str(trainer.get("precision")) in ("16", "16-mixed", "16-true"):
+    precision = str(trainer.get("precision"))
+    if precision in CAST_PRECISIONS:
+        # Lightning accepts these, then casts the network while batches stay float32: the first
+        # convolution fails on mismatched dtypes.
         yield _problem("trainer.precision", trainer.get("precision"),
-                       "32, bf16-mixed or 64 on the CPU (float16 needs a GPU)")
+                       "32, bf16-mixed or 16-mixed (the batches are float32; precisions that cast the "
+                       "whole network are not supported)")
+    elif trainer.get("accelerator") == "cpu" and precision in ("16", "16-mixed"):
+        yield _problem("trainer.precision", trainer.get("precision"),
+                       "32 or bf16-mixed on the CPU (float16 needs a GPU)")
     no_val = trainer.get("limit_val_batches") == 0 or trainer.get("limit_val_batches") == 0.0
     metric = cfg.get("optimized_metric")
     if no_val and isinstance(metric, str) and metric.startswith("val/"):
