@@ -11,7 +11,7 @@ import torch
 from cifar_lab import builders
 from cifar_lab.data import augment as A
 from cifar_lab.data.mixing import BatchMixer
-from cifar_lab.train import train
+from cifar_lab.cli.train import train
 from conftest import CONF, SYNTH, compose_cfg
 
 EXPERIMENTS = ["attention_net", "conv_block_net", "efficientnet", "finetune_pretrained", "pseudo_se_net",
@@ -69,6 +69,27 @@ def _built(name: str, tmp_path: Path, extra: list[str] | None = None):
 
 def test_every_report_has_an_experiment() -> None:
     assert set(EXPERIMENTS) <= {p.stem for p in (CONF / "experiment").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_augmentation_comes_from_the_augment_group(name: str, tmp_path: Path) -> None:
+    """No experiment repeats an augmentation block: each picks a conf/augment option."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"))
+    assert "augment" not in raw.get("data", {}), name
+    defaults = raw.get("defaults", [])
+    chosen = [d["override /augment"] for d in defaults if isinstance(d, dict) and "override /augment" in d]
+    if name == "speedrun_long":  # speedrun's recipe, choice included
+        assert chosen == [] and "speedrun" in defaults
+        return
+    assert len(chosen) == 1 and (CONF / "augment" / f"{chosen[0]}.yaml").is_file(), name
+    cfg = _compose(name, tmp_path)
+    if chosen[0] == "none":
+        assert cfg.data.augment is None
+        return
+    option = OmegaConf.load(CONF / "augment" / f"{chosen[0]}.yaml")
+    assert {k for k in option if k != "defaults"} <= set(cfg.data.augment), name
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
