@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -121,6 +122,12 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: no CUDA GPU is visible to this process (torch.cuda.is_available() "
+            "is false). Train on the CPU with trainer=cpu, or trainer=default, which uses a GPU when there is one"
+        )
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

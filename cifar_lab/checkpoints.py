@@ -43,6 +43,8 @@ __all__ = [
     "load_network_weights",
     "check_resume_compatible",
     "prepare_resume",
+    "trained_epochs",
+    "load_weights_from",
 ]
 
 # Extra entries cifar-lab writes into every checkpoint next to Lightning's own.
@@ -68,12 +70,30 @@ RESUME_CHANGES_RESULT = ("seed", "data.batch_size", "data.augment", "data.mixing
 
 # ----------------------------------------------------------------------------- finding
 def _best_recorded(run_dir: Path) -> Path | None:
-    """The best checkpoint named in the run's metrics.json, if it still exists."""
+    """The best checkpoint named in the run's metrics.json, inside this run directory.
+
+    The path is relative to the run directory. An absolute one (written by older versions)
+    is taken as its place inside this directory when the run was copied or moved, so a copy
+    never uses the original's files.
+    """
     try:
         best = json.loads((run_dir / "metrics.json").read_text()).get("best_ckpt") or ""
     except (OSError, ValueError, AttributeError):
         return None
-    return Path(best) if best and Path(best).is_file() else None
+    if not best:
+        return None
+    recorded = Path(best)
+    if not recorded.is_absolute():
+        candidate = run_dir / recorded
+    elif recorded.parent.name == "checkpoints":
+        candidate = run_dir / "checkpoints" / recorded.name
+    else:
+        candidate = recorded
+    if candidate.is_file():
+        return candidate
+    log.warning("%s names the best checkpoint %s, which is not in %s; using checkpoints/last.ckpt",
+                run_dir / "metrics.json", best, run_dir)
+    return None
 
 
 def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: Path | None = None) -> Path | None:
@@ -105,6 +125,11 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
             raise CheckpointError(f"ckpt_path={ckpt_path}: no checkpoint found in that directory (looked for {looked})")
         return found
     if not path.is_file():
+        if purpose == "resume":
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path}: no checkpoint at {path}. Pass a .ckpt file, a run directory holding "
+                "checkpoints/last.ckpt, or ckpt_path=last together with hydra.run.dir=<that run directory>"
+            )
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file or directory")
     return path
 
@@ -280,4 +305,49 @@ def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
         raise CheckpointError(f"{path} holds no cifar-lab run config (hyper_parameters), so it cannot be checked "
                               "against this run; resume only from checkpoints written by train.py")
     check_targets(saved, origin=str(path))
-    return Resume(str(path), check_resume_compatible(saved, cfg, path))
+    warnings = check_resume_compatible(saved, cfg, path)
+    _refuse_finished(checkpoint, cfg, path)
+    return Resume(str(path), warnings)
+
+
+def trained_epochs(checkpoint: dict[str, Any]) -> int:
+    """Epochs whose training the checkpoint has finished (Lightning's fit-loop progress)."""
+    progress = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", checkpoint.get("epoch", 0)))
+
+
+def _refuse_finished(checkpoint: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
+    """A run that already reached ``trainer.max_epochs`` (or ``max_steps``) has nothing left to resume."""
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    epochs, steps = trained_epochs(checkpoint), int(checkpoint.get("global_step", 0))
+    done_epochs = isinstance(max_epochs, int) and max_epochs >= 0 and epochs >= max_epochs
+    done_steps = isinstance(max_steps, int) and max_steps > 0 and steps >= max_steps
+    if done_epochs or done_steps:
+        limit = f"trainer.max_epochs={max_epochs}" if done_epochs else f"trainer.max_steps={max_steps}"
+        raise CheckpointError(
+            f"{path} is a finished run: it trained {epochs} epochs ({steps} steps), which {limit} allows, so there "
+            f"is nothing to resume. To train it further, resume with a larger limit (e.g. trainer.max_epochs="
+            f"{max(epochs, 0) + 10}); to fine-tune from its weights in a new run with a fresh optimizer and "
+            f"schedule, pass init_from={path} instead of ckpt_path"
+        )
+
+
+def load_weights_from(ckpt_path: Any, net: torch.nn.Module, cfg: DictConfig) -> Path:
+    """``init_from``: copy a checkpoint's network weights into ``net`` (nothing else: a fresh run).
+
+    The checkpoint's network config must match this run's (as for a resume); a run
+    directory means its best checkpoint.
+    """
+    path = resolve(ckpt_path, "use")
+    assert path is not None
+    checkpoint = load(path, mmap=True)
+    saved, origin = saved_config(path, checkpoint)
+    mismatched = _differences(OmegaConf.create(saved), cfg, ("model", "data.num_classes"), skip=LEGACY_MODEL_KEYS)
+    if mismatched:
+        shown = "\n".join(f"  - {line}" for line in mismatched[:8])
+        raise CheckpointError(f"init_from={ckpt_path}: its network differs from this run's:\n{shown}\n"
+                              "Start from a checkpoint of the same model, or use that run's model overrides")
+    load_network_weights(net, checkpoint, path)
+    log.info("initialised the network from %s (weights only)", path)
+    return path

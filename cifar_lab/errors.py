@@ -13,6 +13,7 @@ exit code  meaning
 2          :class:`ConfigError`, :class:`DataError`, :class:`CheckpointError`,
            :class:`InputError`: fix the config, the data, the checkpoint or the input
 3          :class:`NonFiniteLossError`: the loss diverged
+4          every job of a sweep failed (``python train.py -m``; each job's error.txt says why)
 128 + N    :class:`TrainingInterrupted` by signal N (130: Ctrl-C, 143: SIGTERM),
            after saving a resumable checkpoint
 =========  ===================================================================
@@ -29,6 +30,7 @@ from typing import Iterator
 __all__ = [
     "EXIT_USER",
     "EXIT_DIVERGED",
+    "EXIT_SWEEP_FAILED",
     "UserError",
     "ConfigError",
     "UnsafeConfigError",
@@ -42,6 +44,7 @@ __all__ = [
 
 EXIT_USER = 2
 EXIT_DIVERGED = 3
+EXIT_SWEEP_FAILED = 4
 
 
 class UserError(Exception):
@@ -62,8 +65,8 @@ class DataError(UserError, RuntimeError):
     """A data problem the user can fix; the message names the file and the remedy."""
 
 
-class CheckpointError(UserError):
-    """A missing, unreadable or unsuitable checkpoint (or run directory)."""
+class CheckpointError(ConfigError):
+    """A missing, unreadable or unsuitable checkpoint (or run directory) named by ``ckpt_path`` and friends."""
 
 
 class InputError(UserError):

@@ -33,7 +33,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the target's folder, fsync, then rename over the target."""
+    """``torch.save`` to a temporary file in the target's folder, fsync, then rename over the target.
+
+    On any failure (a full disk, a read-only folder) the temporary file is removed, the target is
+    left as it was, and the error is raised.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -45,7 +49,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        try:  # never leave half a file behind; a failure to remove it must not hide the cause
+            Path(tmp).unlink(missing_ok=True)
+        except OSError:
+            pass
         raise
     _fsync_dir(path.parent)
 

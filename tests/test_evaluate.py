@@ -63,7 +63,7 @@ def test_evaluate_reproduces_recorded_test_accuracy(trained: Path, tmp_path: Pat
     out = tmp_path / "eval"
     summary = evaluate.run([f"ckpt_path={trained}", "trainer.enable_progress_bar=false"], out)
     recorded = _summary(trained)
-    assert summary["ckpt_path"] == recorded["best_ckpt"]
+    assert summary["ckpt_path"] == str(trained / recorded["best_ckpt"])
     assert summary["config_source"] == str(trained / ".hydra" / "overrides.yaml")
     assert summary["metrics"]["test/acc"] == pytest.approx(recorded["metrics"]["test/acc"], abs=1e-6)
     assert summary["metrics"]["test/loss"] == pytest.approx(recorded["metrics"]["test/loss"], rel=1e-5)
@@ -74,13 +74,13 @@ def test_evaluate_reproduces_recorded_test_accuracy(trained: Path, tmp_path: Pat
         assert (out / name).is_file(), name
     assert (trained / "classification_report.txt").read_text() == (out / "classification_report.txt").read_text()
     saved = OmegaConf.load(out / "config.yaml")
-    assert saved.callbacks.report.output_dir == str(out) and saved.ckpt_path == recorded["best_ckpt"]
+    assert saved.callbacks.report.output_dir == str(out) and saved.ckpt_path == str(trained / recorded["best_ckpt"])
 
 
 def test_evaluate_a_lone_checkpoint_uses_its_stored_config(trained: Path, tmp_path: Path) -> None:
     lone = tmp_path / "elsewhere" / "model.ckpt"
     lone.parent.mkdir()
-    shutil.copy(_summary(trained)["best_ckpt"], lone)
+    shutil.copy(trained / _summary(trained)["best_ckpt"], lone)
     out = tmp_path / "eval"
     summary = evaluate.run([f"ckpt_path={lone}", "data.eval_batch_size=7", "callbacks.report.misclassified=0"], out)
     assert summary["config_source"] == f"{lone} (stored overrides)"
@@ -114,7 +114,7 @@ def test_training_overrides_skip_keys_under_a_group_chosen_again(trained: Path) 
 
 
 def test_a_lone_checkpoint_carries_its_training_overrides(trained: Path) -> None:
-    checkpoint = checkpoints.load(_summary(trained)["best_ckpt"])
+    checkpoint = checkpoints.load(trained / _summary(trained)["best_ckpt"])
     assert checkpoint[checkpoints.OVERRIDES_KEY] == QUICK  # the training command's overrides
 
 

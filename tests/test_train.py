@@ -35,7 +35,8 @@ def test_short_run_learns_above_chance(tmp_path: Path) -> None:
     summary = _metrics(tmp_path / "run")
     assert summary["metrics"]["test/acc"] > 0.5, summary  # chance is 0.1
     assert value == summary["metrics"]["val/acc_best"]
-    assert Path(summary["best_ckpt"]).is_file()
+    assert not Path(summary["best_ckpt"]).is_absolute()  # relative to the run directory (portable)
+    assert (tmp_path / "run" / summary["best_ckpt"]).is_file()
     with (tmp_path / "run" / "csv" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {"train/loss_step", "train/acc_step", "train/loss", "train/acc", "val/acc", "val/acc_best"} <= set(rows[0])

@@ -24,6 +24,7 @@ and exit code 2.
 from __future__ import annotations
 
 import csv
+import os
 import logging
 import re
 import sys
@@ -40,7 +41,7 @@ from torch import Tensor
 from cifar_lab import checkpoints
 from cifar_lab.callbacks.tta import tta_probs, tta_views
 from cifar_lab.config.compose import compose_training, hydra_job
-from cifar_lab.data.image_folder import IMAGE_SUFFIXES
+from cifar_lab.data.image_folder import IMAGE_SUFFIXES, ImageDecodeError, decode_image_file
 from cifar_lab.errors import InputError, exit_on_user_error
 from cifar_lab.fileio import RefusedPickle, load_array_pickle
 
@@ -65,12 +66,10 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _decode(path: Path) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is a bad input file
-        raise InputError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+        return decode_image_file(path)
+    except (OSError, ImageDecodeError) as err:  # unreadable, or no decoder knows the format
+        raise InputError(f"cannot read image {path}: {err}") from None
 
 
 def _array_images(array: Any, origin: str) -> Tensor:
@@ -191,6 +190,19 @@ def class_names(checkpoint: dict[str, Any], datamodule: Any) -> list[str]:
         ) from err
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if out.is_dir():
+        raise InputError(f"output={out} is a directory; give a file name, e.g. output={out / 'predictions.csv'}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output={out}: {parent} is a file, not a directory; choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output={out}: the directory {parent} is not writable; choose another output path")
+
+
 def predict(
     ckpt_path: str | Path,
     input: str | Path,
@@ -208,6 +220,7 @@ def predict(
         raise InputError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    _check_output(Path(output))
     ckpt_file = checkpoints.resolve(ckpt_path, "use")
     checkpoint = checkpoints.load(ckpt_file)
     saved, _ = checkpoints.saved_config(ckpt_file, checkpoint)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from cifar_lab.errors import EXIT_SWEEP_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +266,10 @@ class SweepReport(Callback):
             OmegaConf.save(OmegaConf.create(results), results_path)
 
         self._print(summary, objective, sweep_dir)
+        if summary["n_ok"] == 0:
+            print(f"Error: all {summary['n_jobs']} jobs of the sweep failed; each job's error.txt says why "
+                  f"(summary: {sweep_dir / SUMMARY_FILE})", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_SWEEP_FAILED)
 
     def _print(self, summary: dict[str, Any], objective: str | None, sweep_dir: Path) -> None:
         lines = [f"Sweep finished: {summary['n_jobs']} jobs, {summary['n_ok']} ok, "

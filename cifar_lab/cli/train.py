@@ -9,7 +9,6 @@ function: it runs ``train`` through the sweep runner and prints just the message
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -28,12 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import builders
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
-from cifar_lab.checkpoints import Resume, prepare_resume
+from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
 from cifar_lab.cli.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
-from cifar_lab.errors import TrainingInterrupted, exit_on_user_error
+from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_user_error
 from cifar_lab.host import keep_freed_memory
+from cifar_lab.run_dir import RunDirLock, disk_full_error, holds_run, relative_to_run, save_hydra_files
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,14 @@ def _quiet_other_ranks() -> None:
 
 
 def _last_good(cfg: DictConfig, resume: Resume | None) -> str | None:
-    """This run's last.ckpt, else the checkpoint it resumed from."""
-    last = checkpoint_dir_of(cfg) / "last.ckpt"
+    """This run's last.ckpt, else its newest checkpoint, else the checkpoint it resumed from."""
+    folder = checkpoint_dir_of(cfg)
+    last = folder / "last.ckpt"
     if last.is_file():
         return str(last)
+    saved = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if saved:
+        return str(saved[-1])
     return resume.path if resume else None
 
 
@@ -75,18 +79,34 @@ def train(cfg: DictConfig) -> float | None:
     """Run one training job as configured; return the metric named by ``optimized_metric``."""
     start = time.perf_counter()
     validate_config(cfg)
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ConfigError("ckpt_path and init_from exclude each other: ckpt_path resumes a run (optimizer and "
+                          "schedule included), init_from starts a new run from a checkpoint's weights only")
     resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
     run_dir = run_dir_of(cfg)
+    # Nothing in the run directory changes before this point: a refused command leaves it as it was.
+    lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
+    try:
+        return _train(cfg, run_dir, resume, start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) -> float | None:
     _quiet_other_ranks()
     L.seed_everything(cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
     # Everything cheap first, so a value torch or Lightning refuses stops the run in seconds,
     # before any data is read (builders turn their errors into one ConfigError).
     module = builders.build_module(cfg)
+    if cfg.get("init_from"):
+        load_weights_from(cfg.init_from, module.net, cfg)
     safety = safety_callbacks(checkpoint_dir_of(cfg))
     callbacks = builders.build_callbacks(cfg) + safety
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)
     if rank_zero_only.rank == 0:
+        save_hydra_files(run_dir, cfg)
         print_and_save(cfg, run_dir)
     for warning in resume.warnings if resume else []:
         log.warning("resuming from %s: %s", resume.path, warning)
@@ -102,6 +122,11 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
+    except (OSError, RuntimeError) as err:
+        full = disk_full_error(err, run_dir, _last_good(cfg, resume))
+        if full is None:
+            raise
+        raise full from None
     except SIGTERMException:
         raise stopper.interrupted(run_dir, fallback=_last_good(cfg, resume)) from None
     except SystemExit:  # Lightning exits after a KeyboardInterrupt: here, a second Ctrl-C
@@ -128,20 +153,26 @@ def train(cfg: DictConfig) -> float | None:
 
     metrics = {**train_metrics, **val_metrics, **test_metrics}
     summary = {
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir),  # where it ran (information only: paths below are relative to it)
         "model": _choices().get("model", str(cfg.model.get("_target_", ""))),
         "choices": _choices(),
         "params": sum(p.numel() for p in module.net.parameters() if p.requires_grad),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "best_ckpt": best_ckpt,
+        "best_ckpt": relative_to_run(best_ckpt, run_dir),
         "resumed_from": resume.path if resume else None,
         "seed": cfg.seed,
         "metrics": metrics,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
     if trainer.is_global_zero:
-        write_summary(run_dir, summary)
+        try:
+            write_summary(run_dir, summary)
+        except OSError as err:
+            full = disk_full_error(err, run_dir / "metrics.json", _last_good(cfg, resume))
+            if full is None:
+                raise
+            raise full from None
         print(f"Run directory: {run_dir}")
 
     name = cfg.get("optimized_metric")
@@ -158,17 +189,23 @@ def main_guarded(cfg: DictConfig, task: Callable[[DictConfig], float | None] = t
     """The command line's job function: ``task(cfg)`` through the sweep runner, user errors as one message.
 
     In a multirun, :func:`cifar_lab.cli.sweep.run_task` records a failing job and the sweep goes
-    on. Outside one, a user error prints its message alone (kept in the run directory's
-    error.txt too) and exits with its code (:mod:`cifar_lab.errors`). Other errors keep
+    on. Outside one, a user error prints its message alone (kept in a new run directory's
+    error.txt too; an existing run is left untouched) and exits with its code (:mod:`cifar_lab.errors`). Other errors keep
     their traceback.
     """
     from cifar_lab.cli.sweep import run_task
+
+    from cifar_lab.cli.sweep import in_multirun
 
     try:
         run_dir: Path | None = run_dir_of(cfg)
     except Exception:  # noqa: BLE001 - no Hydra runtime (direct calls)
         run_dir = None
-    with exit_on_user_error(run_dir):
+    # A directory that already holds a run is not written to by a refused command (no error.txt).
+    keep_in = run_dir if run_dir is not None and not holds_run(run_dir) else None
+    if run_dir is not None and in_multirun() and rank_zero_only.rank == 0:
+        save_hydra_files(run_dir, cfg)  # a sweep job's own new folder: recorded even if the job fails
+    with exit_on_user_error(keep_in):
         return run_task(task, cfg)
     return None  # unreachable: exit_on_user_error exits on every error it catches
 

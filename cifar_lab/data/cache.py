@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
+
+from cifar_lab.fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +45,45 @@ def load_if_fresh(path: Path, expected_fingerprint: str, required: Iterable[str]
         log.warning("ignoring cache %s: it lacks %s; rebuilding it", path, ", ".join(missing))
         return None
     return cached
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def free_space(path: Path) -> str:
+    """Free space on the filesystem that holds ``path`` (or its nearest existing folder), in words."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError as err:
+        return f"free space unknown ({err.strerror or err})"
+    return f"{_size(usage.free)} free of {_size(usage.total)} on that filesystem"
+
+
+def write_cache(payload: dict[str, Any], path: Path, remedy: str = "") -> bool:
+    """Write ``payload`` to ``path`` atomically; True when written.
+
+    A cache is optional: when it cannot be written (a full disk, a read-only folder, any
+    ``OSError``), this logs one warning naming the path, the error and the free space there,
+    and returns False. Nothing is left behind: the temporary file is removed and an existing
+    cache at ``path`` is untouched.
+    """
+    try:
+        atomic_torch_save(payload, path)
+    except OSError as err:
+        needed = sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, torch.Tensor))
+        log.warning(
+            "could not write the cache %s (%s: %s; it needs about %s, %s); continuing without it, "
+            "with the data in memory%s",
+            path, type(err).__name__, err, _size(needed), free_space(path), f". To cache: {remedy}" if remedy else "",
+        )
+        return False
+    log.info("wrote the cache %s", path)
+    return True

@@ -111,8 +111,8 @@ def test_image_folder_decodes_and_caches(image_root: Path, monkeypatch) -> None:
     assert splits.train_x.shape == (18, 3, 32, 32) and splits.test_x.shape == (6, 3, 32, 32)
     assert (image_root / "cifar_lab_cache_32px.pt").is_file()
 
-    # Second load must come from the cache: decoding would now fail.
-    monkeypatch.setattr(image_folder_mod, "decode_image", lambda *a, **k: (_ for _ in ()).throw(RuntimeError))
+    # Second load must come from the cache: decoding would now fail (both decoders).
+    monkeypatch.setattr(image_folder_mod, "decode_image_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError))
     again = ImageFolderSource(image_root).load()
     assert torch.equal(again.train_x, splits.train_x)
 

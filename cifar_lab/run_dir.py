@@ -1,0 +1,141 @@
+"""A run directory's integrity: one writer at a time, nothing written before a run is accepted.
+
+A run directory is the record of a training run (see :mod:`cifar_lab.checkpoints`). Three
+rules keep it intact:
+
+* **One writer.** :class:`RunDirLock` holds an exclusive ``flock`` on ``<run>/.lock`` for
+  the whole run; a second process aiming at the same directory is refused at once with the
+  holder's PID. The operating system drops the lock when its process dies (kill -9
+  included), so a stale lock file is simply taken over.
+* **Nothing written before the run is accepted.** Hydra's own copies of the config
+  (``.hydra/config.yaml``, ``overrides.yaml``, ``hydra.yaml``) are switched off
+  (``hydra.output_subdir: null``) and written by :func:`save_hydra_files` once the config
+  is valid, the resume is allowed and the lock is held; a refused command leaves an
+  existing directory byte for byte as it was.
+* **Portable.** Paths recorded inside the directory (``metrics.json``'s ``best_ckpt``) are
+  relative to it (:func:`relative_to_run`), so a copied or moved run uses its own files.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_lab.errors import UserError
+
+__all__ = ["RunDirBusy", "DiskFull", "RunDirLock", "holds_run", "save_hydra_files", "relative_to_run",
+           "disk_full_error"]
+
+LOCK_FILE = ".lock"
+
+
+class RunDirBusy(UserError):
+    """Another process is writing the same run directory."""
+
+
+class DiskFull(UserError):
+    """A write failed for lack of space; the message names the path, the free space and what survived."""
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` already holds (part of) a run: its config, checkpoints or metrics."""
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in (".hydra/config.yaml", "checkpoints", "metrics.json"))
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory for the life of this process (or until :meth:`release`)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirBusy(
+                f"run directory {self.path.parent} is in use by process {holder} (it holds {self.path}); "
+                "wait for that run to finish, or give this run its own directory (leave hydra.run.dir "
+                "out, or choose another)"
+            ) from None
+        # We hold it: whoever held it before is gone. Record our PID for the next one to read.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """Write ``.hydra/config.yaml``, ``overrides.yaml`` and ``hydra.yaml`` as Hydra would have.
+
+    Called once a run has been accepted (see the module docstring); outside a Hydra job
+    (a direct ``train(cfg)`` call) only the config is written.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = Path(run_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return
+    OmegaConf.save(OmegaConf.create([str(o) for o in hydra_cfg.overrides.task]), folder / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+
+
+def relative_to_run(path: str | Path | None, run_dir: Path) -> str:
+    """``path`` relative to ``run_dir`` when it lies inside it, else as given ("" for none)."""
+    if not path:
+        return ""
+    try:
+        return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err)
+        # torch's zip writer reports a short write as "unexpected pos ..." (a full disk)
+        if "No space left on device" in text or "unexpected pos" in text:
+            return True
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return False
+
+
+def disk_full_error(err: BaseException, where: Path, last_good: str | None) -> DiskFull | None:
+    """A :class:`DiskFull` for ``err`` when it is a full disk (else ``None``), naming path, space and survivor."""
+    if not _is_disk_full(err):
+        return None
+    target = Path(getattr(err, "filename", None) or where)
+    probe = target if target.exists() else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    survivor = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    return DiskFull(
+        f"no space left on the device while writing {target} ({free / 2**20:,.0f} MiB free on that filesystem); "
+        f"{survivor}. Free some space, then resume with ckpt_path=last hydra.run.dir={where}"
+    )
