@@ -5,10 +5,13 @@ Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn``
 (``<job dir>/error.txt``) and returns nan, and the sweep goes on (cifar_lab.cli.sweep).
 """
 
+import os
+
 import hydra
 from omegaconf import DictConfig
 
 from cifar_lab.cli.train import main_guarded
+from cifar_lab.errors import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,4 +20,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach exit_on_config_error
+    with exit_on_config_error():
+        main()

@@ -40,6 +40,8 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "exit_on_user_error",
+    "config_error",
+    "exit_on_config_error",
 ]
 
 EXIT_USER = 2
@@ -123,3 +125,48 @@ def exit_on_user_error(run_dir: Path | None = None) -> Iterator[None]:
     except TrainingInterrupted as err:
         print(str(err), file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+
+
+def config_error(err: BaseException) -> ConfigError:
+    """One :class:`ConfigError` for a config that does not compose: a YAML syntax error (with its
+    file, line and column), an unknown group, option or key, or a bad override."""
+    import yaml
+
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, yaml.YAMLError):
+        cause = cause.__cause__
+    if isinstance(cause, yaml.YAMLError):
+        where = " ".join(str(cause).split())
+        return ConfigError(f"a config file is not valid YAML: {where}; fix the file at that line")
+    lines = []
+    for line in (line.strip() for line in str(err).strip().splitlines()):
+        if line.startswith(("full_key:", "object_type", "reference_type", "value:", "Set the environment",
+                            "Config search path")):
+            break
+        if line:
+            lines.append(line)
+    text, options = " ".join(lines) or type(err).__name__, ""
+    if "Available options" in text:  # Hydra lists one option per line: keep them on one
+        head, _, rest = text.partition("Available options")
+        label, _, names = rest.partition(":")
+        text, options = head.strip(), f" Available options{label}: {', '.join(names.split())}"
+    return ConfigError(f"cannot compose the config: {text}{options}")
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Around a Hydra app's ``main()``: a config that does not compose is one message and exit code 2.
+
+    Needs ``HYDRA_FULL_ERROR=1`` so Hydra hands its composition errors on instead of printing a
+    traceback itself; the job function runs under :func:`exit_on_user_error`, so anything else
+    reaching here is a bug and keeps its traceback.
+    """
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
+        print(f"Error: {config_error(err)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER)

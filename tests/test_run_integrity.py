@@ -170,3 +170,20 @@ def test_a_sweep_whose_jobs_all_fail_exits_non_zero(tmp_path: Path) -> None:
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "Sweep finished: 2 jobs, 0 ok, 2 failed" in proc.stdout
     assert "Error: all 2 jobs of the sweep failed" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_broken_user_config_is_one_message(tmp_path: Path) -> None:
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ntrainer:\n  max_epochs: 3\n   bad: [1, 2\n")
+    proc = run_cli(["--config-dir", str(tmp_path / "conf"), "experiment=mine", f"hydra.run.dir={tmp_path / 'run'}"],
+                   tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert lines == [f'Error: a config file is not valid YAML: mapping values are not allowed here in '
+                     f'"{tmp_path / "conf" / "experiment" / "mine.yaml"}", line 4, column 7; fix the file at that line']
+    proc = run_cli(["model=nosuch", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Could not find 'model/nosuch' Available options in 'model': attention_net, conv_block_net" in proc.stderr

@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_lab.errors import InputError
+from cifar_lab.errors import InputError, exit_on_user_error
 
 COLUMNS: list[tuple[str, str]] = [
     ("run", "run"),
@@ -302,11 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with exit_on_user_error():
         runs = sort_runs(collect(args.dirs), args.sort)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     table = markdown_table(runs)
     print(table, end="")
     if args.out:

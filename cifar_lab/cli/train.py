@@ -31,7 +31,7 @@ from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
 from cifar_lab.cli.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
-from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_user_error
+from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
 from cifar_lab.host import keep_freed_memory
 from cifar_lab.run_dir import RunDirLock, disk_full_error, holds_run, relative_to_run, save_hydra_files
 
@@ -145,6 +145,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
             (log.warning if checkpoint else log.info)("no best checkpoint was saved; testing the current weights")
         try:
             trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
+        except (OSError, RuntimeError) as err:  # the reports written while testing
+            full = disk_full_error(err, run_dir, _last_good(cfg, resume))
+            if full is None:
+                raise
+            raise full from None
         except SIGTERMException:
             raise TrainingInterrupted(f"stopped while testing; training had finished (checkpoints in "
                                       f"{checkpoint_dir_of(cfg)})", stopper.signum or signal.SIGTERM,
@@ -217,4 +222,8 @@ def cli(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    cli()
+    import os
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach exit_on_config_error
+    with exit_on_config_error():
+        cli()

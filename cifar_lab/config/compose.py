@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_lab.config import CONF_DIR
 from cifar_lab.config.trust import check_targets
-from cifar_lab.errors import ConfigError
+from cifar_lab.errors import ConfigError, config_error
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,8 @@ def replayable(saved: Sequence[str], user: Sequence[str]) -> list[str]:
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     try:
         return compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    except Exception as err:  # noqa: BLE001 - Hydra's composition errors (unknown key, group, option)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot compose the config: {first}") from None
+    except Exception as err:  # noqa: BLE001 - Hydra's composition errors (unknown key, group, option, YAML)
+        raise config_error(err) from None
 
 
 @contextmanager
