@@ -158,10 +158,11 @@ def load(ckpt_file: str | Path, mmap: bool = False) -> dict[str, Any]:
                 f"({reason}); only checkpoints written by cifar-lab can be used"
             ) from None
         cause = err.__cause__ or err.__context__
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(err).__name__}: {text[:200]}"
+        reason = str(cause if cause is not None else err).strip().split(". ")[0]
+        detail = f"{type(cause if cause is not None else err).__name__}: {reason}"
         raise CheckpointError(
-            f"cannot read checkpoint {ckpt_file} ({detail}); it is truncated, corrupted or not a checkpoint: "
-            "use another one (checkpoints/epoch_*.ckpt or last.ckpt)"
+            f"cannot read checkpoint {ckpt_file} ({detail}); the file is truncated or corrupted, or not a "
+            "checkpoint: use another one (checkpoints/epoch_*.ckpt or last.ckpt)"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{ckpt_file} is not a Lightning checkpoint (no state_dict)")

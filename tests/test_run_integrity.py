@@ -187,3 +187,10 @@ def test_a_broken_user_config_is_one_message(tmp_path: Path) -> None:
     proc = run_cli(["model=nosuch", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Could not find 'model/nosuch' Available options in 'model': attention_net, conv_block_net" in proc.stderr
+
+
+def test_evaluate_never_writes_into_a_training_run(finished_run: Path, tmp_path: Path) -> None:
+    before = _snapshot(finished_run)
+    with pytest.raises(ConfigError, match="holds a training run; evaluate writes its own metrics.json"):
+        evaluate.run([f"ckpt_path={finished_run}"], finished_run)
+    assert _snapshot(finished_run) == before

@@ -37,6 +37,7 @@ from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.cli.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, exit_on_user_error
+from cifar_lab.run_dir import RunDirLock, holds_run
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,29 @@ def evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], confi
     """Test the checkpoint's weights with ``cfg``; write reports and metrics.json in the run directory."""
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
+    if holds_run(run_dir) and not _is_evaluation(run_dir):
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds a training run; evaluate writes its own metrics.json and reports, so "
+            "it needs a directory of its own: leave hydra.run.dir out, or choose an empty or new directory"
+        )
+    lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
+    try:
+        return _evaluate(cfg, ckpt_file, checkpoint, config_source, run_dir, start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _is_evaluation(run_dir: Path) -> bool:
+    """An earlier evaluate job's directory (its metrics.json says so), which may be written again."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("task") == "evaluate"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], config_source: str, run_dir: Path,
+              start: float) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
         print_and_save(cfg, run_dir)
         log.info("evaluating %s with the config from %s", ckpt_file, config_source)
