@@ -150,7 +150,8 @@ def load(ckpt_file: str | Path, mmap: bool = False) -> dict[str, Any]:
         checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects weights_only refuses
         text = str(err).strip()
-        unsupported = [line.strip() for line in text.splitlines() if "Unsupported global" in line]
+        # torch names a refused object "Unsupported global: ..." or "unsupported GLOBAL ... is blocked"
+        unsupported = [line.strip() for line in text.splitlines() if "unsupported global" in line.lower()]
         if unsupported:
             reason = unsupported[0]
             raise CheckpointError(
