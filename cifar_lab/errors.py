@@ -25,7 +25,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = [
     "EXIT_USER",
@@ -42,6 +42,7 @@ __all__ = [
     "exit_on_user_error",
     "config_error",
     "exit_on_config_error",
+    "run_command",
 ]
 
 EXIT_USER = 2
@@ -170,3 +171,13 @@ def exit_on_config_error() -> Iterator[None]:
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         print(f"Error: {config_error(err)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER)
+
+
+def run_command(run: Callable[..., Any], doc: str | None, argv: Sequence[str] | None = None) -> None:
+    """A ``python -m cifar_lab.<command> key=value ...`` entry: ``-h`` prints ``doc``, user errors are one message."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(doc)
+        return
+    with exit_on_user_error():
+        run(args, logging_to_file=True)

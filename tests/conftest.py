@@ -22,6 +22,16 @@ CONF = ROOT / "conf"
 CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+# CIFAR-10 statistics the augmentation tests normalise with
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+
+
+def seeded_generator(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
 def random_images(b: int = 16, seed: int = 0, h: int = 32, w: int = 32, dtype=torch.uint8) -> torch.Tensor:
     """A seeded batch of random uint8 images, or the same scaled to [0, 1] in a float dtype."""
     g = torch.Generator().manual_seed(seed)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +35,7 @@ from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.cli.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
-from cifar_lab.errors import ConfigError, exit_on_user_error
+from cifar_lab.errors import ConfigError, run_command
 from cifar_lab.run_dir import RunDirLock, holds_run
 
 log = logging.getLogger(__name__)
@@ -153,12 +152,7 @@ def run(overrides: Sequence[str], output_dir: str | Path | None = None, *, loggi
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return
-    with exit_on_user_error():
-        run(args, logging_to_file=True)
+    run_command(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import csv
 import os
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +41,7 @@ from cifar_lab import checkpoints
 from cifar_lab.callbacks.tta import tta_probs, tta_views
 from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES, ImageDecodeError, decode_image_file
-from cifar_lab.errors import InputError, exit_on_user_error
+from cifar_lab.errors import InputError, run_command
 from cifar_lab.fileio import RefusedPickle, load_array_pickle
 
 log = logging.getLogger(__name__)
@@ -292,12 +291,7 @@ def run(overrides: Sequence[str], output_dir: str | Path | None = None, *, loggi
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return
-    with exit_on_user_error():
-        run(args, logging_to_file=True)
+    run_command(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,9 @@ from cifar_lab.data.augment import (
     RandomRotation,
 )
 from cifar_lab.data.augment.kornia_ops import seeded_rng
+from conftest import MEAN, STD
 from conftest import random_images as _batch
-
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2023, 0.1994, 0.2010)
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from conftest import seeded_generator as _gen
 
 
 # op -> the kornia parameters that must differ between images of one batch
