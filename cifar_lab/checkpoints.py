@@ -294,6 +294,7 @@ class Resume:
 
     path: str
     warnings: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the run config saved in the checkpoint
 
 
 def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
@@ -309,7 +310,7 @@ def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
     check_targets(saved, origin=str(path))
     warnings = check_resume_compatible(saved, cfg, path)
     _refuse_finished(checkpoint, cfg, path)
-    return Resume(str(path), warnings)
+    return Resume(str(path), warnings, saved)
 
 
 def trained_epochs(checkpoint: dict[str, Any]) -> int:

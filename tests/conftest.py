@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from omegaconf import DictConfig
 
 import cifar_lab  # noqa: F401  (registers resolvers)
 from cifar_lab.config.compose import hydra_job
+
+# Autotune decisions go to a cache of this test session only (hermetic, and no stale entries).
+os.environ["CIFAR_LAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -131,6 +135,10 @@ SYNTH = [
     "data.val_size=200",
     "model=simple_cnn",
     "trainer=cpu",
+    # fixed, so results do not depend on what the machine measures fastest (tests/test_autotune.py
+    # covers `auto`, the default)
+    "trainer.precision=32",
+    "module.memory_format=channels_last",
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
 ]

@@ -318,27 +318,3 @@ def test_bf16_mixed_channels_last_compile_trains_on_cpu(tmp_path):
     assert all(np.isfinite(v) for v in metrics["metrics"].values())
 
 
-def test_precision_default_follows_the_device(monkeypatch):
-    from cifar_lab.config import resolvers
-
-    monkeypatch.setattr(resolvers, "cpu_has_bf16_matmul", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolvers.default_precision("cpu") == "bf16-mixed"
-    assert resolvers.default_precision("auto") == "bf16-mixed"
-    monkeypatch.setattr(resolvers, "cpu_has_bf16_matmul", lambda: False)
-    assert resolvers.default_precision("cpu") == "32"
-    assert resolvers.default_precision("mps") == "32"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert resolvers.default_precision("gpu") == "bf16-mixed"
-    assert resolvers.default_precision("auto") == "bf16-mixed"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert resolvers.default_precision("gpu") == "16-mixed"
-
-
-def test_composed_precision_is_resolved_and_overridable(tmp_path):
-    from cifar_lab.config.resolvers import default_precision
-
-    cfg = compose_cfg(SYNTH, tmp_path)
-    assert cfg.trainer.precision == default_precision("cpu")
-    assert compose_cfg([*SYNTH, "trainer.precision=32"], tmp_path).trainer.precision == 32

@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_lab.errors import InputError, exit_on_user_error
+from cifar_lab.errors import InputError, UserError
 
 COLUMNS: list[tuple[str, str]] = [
     ("run", "run"),
@@ -302,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with exit_on_user_error():
+    try:
         runs = sort_runs(collect(args.dirs), args.sort)
+    except UserError as err:  # the same one-line report as every command, returned as the exit code
+        print(f"Error: {err}", file=sys.stderr)
+        return err.exit_code
     table = markdown_table(runs)
     print(table, end="")
     if args.out:

@@ -30,7 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_lab import builders, checkpoints
+from cifar_lab import autotune, builders, checkpoints
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.cli.summary import scalars, write_summary
@@ -82,6 +82,8 @@ def _is_evaluation(run_dir: Path) -> bool:
 
 def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], config_source: str, run_dir: Path,
               start: float) -> dict[str, Any]:
+    # auto precision / memory format: the values the checkpoint was trained with
+    autotune.decide(cfg, None, checkpoint.get("hyper_parameters"), rank=rank_zero_only.rank)
     if rank_zero_only.rank == 0:
         print_and_save(cfg, run_dir)
         log.info("evaluating %s with the config from %s", ckpt_file, config_source)

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_lab import builders
+from cifar_lab import autotune, builders
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
@@ -95,6 +95,8 @@ def train(cfg: DictConfig) -> float | None:
 
 def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) -> float | None:
     _quiet_other_ranks()
+    # trainer.precision / module.memory_format `auto`: measured (or cached) before anything is built
+    tuned = autotune.decide(cfg, run_dir, resume.config if resume else None, rank=rank_zero_only.rank)
     L.seed_everything(cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
     # Everything cheap first, so a value torch or Lightning refuses stops the run in seconds,
     # before any data is read (builders turn their errors into one ConfigError).
@@ -108,6 +110,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
     if rank_zero_only.rank == 0:
         save_hydra_files(run_dir, cfg)
         print_and_save(cfg, run_dir)
+        log.info("%s", autotune.format_table(tuned))
+        autotune.log_to_tensorboard(loggers, tuned)
     for warning in resume.warnings if resume else []:
         log.warning("resuming from %s: %s", resume.path, warning)
     if cfg.get("reuse_host_memory", False):
@@ -167,6 +171,9 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
         "best_ckpt": relative_to_run(best_ckpt, run_dir),
         "resumed_from": resume.path if resume else None,
         "seed": cfg.seed,
+        "precision": tuned.precision,
+        "memory_format": tuned.memory_format,
+        "autotune": tuned.record(),
         "metrics": metrics,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }

@@ -191,7 +191,10 @@ RULES: dict[str, Check] = {
     # the LightningModule
     "module.label_smoothing": number(0, 1, hi_open=True),
     "module.no_decay_norm_and_bias": BOOL,
-    "module.memory_format": one_of("channels_last", "contiguous"),
+    "module.memory_format": one_of("auto", "channels_last", "contiguous"),
+    "autotune.warmup": integer(0),
+    "autotune.steps": integer(1),
+    "autotune.give_up": number(1, lo_open=True),
     "module.compile": BOOL,
     # trainer
     "trainer.max_epochs": Check(lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 for no limit"),
