@@ -122,6 +122,9 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    if str(OmegaConf.select(cfg, "trainer.precision", default="")) == "auto":
+        raise ConfigError("trainer.precision=auto is decided before the Trainer is built: call "
+                          "cifar_lab.autotune.decide(cfg) first, or set trainer.precision=32|bf16-mixed|16-mixed")
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(

@@ -65,14 +65,17 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         if scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(f"scheduler.interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
-        if memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"module.memory_format must be one of {tuple(MEMORY_FORMATS)}, got {memory_format!r}")
+        if memory_format != "auto" and memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"module.memory_format must be auto or one of {tuple(MEMORY_FORMATS)}, "
+                             f"got {memory_format!r}")
         # The composed run config goes into the checkpoint and TensorBoard's HPARAMS tab.
         self.save_hyperparameters(hparams or {}, logger=False)
         self.run_overrides = list(run_overrides or [])
-        self.memory_format = memory_format
-        self.channels_last = memory_format == "channels_last"
-        self.net = net.to(memory_format=MEMORY_FORMATS[memory_format])
+        self.net = net
+        self.memory_format = "auto"  # until set_memory_format: measured by cifar_lab.autotune
+        self.channels_last = False
+        if memory_format != "auto":
+            self.set_memory_format(memory_format)
         if compile:
             # nn.Module.compile compiles the module's forward in place: the state_dict keeps
             # one copy of each parameter under net.* (torch.compile(net) would register a second
@@ -103,6 +106,14 @@ class ClassifierModule(L.LightningModule):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    def set_memory_format(self, memory_format: str) -> None:
+        """Lay the network (and, through the datamodule, its input batches) out as ``memory_format``."""
+        self.net.to(memory_format=MEMORY_FORMATS[memory_format])
+        self.memory_format = memory_format
+        self.channels_last = memory_format == "channels_last"
+        if isinstance(self.hparams.get("module"), dict):
+            self.hparams["module"]["memory_format"] = memory_format  # the checkpoint records the choice
 
     def setup(self, stage: str) -> None:
         # The datamodule's normalisation writes batches in the layout the network reads.

@@ -84,11 +84,11 @@ def test_time_steps_skips_the_first_batch_and_warmup() -> None:
 
 def test_lab_batches_are_augmented_like_training(tmp_path: Path) -> None:
     cfg = bench.compose(["data=synthetic", "data.source.train_size=64", "data.source.test_size=16",
-                         "data.val_size=0", "model=simple_cnn"])
+                         "data.val_size=0", "model=simple_cnn", "module.memory_format=channels_last"])
     dm = bench.lab_datamodule(cfg, 16)
     x, y = next(bench.lab_batches(dm, torch.device("cpu")))
     assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and y.shape == (16,)
-    assert x.is_contiguous(memory_format=torch.channels_last)  # simple_cnn's config: channels_last
+    assert x.is_contiguous(memory_format=torch.channels_last)  # the config's layout: channels_last
     assert not torch.allclose(x, dm.normalize(dm.splits["train"][0][:16]))
 
 
@@ -110,6 +110,84 @@ def test_format_table_reports_every_part() -> None:
     table = bench.format_table(res)
     for text in ("6.8x", "3.00x", "1.020 ratio", "1.60x", "ablation simple_cnn"):
         assert text in table
+    # the autotuned pair against the best pair of the ablation, and the speedrun's GFLOP/s
+    res["train"]["simple_cnn"]["default_over_best"] = {
+        "ratio": 0.8, "default": "bf16", "default_images_per_s": 320.0, "best": "32 NCHW", "best_images_per_s": 400.0}
+    res["speedrun"] = {
+        "model": "speedrun_net", "batch_size": 1024, "precision": "bf16-mixed", "memory_format": "channels_last",
+        "train_flops": 7.2e11, "median_step_s": 2.4, "achieved_gflops": 300.0, "peak_precision": "bf16",
+        "peak_matmul": {"n": 2048, "gflops": {"bf16": 400.0, "fp32": 200.0}},
+        "fraction_of_peak": 0.75, "fraction_of_bf16_peak": 0.75}
+    table = bench.format_table(res)
+    for text in ("default / best simple_cnn", "0.800 ratio", "best 32 NCHW", "speedrun_net step GFLOP/s",
+                 "0.750 of peak", "bf16 400", "fp32 200", "720.0 GFLOP/step"):
+        assert text in table
+
+
+def test_default_over_best_is_taken_from_the_ablation() -> None:
+    ablation = {"32 NCHW": {"median": 100.0}, "32 channels_last": {"median": 200.0},
+                "bf16-mixed NCHW": {"median": 190.0}, "bf16-mixed channels_last": {"median": 160.0},
+                "32 channels_last 1 thread": {"median": 500.0}}
+    pairs = ["bf16-mixed channels_last", "bf16-mixed NCHW", "32 channels_last", "32 NCHW"]
+    r = bench.default_over_best(ablation, "bf16-mixed NCHW", pairs)  # the threads variant is no pair
+    assert r["best"] == "32 channels_last" and r["ratio"] == pytest.approx(0.95)
+    assert r["default_images_per_s"] == 190.0 and r["best_images_per_s"] == 200.0
+    assert bench.default_over_best(ablation, "32 channels_last", pairs)["ratio"] == 1.0
+    assert bench.default_over_best(ablation, "32 NCHW")["best"] == "32 channels_last 1 thread"  # every entry
+    assert bench.default_over_best(ablation, "16-mixed NCHW", pairs)["ratio"] is None
+
+
+def test_ablation_holds_the_autotuned_pair() -> None:
+    cpu = torch.device("cpu")
+    default = bench.LabVariant("bf16-mixed", False)
+    names = [v.name for v in bench.ablation_variants(default, cpu)]
+    assert sorted(names) == sorted(["32 NCHW", "32 channels_last", "bf16-mixed NCHW", "bf16-mixed channels_last"])
+    assert default.name in names
+    explicit = [v.name for v in bench.ablation_variants(bench.LabVariant("16-mixed", True), cpu)]
+    assert len(explicit) == 5 and explicit[-1] == "16-mixed channels_last"
+
+
+def test_matmul_peak_is_positive() -> None:
+    assert bench.matmul_peak(torch.float32, n=32, repeats=2) > 0
+    assert bench.matmul_peak(torch.bfloat16, n=32, repeats=2) > 0
+
+
+def test_flops_of_a_linear_layer_match_the_hand_count() -> None:
+    net = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    assert bench.forward_flops(net, x) == 2 * 8 * 4 * 2 == 128  # 2 FLOPs per multiply-add
+    assert bench.training_flops(net, x) == 3 * 128 == 384
+
+
+def test_speedrun_net_composes_as_its_experiment() -> None:
+    s = bench.Settings.for_run(bench._parser().parse_args(["--models", "speedrun_net"]))
+    assert s.batch_for("speedrun_net") == 1024 and s.speedrun and s.models == ("speedrun_net",)
+    quick = bench.Settings.for_run(bench._parser().parse_args(["--quick", "--speedrun"]))
+    assert quick.speedrun and quick.batch_for("speedrun_net") < 1024
+    assert not bench.Settings.for_run(bench._parser().parse_args(["--quick"])).speedrun
+    cfg = bench.compose(["data=synthetic", *bench.model_overrides("speedrun_net")])
+    assert cfg.model._target_.endswith("SpeedrunNet") and cfg.data.batch_size == 1024
+    assert bench.model_overrides("simple_cnn") == ["model=simple_cnn"]
+
+
+def test_autotuned_writes_a_concrete_choice(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path))
+    cfg = bench.compose(["data=synthetic", "model=simple_cnn", "trainer.precision=32"])
+    assert cfg.module.memory_format == "auto"
+    calls = []
+
+    def fake_step_factory(cfg, precision, memory_format, device, batch_size):
+        calls.append((precision, memory_format, batch_size))
+        return lambda: 1.0
+
+    seconds = {("32", "channels_last"): 1.0, ("32", "contiguous"): 2.0}  # a fake clock per step
+    decision = bench.autotuned(cfg, 24, step_factory=fake_step_factory,
+                               timer=lambda step: (step(), seconds[calls[-1][:2]])[1])
+    assert (decision.precision, decision.memory_format, decision.source) == ("32", "channels_last", "measured")
+    assert (cfg.trainer.precision, cfg.module.memory_format, cfg.data.batch_size) == ("32", "channels_last", 24)
+    assert {c[2] for c in calls} == {24}  # measured at the benchmark's batch size
+    again = bench.autotuned(bench.compose(["data=synthetic", "model=simple_cnn", "trainer.precision=32"]), 24)
+    assert again.source == "cache" and again.memory_format == "channels_last"  # the user's cache is read
 
 
 @pytest.mark.slow
@@ -128,3 +206,28 @@ def test_quick_benchmark_on_generated_data_writes_json(tmp_path: Path, monkeypat
     assert res["memory"]["available"] in (True, False)
     for key in ("cpu", "cores", "torch", "date", "gpu"):
         assert key in res["machine"]
+    for t in res["train"].values():  # the autotuned choice, as a training run would make it
+        assert t["autotune"]["precision"] in ("32", "bf16-mixed", "16-mixed")
+        assert t["autotune"]["memory_format"] in ("channels_last", "contiguous")
+        assert t["cifar_lab"]["settings"].startswith(t["autotune"]["precision"])
+    assert res["overhead"]["precision"] != "auto"
+    assert "speedrun" not in res and res["default_over_best"] == {}  # --quick: neither
+
+
+@pytest.mark.slow
+def test_ablation_and_speedrun_on_a_tiny_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CIFAR_LAB_DATA", str(tmp_path / "no_data_here"))
+    out = tmp_path / "bench.json"
+    code = bench.main(["--quick", "--steps", "1", "--repeats", "1", "--batch-size", "8", "--generated-size", "200",
+                       "--workers", "1", "--models", "simple_cnn", "--ablation", "--speedrun",
+                       "--speedrun-batch-size", "4", "--skip", "data", "memory", "overhead", "--out", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    t = res["train"]["simple_cnn"]
+    default = t["cifar_lab"]["settings"]
+    assert default in t["ablation"] and t["default_over_best"]["default"] == default
+    assert 0 < res["default_over_best"]["simple_cnn"] <= 1
+    s = res["speedrun"]
+    assert s["batch_size"] == 4 and s["train_flops"] == 3 * s["forward_flops"] > 0
+    assert s["achieved_gflops"] > 0 and s["peak_matmul"]["gflops"]["bf16"] > 0 and s["peak_matmul"]["gflops"]["fp32"] > 0
+    assert s["fraction_of_peak"] > 0 and res["speedrun_fraction_of_peak"] == s["fraction_of_peak"]

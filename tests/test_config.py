@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from cifar_lab import builders
+from cifar_lab import autotune, builders
+from cifar_lab.errors import ConfigError
 from conftest import CONF, compose_cfg
 
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "debug", "experiment",
+GROUPS = ["data", "augment", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "debug", "experiment",
           "hparams_search"]
 
 
@@ -44,9 +45,14 @@ def test_option_composes(group: str, option: str, tmp_path: Path) -> None:
 
 
 def test_default_composition_builds_every_object(tmp_path: Path) -> None:
-    cfg = compose_cfg(["data=synthetic", "model=simple_cnn", "trainer=cpu"], tmp_path)
+    cfg = compose_cfg(["data=synthetic", "model=simple_cnn", "trainer=cpu", "data.batch_size=16"], tmp_path)
     dm = builders.build_datamodule(cfg)
     module = builders.build_module(cfg)
+    assert module.memory_format == "auto"  # undecided until measured
+    with pytest.raises(ConfigError, match="trainer.precision=auto is decided before the Trainer is built"):
+        builders.build_trainer(cfg, [], [])
+    decision = autotune.decide(cfg)  # the defaults, measured
+    module.set_memory_format(decision.memory_format)
     callbacks = builders.build_callbacks(cfg)
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)

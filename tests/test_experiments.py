@@ -54,7 +54,9 @@ class FakeTrainer:
 
 def _compose(name: str, tmp_path: Path, extra: list[str] | None = None):
     # data=synthetic keeps instantiation offline; the experiment's data keys apply to any source
-    return compose_cfg(["data=synthetic", f"experiment={name}", *(extra or [])], tmp_path)
+    # explicit device settings: these tests build objects, they do not measure (tests/test_autotune.py does)
+    return compose_cfg(["data=synthetic", f"experiment={name}", "trainer.precision=32",
+                        "module.memory_format=channels_last", *(extra or [])], tmp_path)
 
 
 def _built(name: str, tmp_path: Path, extra: list[str] | None = None):

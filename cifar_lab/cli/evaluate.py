@@ -82,8 +82,6 @@ def _is_evaluation(run_dir: Path) -> bool:
 
 def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], config_source: str, run_dir: Path,
               start: float) -> dict[str, Any]:
-    # auto precision / memory format: the values the checkpoint was trained with
-    autotune.decide(cfg, None, checkpoint.get("hyper_parameters"), rank=rank_zero_only.rank)
     if rank_zero_only.rank == 0:
         print_and_save(cfg, run_dir)
         log.info("evaluating %s with the config from %s", ckpt_file, config_source)
@@ -93,6 +91,9 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
     if rank_zero_only.rank == 0:
         datamodule.prepare_data()
     module = builders.build_module(cfg)
+    # auto precision / memory format: the values the checkpoint was trained with (else measured)
+    tuned = autotune.decide(cfg, None, checkpoint.get("hyper_parameters"), rank=rank_zero_only.rank)
+    module.set_memory_format(tuned.memory_format)
     checkpoints.load_network_weights(module.net, checkpoint, ckpt_file)
     callbacks = builders.build_callbacks(cfg)
     tta = cfg.get("tta") or {}

@@ -95,12 +95,15 @@ def train(cfg: DictConfig) -> float | None:
 
 def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) -> float | None:
     _quiet_other_ranks()
-    # trainer.precision / module.memory_format `auto`: measured (or cached) before anything is built
-    tuned = autotune.decide(cfg, run_dir, resume.config if resume else None, rank=rank_zero_only.rank)
     L.seed_everything(cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
     # Everything cheap first, so a value torch or Lightning refuses stops the run in seconds,
     # before any data is read (builders turn their errors into one ConfigError).
     module = builders.build_module(cfg)
+    # trainer.precision / module.memory_format `auto`: measured (or cached) before the Trainer exists
+    tuned = autotune.decide(cfg, run_dir, resume.config if resume else None, rank=rank_zero_only.rank)
+    module.set_memory_format(tuned.memory_format)
+    if isinstance(module.hparams.get("trainer"), dict):
+        module.hparams["trainer"]["precision"] = tuned.precision  # the checkpoint records the choice
     if cfg.get("init_from"):
         load_weights_from(cfg.init_from, module.net, cfg)
     safety = safety_callbacks(checkpoint_dir_of(cfg))

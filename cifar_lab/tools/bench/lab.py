@@ -38,12 +38,32 @@ def compose(overrides: list[str]):
     return cfg
 
 
+# models whose training run is a whole recipe: composed as that experiment, not as model=<name>
+EXPERIMENTS = {"speedrun_net": "speedrun"}
+
+
+def model_overrides(model: str) -> list[str]:
+    """The overrides that compose ``model`` as a training run of it would: its experiment, if any."""
+    return [f"experiment={EXPERIMENTS[model]}"] if model in EXPERIMENTS else [f"model={model}"]
+
+
 @contextlib.contextmanager
 def _open(cfg):
     from omegaconf import open_dict
 
     with open_dict(cfg):
         yield
+
+
+def autotuned(cfg, batch_size: int, **decide_kwargs: Any):
+    """``autotune.decide`` on ``cfg`` at ``batch_size``: the precision and memory format a training
+    run of this config would use (``auto`` measured or read from the user's cache, explicit values
+    kept), written into ``cfg``; returns the :class:`cifar_lab.autotune.Decision`."""
+    from cifar_lab import autotune
+
+    with _open(cfg):
+        cfg.data.batch_size = batch_size
+    return autotune.decide(cfg, **decide_kwargs)
 
 
 class _TrainingStub:

@@ -1,5 +1,6 @@
 """Measurement 3, Lightning's overhead: ``Trainer.fit`` of the real module and datamodule
-against a hand-written loop over the same model, data and precision, timed in pairs."""
+against a hand-written loop over the same model, data, precision and memory format (the
+autotuned ones, as a training run would use), timed in pairs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cifar_lab.tools.bench.lab import _open, build_datamodule, compose, lab_batches, lab_datamodule
+from cifar_lab.tools.bench.lab import autotuned, build_datamodule, compose, lab_batches, lab_datamodule
 from cifar_lab.tools.bench.settings import Settings
 from cifar_lab.tools.bench.timing import _median, _sync
 from cifar_lab.tools.bench.training import _optimizer, _train_step_fn
@@ -72,17 +73,19 @@ def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
 
 def bench_overhead(base_overrides: list[str], settings: Settings, device: torch.device, log,
                    model: str = "simple_cnn") -> dict[str, Any]:
-    """Lightning's per-step cost over a hand-written loop, for ``model`` and for a tiny
-    network (where almost all of a step is overhead, so it shows in milliseconds)."""
+    """Lightning's per-step cost over a hand-written loop, for ``model`` (autotuned) and for a
+    tiny network in ``model``'s precision and memory format (where almost all of a step is
+    overhead, so it shows in milliseconds)."""
     out: dict[str, Any] = {"model_name": model, "batch_size": settings.batch_size, "steps": settings.overhead_steps,
                            "method": "paired: one hand-written step after every Lightning step, medians"}
     tiny = [f"model={model}", "model.filters=[4,4]", "model.fc_units=8"] if model == "simple_cnn" else None
     for label, extra in (("model", [f"model={model}"]), ("tiny", tiny)):
         if extra is None:
             continue
+        if label == "tiny":  # the model's precision and memory format: its overhead is what is estimated
+            extra = [*extra, f"trainer.precision={out['precision']}", f"module.memory_format={out['memory_format']}"]
         cfg = compose([*base_overrides, *extra])
-        with _open(cfg):
-            cfg.data.batch_size = settings.batch_size
+        decision = autotuned(cfg, settings.batch_size)  # both sides run what a training run would
         times: dict[str, list[float]] = {"lightning": [], "plain": []}
         for r in range(settings.overhead_repeats):
             res = _paired_fit(cfg, settings.overhead_steps, settings.overhead_warmup, device)
@@ -94,8 +97,11 @@ def bench_overhead(base_overrides: list[str], settings: Settings, device: torch.
         diffs = [a - b for a, b in zip(times["lightning"], times["plain"])]
         out[label] = {"lightning_median_step_ms": 1000 * lm, "plain_median_step_ms": 1000 * pm,
                       "median_paired_difference_ms": 1000 * _median(diffs),
-                      "ratio": lm / pm, "precision": str(cfg.trainer.precision), "steps_timed": len(diffs)}
-        out["precision"] = str(cfg.trainer.precision)
+                      "ratio": lm / pm, "precision": str(cfg.trainer.precision),
+                      "memory_format": str(cfg.module.memory_format), "autotune": decision.record(),
+                      "steps_timed": len(diffs)}
+        if label == "model":
+            out["precision"], out["memory_format"] = str(cfg.trainer.precision), str(cfg.module.memory_format)
     out["ratio"] = out["model"]["ratio"]
     if "tiny" in out:
         # the tiny network's absolute per-step overhead added to the real model's step

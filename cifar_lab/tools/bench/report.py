@@ -9,6 +9,35 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
 
 
+def _default_over_best_row(model: str, r: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    """default / best: the autotuned pair's ablation img/s (cifar-lab column) over the best pair's."""
+    if not r:
+        return []
+    if r.get("ratio") is None:
+        return [(f"default / best {model}: best vs autotuned img/s", "-", "-", "-", f"{r['default']} not timed")]
+    return [(f"default / best {model}: best vs autotuned img/s", _fmt(r["best_images_per_s"]),
+             _fmt(r["default_images_per_s"]), f"{r['ratio']:.3f} ratio", f"best {r['best']}; autotuned {r['default']}")]
+
+
+def _speedrun_rows(s: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    """The speedrun step's GFLOP/s (cifar-lab column) against the matmul peak of its precision."""
+    if not s:
+        return []
+    peaks = s["peak_matmul"]["gflops"]
+    where = f"{s['model']} step GFLOP/s (batch {s['batch_size']}): {s['peak_precision']} matmul peak vs achieved"
+    rows = [(where, _fmt(peaks[s["peak_precision"]]), _fmt(s["achieved_gflops"]),
+             f"{s['fraction_of_peak']:.3f} of peak",
+             f"{s['precision']} {s['memory_format']}, {s['train_flops'] / 1e9:.1f} GFLOP/step, "
+             f"{1000 * s['median_step_s']:.0f} ms/step, {s['fraction_of_bf16_peak']:.3f} of the bf16 peak; peaks "
+             + ", ".join(f"{k} {_fmt(v)}" for k, v in peaks.items()) + f" GFLOP/s (n={s['peak_matmul']['n']})")]
+    d = s.get("with_data_path")
+    if d:
+        rows.append(("same, whole step with the data path (train measurement)", _fmt(peaks[s["peak_precision"]]),
+                     _fmt(d["achieved_gflops"]), f"{d['fraction_of_peak']:.3f} of peak",
+                     f"{_fmt(d['images_per_s'])} img/s, {d['fraction_of_bf16_peak']:.3f} of the bf16 peak"))
+    return rows
+
+
 def format_table(res: dict[str, Any]) -> str:
     lines = []
     m = res["machine"]
@@ -23,19 +52,23 @@ def format_table(res: dict[str, Any]) -> str:
         rows.append((f"data only, img/s (batch {d['batch_size']})", _fmt(d["reference"]["median"]),
                      _fmt(d["cifar_lab"]["median"]), f"{d['speedup']:.1f}x", d["cifar_lab"]["output"]))
     for model, t in res["train"].items():
+        tuned = f" (autotune: {t['autotune']['source']})" if "autotune" in t else ""
         rows.append((f"train {model}, img/s (batch {t['batch_size']})", _fmt(t["reference"]["median"]),
-                     _fmt(t["cifar_lab"]["median"]), f"{t['speedup']:.2f}x", t["cifar_lab"]["settings"]))
+                     _fmt(t["cifar_lab"]["median"]), f"{t['speedup']:.2f}x", t["cifar_lab"]["settings"] + tuned))
+    for model, t in res["train"].items():
+        rows += _default_over_best_row(model, t.get("default_over_best"))
     o = res.get("overhead")
     if o:
         m_ = o["model"]
         rows.append((f"step ms, hand loop vs Lightning ({o['model_name']}, batch {o['batch_size']})",
                      f"{m_['plain_median_step_ms']:.1f}", f"{m_['lightning_median_step_ms']:.1f}",
-                     f"{m_['ratio']:.3f} ratio", o["precision"]))
+                     f"{m_['ratio']:.3f} ratio", f"{o['precision']} {o.get('memory_format', '')}".strip()))
         if "tiny" in o:
             t_ = o["tiny"]
             rows.append(("step ms, same with a tiny network", f"{t_['plain_median_step_ms']:.2f}",
-                         f"{t_['lightning_median_step_ms']:.2f}", f"+{t_['median_paired_difference_ms']:.2f} ms",
+                         f"{t_['lightning_median_step_ms']:.2f}", f"{t_['median_paired_difference_ms']:+.2f} ms",
                          f"-> ratio {o['ratio_from_tiny_overhead']:.3f} for {o['model_name']}"))
+    rows += _speedrun_rows(res.get("speedrun"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(widths[j]) if j in (0, 4) else c.rjust(widths[j]) for j, c in enumerate(r)))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-# the models timed by default; ``--models`` picks a subset
+# the models timed by default; ``--models`` picks from MODEL_CHOICES
 MODELS = ("simple_cnn", "resnet_se", "attention_net")
+# speedrun_net is composed as ``experiment=speedrun`` (its optimizer, augmentation, batch 1024)
+MODEL_CHOICES = (*MODELS, "speedrun_net")
 
 
 @dataclass
@@ -32,6 +34,16 @@ class Settings:
     memory_batches: int = 100
     ablation: bool = True
     models: tuple[str, ...] = MODELS
+    speedrun_batch_size: int = 1024  # speedrun_net's batch, as in conf/experiment/speedrun.yaml
+    speedrun: bool = True  # the speedrun step's GFLOP/s against the matmul peaks
+    speedrun_steps: int = 5  # timed speedrun steps (each paired with one sample of each peak)
+    speedrun_warmup: int = 2
+
+    def batch_for(self, model: str) -> int:
+        """The training batch size the benchmark uses for ``model``."""
+        if model == "simple_cnn":
+            return self.batch_size
+        return self.speedrun_batch_size if model == "speedrun_net" else self.heavy_batch_size
 
     @classmethod
     def for_run(cls, args: argparse.Namespace) -> "Settings":
@@ -39,7 +51,8 @@ class Settings:
         if args.quick:
             s = cls(quick=True, repeats=2, data_batches=12, data_warmup=3, train_steps=1, train_warmup=1,
                     heavy_batch_size=8, overhead_steps=16, overhead_warmup=3, overhead_repeats=1,
-                    generated_train=6000, generated_test=500, memory_batches=20, ablation=False)
+                    generated_train=6000, generated_test=500, memory_batches=20, ablation=False,
+                    speedrun_batch_size=128, speedrun=False, speedrun_steps=2, speedrun_warmup=1)
         if args.steps is not None:  # a tiny run for tests: every count scaled down
             n = max(1, args.steps)
             s.train_steps = n
@@ -49,6 +62,8 @@ class Settings:
             s.overhead_steps = max(3, n + 2)
             s.overhead_warmup = 1
             s.memory_batches = max(2, n)
+            s.speedrun_steps = n
+            s.speedrun_warmup = 1
         if args.repeats is not None:
             s.repeats = s.overhead_repeats = max(1, args.repeats)
         if args.batch_size is not None:
@@ -61,6 +76,10 @@ class Settings:
             s.generated_test = max(100, args.generated_size // 10)
         if args.ablation is not None:
             s.ablation = args.ablation
+        if getattr(args, "speedrun", None) is not None:
+            s.speedrun = args.speedrun
+        if getattr(args, "speedrun_batch_size", None) is not None:
+            s.speedrun_batch_size = args.speedrun_batch_size
         if args.models:
             s.models = tuple(args.models)
         s.workers = args.workers

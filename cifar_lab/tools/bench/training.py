@@ -1,20 +1,22 @@
 """Measurement 2, training: images per second of whole training steps (data, forward,
-backward, optimizer) per model, the reference loop against cifar-lab's batched path, and
-the optional ablation over precision x memory format."""
+backward, optimizer) per model, the reference loop against cifar-lab's batched path with the
+autotuned precision and memory format, and the optional ablation over every precision x
+memory format pair autotune chooses from (so the choice is compared with the best pair)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cifar_lab.tools.bench.lab import _open, compose, lab_batches, lab_datamodule
+from cifar_lab.tools.bench.lab import _open, autotuned, compose, lab_batches, lab_datamodule, model_overrides
 from cifar_lab.tools.bench.reference import reference_batches
 from cifar_lab.tools.bench.settings import Settings
 from cifar_lab.tools.bench.timing import _interleaved, _median, _sync
@@ -121,13 +123,40 @@ def _lab_runner(cfg, variant: LabVariant, bs: int, settings: Settings, device: t
     return run
 
 
+def ablation_variants(default: LabVariant, device: torch.device) -> list[LabVariant]:
+    """Every precision x memory format pair autotune chooses from on ``device`` (the default's
+    pair among them, appended if an explicit setting lies outside), with the default's compile."""
+    from cifar_lab.autotune import AUTO, candidate_pairs
+
+    variants = [LabVariant(p, f == "channels_last", default.compile) for p, f in candidate_pairs(device, AUTO, AUTO)]
+    if all((v.precision, v.channels_last) != (default.precision, default.channels_last) for v in variants):
+        variants.append(LabVariant(default.precision, default.channels_last, default.compile))
+    return variants
+
+
+def default_over_best(ablation: dict[str, dict[str, Any]], default: str,
+                      candidates: Iterable[str] | None = None) -> dict[str, Any]:
+    """The default variant's median images/s over the best median among ``candidates`` (every
+    ablation entry when None), both taken from the same ablation."""
+    names = [n for n in (ablation if candidates is None else candidates) if n in ablation]
+    timed = {n: float(ablation[n]["median"]) for n in names if math.isfinite(float(ablation[n]["median"]))}
+    if default not in timed:
+        return {"ratio": None, "default": default, "best": max(timed, key=timed.get) if timed else None}
+    best = max(timed, key=timed.get)
+    return {"ratio": timed[default] / timed[best], "default": default, "default_images_per_s": timed[default],
+            "best": best, "best_images_per_s": timed[best]}
+
+
 def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], settings: Settings,
                 device: torch.device, log) -> dict[str, Any]:
     from hydra.utils import instantiate
 
-    bs = settings.batch_size if model == "simple_cnn" else settings.heavy_batch_size
-    cfg = compose([*base_overrides, f"model={model}"])
-    default = LabVariant(str(cfg.trainer.precision), cfg.module.memory_format == "channels_last", bool(cfg.module.compile))
+    bs = settings.batch_for(model)
+    overrides = [*base_overrides, *model_overrides(model)]
+    cfg = compose(overrides)
+    decision = autotuned(cfg, bs)  # what a training run of this config uses
+    log(f"  autotune ({decision.source}, {decision.seconds:.1f} s): {decision.precision} {decision.memory_format}")
+    default = LabVariant(decision.precision, decision.memory_format == "channels_last", bool(cfg.module.compile))
 
     torch.manual_seed(0)
     net = instantiate(cfg.model, _convert_="all").to(device).train()
@@ -145,21 +174,25 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
     runs = _interleaved(settings.repeats, runners, log)
     result: dict[str, Any] = {
         "batch_size": bs,
+        "overrides": model_overrides(model),
         "reference": {"images_per_s": runs["reference"], "median": _median(runs["reference"]),
                       "settings": "PIL DataLoader (2 workers), float32, NCHW"},
         "cifar_lab": {"images_per_s": runs["cifar_lab"], "median": _median(runs["cifar_lab"]),
                       "settings": default.name},
         "speedup": _median(runs["cifar_lab"]) / _median(runs["reference"]),
+        "autotune": decision.record(),
     }
     if settings.ablation:
-        variants = [LabVariant(p, cl) for p in ("32", "bf16-mixed") for cl in (False, True)]
+        variants = ablation_variants(default, device)
+        pairs = [v.name for v in variants]
         if model == "simple_cnn":
             best_threads = 1 if (os.cpu_count() or 1) > 1 else None
             if best_threads:
                 variants.append(LabVariant(default.precision, default.channels_last, threads=best_threads))
-        ab_runners = {v.name: _lab_runner(compose([*base_overrides, f"model={model}"]), v, bs, settings, device)
-                      for v in variants}
+        ab_runners = {v.name: _lab_runner(compose(overrides), v, bs, settings, device) for v in variants}
         log(f"  ablation ({model}, batched path)")
         ab = _interleaved(max(1, settings.repeats // 2), ab_runners, log)
         result["ablation"] = {name: {"images_per_s": v, "median": _median(v)} for name, v in ab.items()}
+        # the autotuned pair against the best pair, both timed in the ablation (threads variants aside)
+        result["default_over_best"] = default_over_best(result["ablation"], default.name, pairs)
     return result
