@@ -20,9 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cifar_lab.callbacks.progress import EpochLines, interactive
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
 
@@ -131,6 +132,12 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
             f"trainer.accelerator={accelerator}: no CUDA GPU is visible to this process (torch.cuda.is_available() "
             "is false). Train on the CPU with trainer=cpu, or trainer=default, which uses a GPU when there is one"
         )
+    if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not interactive():
+        # not a terminal (a log file, CI, a cluster job): one plain line per epoch instead of a bar
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + [EpochLines()]
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.trainer.enable_progress_bar = False
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

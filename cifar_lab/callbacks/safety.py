@@ -211,7 +211,7 @@ class GracefulStop(L.Callback):
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         path = last_checkpoint_path(trainer, self.checkpoint_dir)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full, resumable checkpoint
         self.saved = str(path)
         if trainer.is_global_zero:
             log.info("saved a resumable checkpoint at epoch %d, global step %d: %s",
@@ -269,7 +269,7 @@ class LatestCheckpoint(L.Callback):
             return
         if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
             return  # the ModelCheckpoint saved at this very step, last.ckpt included
-        trainer.save_checkpoint(last_checkpoint_path(trainer, self.checkpoint_dir))
+        trainer.save_checkpoint(last_checkpoint_path(trainer, self.checkpoint_dir), weights_only=False)
         self._saved_step = trainer.global_step
 
 

@@ -83,7 +83,7 @@ def _is_evaluation(run_dir: Path) -> bool:
 def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], config_source: str, run_dir: Path,
               start: float) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
-        print_and_save(cfg, run_dir)
+        print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
         log.info("evaluating %s with the config from %s", ckpt_file, config_source)
     L.seed_everything(cfg.seed, workers=True)
 

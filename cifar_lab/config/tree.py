@@ -23,8 +23,9 @@ def config_tree(cfg: DictConfig) -> rich.tree.Tree:
     return tree
 
 
-def print_and_save(cfg: DictConfig, run_dir: Path) -> None:
-    """Print the tree, and save the config (interpolations resolved) as ``config.yaml``."""
-    rich.print(config_tree(cfg))
+def print_and_save(cfg: DictConfig, run_dir: Path, print_tree: bool = True) -> None:
+    """Save the config (interpolations resolved) as ``config.yaml``; print it as a tree if asked."""
+    if print_tree:
+        rich.print(config_tree(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

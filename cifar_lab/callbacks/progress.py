@@ -1,0 +1,74 @@
+"""Progress for a console that is not a terminal: one plain line per epoch.
+
+A log file, CI or a cluster job captures the rich progress bar only as its final state (or
+as a stream of control characters). When stdout is not a terminal, the builders replace
+the bar with :class:`EpochLines`, which prints one line at the end of every epoch::
+
+    epoch 3/30  12.4 s  train loss 1.234 acc 0.562  val loss 1.101 acc 0.611  ETA 5m 34s
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import lightning as L
+
+__all__ = ["EpochLines", "format_duration", "interactive"]
+
+
+def interactive(stream: TextIO | None = None) -> bool:
+    """True when ``stream`` (default stdout) is a terminal."""
+    stream = stream or sys.stdout
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _value(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    return f"{float(value):.3f}"
+
+
+class EpochLines(L.Callback):
+    """One line per finished epoch: time, train and val loss/accuracy, and the ETA of the run."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self._epoch_start = 0.0
+        self._durations: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning calls this after the epoch's validation, so val/* are this epoch's values
+        self._print_epoch(trainer)
+
+    def _print_epoch(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        elapsed = time.perf_counter() - self._epoch_start
+        self._durations.append(elapsed)
+        metrics = {k: v for k, v in trainer.callback_metrics.items()}
+        epoch, total = trainer.current_epoch + 1, trainer.max_epochs
+        left = max(0, (total or epoch) - epoch)
+        per_epoch = sum(self._durations[-3:]) / len(self._durations[-3:])
+        line = (f"epoch {epoch}/{total}  {elapsed:.1f} s  "
+                f"train loss {_value(metrics, 'train/loss')} acc {_value(metrics, 'train/acc')}  "
+                f"val loss {_value(metrics, 'val/loss')} acc {_value(metrics, 'val/acc')}  "
+                f"ETA {format_duration(left * per_epoch)}")
+        print(line, file=self.stream or sys.stdout, flush=True)

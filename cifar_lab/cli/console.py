@@ -1,0 +1,92 @@
+"""What a run prints: a short header of what was chosen, and no noise the user cannot act on.
+
+The whole composed config goes to ``<run>/config.yaml`` (and ``print_config=true`` prints it);
+the console gets :func:`header`: the overrides, the run directory, the model and its size, the
+data, the device and the measured precision and memory format. :func:`quiet_third_party`
+filters known third-party messages that say nothing actionable, narrowly, by message and
+origin; everything else still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["quiet_third_party", "header"]
+
+# (logger name, start of the message) of Lightning info lines that offer nothing to act on
+_QUIET_LINES = (
+    ("lightning.pytorch.utilities.rank_zero", "Trainer already configured with model summary callbacks"),
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),
+)
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.starts)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party messages the user cannot act on (idempotent)."""
+    # Lightning 2.6 calls a torch pytree API torch deprecated; one line per fit/test, nothing to do.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+    by_logger: dict[str, list[str]] = {}
+    for name, start in _QUIET_LINES:
+        by_logger.setdefault(name, []).append(start)
+    for name, starts in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(tuple(starts)))
+
+
+def _choice(choices: dict[str, str], group: str, fallback: Any) -> str:
+    return choices.get(group) or str(fallback).rsplit(".", 1)[-1]
+
+
+def _choices_without_none(choices: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in choices.items() if v not in ("None", "null", "")}
+
+
+def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str], overrides: list[str],
+           tuned: Any) -> str:
+    """The run's header: about a dozen lines saying what was chosen and where it goes."""
+    data = cfg.data
+    choices = _choices_without_none(choices)
+    source = OmegaConf.select(cfg, "data.source._target_", default="") or ""
+    threads = torch.get_num_threads()
+    device = "GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() and \
+        str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) in ("auto", "gpu", "cuda") else "CPU"
+    if device == "CPU":
+        from cifar_lab.host import cpu_name
+
+        device = f"CPU {cpu_name()} ({threads} thread{'s' if threads != 1 else ''})"
+    lines = [
+        f"run directory : {run_dir}",
+        f"overrides     : {' '.join(overrides) if overrides else '(none: the defaults)'}",
+        f"experiment    : {choices.get('experiment') or 'none'}",
+        f"model         : {_choice(choices, 'model', cfg.model.get('_target_', ''))} "
+        f"({params:,} trainable parameters)",
+        f"data          : {_choice(choices, 'data', source)}, batch {data.batch_size}, "
+        f"validation {data.val_size} images, augment {choices.get('augment', 'custom')}",
+        f"optimizer     : {_choice(choices, 'optimizer', cfg.optimizer.get('_target_', ''))} "
+        f"lr {OmegaConf.select(cfg, 'optimizer.lr', default='-')}, "
+        f"scheduler {choices.get('scheduler', 'none')}",
+        f"training      : {cfg.trainer.max_epochs} epochs, seed {cfg.seed}",
+        f"device        : {device}",
+        f"precision     : {tuned.precision}, memory format {tuned.memory_format} ({tuned.source})",
+        f"full config   : {run_dir / 'config.yaml'} (print_config=true prints it here)",
+    ]
+    if os.environ.get("CIFAR_LAB_DATA"):
+        lines.insert(5, f"data root     : {os.environ['CIFAR_LAB_DATA']} (CIFAR_LAB_DATA)")
+    return "\n".join(lines)

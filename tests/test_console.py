@@ -1,0 +1,44 @@
+"""What a run prints: a short header, one plain line per epoch when not on a terminal, no noise."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cifar_lab.callbacks.progress import format_duration
+from conftest import SYNTH, run_cli
+
+NOISE = ("deprecated", "DeprecationWarning", "💡 Tip", "already configured with model summary",
+         "`weights_only` was not set", "Traceback")
+
+
+@pytest.mark.slow
+def test_a_tiny_run_prints_a_short_header_and_plain_epoch_lines(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli([*SYNTH, "trainer.max_epochs=2", "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"],
+                   tmp_path)  # output captured: not a terminal
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    for noise in NOISE:
+        assert noise not in out, (noise, out[-3000:])
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run directory : "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("full config   : "))
+    assert end - start + 1 <= 25
+    assert lines[start] == f"run directory : {run_dir}"
+    assert any(line.startswith("model         : simple_cnn (") for line in lines[start:end])
+    assert any(line.startswith("precision     : 32, memory format channels_last") for line in lines[start:end])
+    assert "CONFIG" not in proc.stdout  # the full tree only with print_config=true
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2, epochs
+    pattern = r"epoch (\d)/2  [\d.]+ s  train loss [\d.]+ acc [\d.]+  val loss [\d.]+ acc [\d.]+  ETA \S+"
+    assert [re.fullmatch(pattern, line).group(1) for line in epochs] == ["1", "2"]
+    assert epochs[-1].endswith("ETA 0s")
+    assert (run_dir / "config.yaml").is_file()  # the whole config is kept with the run
+
+
+def test_durations_read_like_a_clock() -> None:
+    assert [format_duration(s) for s in (0, 9.6, 75, 3599, 3600 * 5 + 61)] == ["0s", "10s", "1m 15s", "59m 59s",
+                                                                                "5h 01m"]
