@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from functools import partial
 from typing import Any
 
@@ -101,6 +102,11 @@ class ClassifierModule(L.LightningModule):
             setattr(self, f"{stage}_loss", MeanMetric())
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resume, so val/acc_best stays right
+        # Training time spent before this fit: 0 for a new run, the checkpoint's elapsed_s when
+        # resuming. Checkpoints store it plus the time since this fit started, so a run resumed
+        # any number of times (even after being killed) knows its total training time.
+        self.elapsed_s = 0.0
+        self._fit_started: float | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
@@ -121,9 +127,26 @@ class ClassifierModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "channels_last"):
             datamodule.channels_last = self.channels_last
 
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def training_elapsed_s(self) -> float:
+        """Training time so far: earlier segments (restored on resume) plus this fit's."""
+        running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        return self.elapsed_s + running
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The training command's overrides: evaluate and predict replay them to rebuild the config.
         checkpoint[OVERRIDES_KEY] = list(self.run_overrides)
+        checkpoint["elapsed_s"] = round(self.training_elapsed_s(), 3)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restored when resuming (or loading outside a Trainer); loading the best checkpoint
+        # for testing must not replace the time of the run's earlier segments.
+        if self._trainer is not None and self.trainer.state.fn != "fit":
+            return
+        elapsed = checkpoint.get("elapsed_s")
+        self.elapsed_s = float(elapsed) if isinstance(elapsed, (int, float)) else 0.0
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor, Tensor]:
         x, target = batch

@@ -17,7 +17,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(run_dir: Path, model: str, params: int, optimizer: str, lr: float, batch_size: int,
-              val_best: float | None, test_acc: float | None, wall: float, epochs: int = 3) -> Path:
+              val_best: float | None, test_acc: float | None, wall: float, epochs: int = 3,
+              **extra) -> Path:
+    """A run directory as training writes it; ``extra`` keys are added to its metrics.json."""
     run_dir.mkdir(parents=True)
     metrics = {"val/acc": val_best or 0.0}
     if val_best is not None:
@@ -26,7 +28,7 @@ def write_run(run_dir: Path, model: str, params: int, optimizer: str, lr: float,
         metrics["test/acc"] = test_acc
     summary = {"run_dir": str(run_dir), "model": model, "choices": {"model": model, "optimizer": optimizer,
                                                                     "scheduler": "cosine"},
-               "params": params, "epochs": epochs, "metrics": metrics, "wall_time_s": wall}
+               "params": params, "epochs": epochs, "metrics": metrics, "wall_time_s": wall, **extra}
     (run_dir / "metrics.json").write_text(json.dumps(summary))
     config = {"optimizer": {"_target_": f"torch.optim.{optimizer.upper()}", "lr": lr},
               "data": {"batch_size": batch_size}, "model": {"_target_": f"x.{model}"}}
@@ -96,3 +98,148 @@ def test_cli(runs: tuple[Path, Path], tmp_path: Path) -> None:
                            str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "resnet_se" in proc.stdout and (tmp_path / "c.png").read_bytes()[:8] == PNG
+
+
+# ----------------------------------------------------------------------------- resumed and failed runs
+def _rows(text: str) -> dict[str, list[str]]:
+    """The table's data rows by run label."""
+    lines = [line for line in text.splitlines() if line.startswith("|")][2:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {row[0]: row for row in rows}
+
+
+def test_resumed_run_shows_its_total_wall_time(tmp_path: Path, capsys) -> None:
+    ckpt = str(tmp_path / "runs" / "a" / "checkpoints" / "last.ckpt")
+    write_run(tmp_path / "runs" / "a", "simple_cnn", 2_122_186, "sgd", 0.05, 128, 0.71, 0.70, 95.0)
+    # resumed in its own run directory: 5 minutes now, 7m03s before the interruption
+    write_run(tmp_path / "runs" / "b", "simple_cnn", 2_122_186, "sgd", 0.05, 128, 0.72, 0.71, 300.0,
+              resumed_from=ckpt, wall_time_total_s=723.0)
+    # written before totals were recorded: only this segment's time is known
+    write_run(tmp_path / "runs" / "c", "simple_cnn", 2_122_186, "sgd", 0.05, 128, 0.69, 0.68, 60.0,
+              resumed_from=ckpt)
+    # a new run's total equals its own time and is shown without a mark
+    write_run(tmp_path / "runs" / "d", "simple_cnn", 2_122_186, "sgd", 0.05, 128, 0.60, 0.59, 30.0,
+              resumed_from=None, wall_time_total_s=30.0)
+
+    assert compare.main([str(tmp_path / "runs")]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["runs/b"][10] == "12m03s (resumed)"
+    assert rows["runs/c"][10] == "1m00s (resumed, last part)"
+    assert rows["runs/a"][10] == "1m35s" and rows["runs/d"][10] == "30s"
+
+    found = compare.collect([tmp_path / "runs"])
+    resumed = next(r for r in found if r.run == "runs/b")
+    assert resumed.resumed and resumed.wall_time_s == 723.0
+    # sorting and the plot use the total
+    assert [r.run for r in compare.sort_runs(found, "wall_time_s")] == ["runs/b", "runs/a", "runs/c", "runs/d"]
+
+
+def test_failed_sweep_jobs_show_failed(runs: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch) -> None:
+    single, sweep = runs
+    # a job that raised before training wrote anything: sweep.py's record and Hydra's config only
+    crashed = sweep / "2"
+    (crashed / ".hydra").mkdir(parents=True)
+    (crashed / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"optimizer": {"_target_": "torch.optim.SGD", "lr": 0.5}, "data": {"batch_size": 32},
+         "model": {"_target_": "x.simple_cnn"}}))
+    (crashed / "metrics.json").write_text(json.dumps({
+        "status": "failed", "objective": {"name": "val/acc_best", "value": None},
+        "error": "DataError: no CIFAR-10 data in /data\nsecond line of the message"}))
+    # a diverged job: training finished and logged accuracies, then the sweep marked it failed
+    write_run(sweep / "3", "resnet_se", 11_200_000, "sgd", 10.0, 128, 0.10, 0.99, 50.0,
+              status="failed", objective={"name": "val/acc_best", "value": None},
+              error="non-finite result: train/loss=nan")
+
+    out, plot = tmp_path / "report" / "compare.md", tmp_path / "report" / "compare.png"
+    assert compare.main([str(single), str(sweep), "--out", str(out), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(printed)
+    assert len(rows) == 5
+    crashed_row, diverged_row = rows["sweep/2"], rows["sweep/3"]
+    assert crashed_row[1] == "simple_cnn" and crashed_row[3] == "SGD" and crashed_row[4] == "0.5"
+    assert crashed_row[8:10] == ["failed", "failed"] and crashed_row[10] == "-"
+    assert diverged_row[8:10] == ["failed", "failed"] and diverged_row[10] == "50s"
+    # failed runs sort after every run with an accuracy
+    labels = [line.strip("|").split("|")[0].strip() for line in printed.splitlines() if line.startswith("|")][2:]
+    assert labels[:2] == ["sweep/0", "a"] and set(labels[3:]) == {"sweep/2", "sweep/3"}
+    # each failure's first error line under the table, in the printed and the written report
+    assert "- sweep/2 failed: DataError: no CIFAR-10 data in /data" in printed
+    assert "- sweep/3 failed: non-finite result: train/loss=nan" in printed
+    assert "second line" not in printed
+    text = out.read_text()
+    assert "5 runs (2 failed)" in text
+    assert "- sweep/2 failed: DataError" in text
+    assert plot.read_bytes()[:8] == PNG
+
+    # the plot leaves failed runs out (the diverged one would be its best point)
+    plotted = []
+
+    def scatter(self, x, y, *args, **kwargs):
+        plotted.append((x[0], y[0]))
+
+    from matplotlib.axes import Axes
+
+    monkeypatch.setattr(Axes, "scatter", scatter)
+    compare.plot_runs(compare.collect([sweep]), tmp_path / "p.png")
+    assert plotted and all(y < 99 for _, y in plotted)
+
+
+def test_sorting_by_other_columns_keeps_failed_runs(tmp_path: Path) -> None:
+    write_run(tmp_path / "s" / "0", "simple_cnn", 1000, "sgd", 0.1, 64, 0.5, 0.5, 10.0)
+    write_run(tmp_path / "s" / "1", "resnet_se", 2000, "sgd", 0.1, 64, 0.9, 0.9, 20.0,
+              status="failed", error="boom")
+    found = compare.collect([tmp_path / "s"])
+    assert [r.model for r in compare.sort_runs(found, "test_acc")] == ["simple_cnn", "resnet_se"]
+    assert [r.model for r in compare.sort_runs(found, "params")] == ["resnet_se", "simple_cnn"]
+    table = compare.markdown_table(found)
+    assert _rows(table)["s/1"][8:10] == ["failed", "failed"]
+    assert table.rstrip().endswith("- s/1 failed: boom")
+
+
+# ----------------------------------------------------------------------------- elapsed training time
+def test_module_checkpoints_carry_elapsed_training_time(monkeypatch) -> None:
+    from functools import partial
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    import cifar_lab.module as module_mod
+
+    def make() -> module_mod.ClassifierModule:
+        net = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+        return module_mod.ClassifierModule(net, partial(torch.optim.SGD, lr=0.1), memory_format="contiguous")
+
+    clock = [100.0]
+    monkeypatch.setattr(module_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    first = make()
+    first.on_fit_start()
+    clock[0] += 42.5  # training for 42.5 s, then a checkpoint
+    checkpoint: dict = {}
+    first.on_save_checkpoint(checkpoint)
+    assert checkpoint["elapsed_s"] == 42.5
+
+    # resuming (outside a Trainer here) restores it; the next segment adds its own time
+    second = make()
+    second.on_load_checkpoint(checkpoint)
+    assert second.elapsed_s == 42.5
+    second.on_fit_start()
+    clock[0] += 10.0
+    later: dict = {}
+    second.on_save_checkpoint(later)
+    assert later["elapsed_s"] == 52.5 and second.training_elapsed_s() == 52.5
+
+    # resuming inside a fitting Trainer restores too; loading the best checkpoint to test does not
+    fitting = make()
+    fitting._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    fitting.on_load_checkpoint(later)
+    assert fitting.elapsed_s == 52.5
+    fitting._trainer = SimpleNamespace(state=SimpleNamespace(fn="test"))
+    fitting.on_load_checkpoint(checkpoint)
+    assert fitting.elapsed_s == 52.5
+
+    # a checkpoint saved before elapsed time was recorded counts as none
+    old = make()
+    old.on_load_checkpoint({})
+    assert old.elapsed_s == 0.0

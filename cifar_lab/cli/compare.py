@@ -7,6 +7,10 @@ multirun sweep directory or all of ``logs/`` work) is one row. Hyperparameters c
 run's ``config.yaml`` (the resolved config saved next to ``metrics.json``). The table is
 printed as Markdown and, with ``--out``, written to a file; ``--plot`` draws accuracy against
 parameter count and against wall time.
+
+The wall time of a resumed run is its total over all segments (``wall_time_total_s``), marked
+"(resumed)". A failed sweep job (``"status": "failed"``) shows "failed" in its accuracy cells,
+with the first line of its error in a note under the table; it is left out of the plot.
 """
 
 from __future__ import annotations
@@ -54,8 +58,13 @@ class Run:
     epochs: int | None = None
     val_acc_best: float | None = None
     test_acc: float | None = None
-    wall_time_s: float | None = None
+    wall_time_s: float | None = None  # the run's total over all its segments when known
     task: str = "train"
+    resumed: bool = False
+    # True when wall_time_s covers the last segment only (a resumed run without a recorded total)
+    partial_time: bool = False
+    status: str = ""  # "ok" or "failed" for sweep jobs, "" otherwise
+    error: str = ""  # first line of a failed job's error
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,6 +97,14 @@ def _short_target(target: Any) -> str:
     return str(target).rsplit(".", 1)[-1] if target else ""
 
 
+def _first_line(text: Any) -> str:
+    """The first non-empty line of ``text`` ("" for none)."""
+    for line in str(text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
 def read_run(metrics_file: Path, label: str) -> Run:
     summary = json.loads(metrics_file.read_text())
     if not isinstance(summary, dict):
@@ -95,6 +112,9 @@ def read_run(metrics_file: Path, label: str) -> Run:
     run_dir = metrics_file.parent
     cfg: dict[str, Any] = {}
     config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        # A sweep job that failed before training started has only Hydra's copy of its config.
+        config_file = run_dir / ".hydra" / "config.yaml"
     if config_file.is_file():
         try:
             cfg = yaml.safe_load(config_file.read_text()) or {}
@@ -116,6 +136,15 @@ def read_run(metrics_file: Path, label: str) -> Run:
     metrics = summary.get("metrics") or {}
     scheduler_choice = choices.get("scheduler")
     scheduler = scheduler_choice or _short_target(select("scheduler.scheduler._target_"))
+    # A resumed run's metrics.json carries its total time over all segments; one written before
+    # that was recorded has this process's time only.
+    resumed = bool(summary.get("resumed_from"))
+    total = _number(summary.get("wall_time_total_s"), float)
+    wall_time = total if total is not None else _number(summary.get("wall_time_s"), float)
+    status = str(summary.get("status") or "")
+    error = _first_line(summary.get("error"))
+    if status == "failed" and not error:
+        error = "no error message recorded"
     return Run(
         path=run_dir,
         run=label,
@@ -129,7 +158,11 @@ def read_run(metrics_file: Path, label: str) -> Run:
         epochs=_number(summary.get("epochs"), int),
         val_acc_best=_number(metrics.get("val/acc_best"), float),
         test_acc=_number(metrics.get("test/acc"), float),
-        wall_time_s=_number(summary.get("wall_time_s"), float),
+        wall_time_s=wall_time,
+        resumed=resumed,
+        partial_time=resumed and total is None,
+        status=status,
+        error=error,
     )
 
 
@@ -190,13 +223,25 @@ def format_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
+ACCURACY_KEYS = ("val_acc_best", "test_acc")
+
+
+def _failed(run: Run) -> bool:
+    return run.status == "failed"
+
+
 def _cell(run: Run, key: str) -> str:
     value = getattr(run, key)
     if key == "params":
         return format_params(value)
     if key == "wall_time_s":
-        return format_duration(value)
-    if key in ("val_acc_best", "test_acc"):
+        text = format_duration(value)
+        if run.resumed and value is not None:
+            text += " (resumed, last part)" if run.partial_time else " (resumed)"
+        return text
+    if key in ACCURACY_KEYS:
+        if _failed(run):  # whatever it logged before failing (a diverged loss, say) is no result
+            return "failed"
         return "-" if value is None else f"{100 * value:.2f}%"
     if key == "lr":
         return "-" if value is None else f"{value:g}"
@@ -206,17 +251,29 @@ def _cell(run: Run, key: str) -> str:
 
 
 def sort_runs(runs: list[Run], key: str = "test_acc") -> list[Run]:
-    """Best first for accuracies, largest first otherwise; runs lacking the value go last."""
+    """Best first for accuracies, largest first otherwise; runs lacking the value go last.
+
+    For accuracies a failed run counts as lacking the value.
+    """
     if key not in SORT_KEYS:
         raise InputError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}")
-    present = [r for r in runs if getattr(r, key) not in (None, "")]
-    missing = [r for r in runs if getattr(r, key) in (None, "")]
+
+    def has_value(run: Run) -> bool:
+        if key in ACCURACY_KEYS and _failed(run):
+            return False
+        return getattr(run, key) not in (None, "")
+
+    present = [r for r in runs if has_value(r)]
+    missing = [r for r in runs if not has_value(r)]
     reverse = key not in ("run", "model", "optimizer", "scheduler")
     return sorted(present, key=lambda r: getattr(r, key), reverse=reverse) + missing
 
 
 def markdown_table(runs: Sequence[Run]) -> str:
-    """The runs as an aligned Markdown table (readable as plain text too)."""
+    """The runs as an aligned Markdown table (readable as plain text too).
+
+    Failed runs are listed under the table with the first line of their error.
+    """
     headers = [title for _, title in COLUMNS]
     rows = [[_cell(run, key) for key, _ in COLUMNS] for run in runs]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -229,7 +286,12 @@ def markdown_table(runs: Sequence[Run]) -> str:
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else ("-" * (w + 2))
                           for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)]) + "\n"
+    table = "\n".join([line(headers), rule, *(line(r) for r in rows)]) + "\n"
+    failed = [run for run in runs if _failed(run)]
+    if not failed:
+        return table
+    notes = [f"- {run.run} failed: {run.error}" for run in failed]
+    return table + "\nFailed runs:\n\n" + "\n".join(notes) + "\n"
 
 
 # ----------------------------------------------------------------------------- plot
@@ -247,12 +309,13 @@ def plot_runs(runs: Sequence[Run], path: str | Path) -> Path:
     """Accuracy (test, else best validation) against parameter count and against wall time (PNG).
 
     Training runs are dots, other entries (e.g. evaluate jobs, whose wall time is the
-    evaluation's) crosses.
+    evaluation's) crosses. Failed runs are left out.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 5))
+    runs = [run for run in runs if not _failed(run)]
     use_test = any(r.test_acc is not None for r in runs)
     metric = "test accuracy" if use_test else "best validation accuracy"
     for col, (attr, xlabel, log_x) in enumerate((("params", "parameters", True),
@@ -312,7 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"# Run comparison\n\n{len(runs)} runs from {', '.join(args.dirs)}\n\n{table}")
+        failed = sum(_failed(run) for run in runs)
+        count = f"{len(runs)} runs" + (f" ({failed} failed)" if failed else "")
+        out.write_text(f"# Run comparison\n\n{count} from {', '.join(args.dirs)}\n\n{table}")
         print(f"Wrote {out}")
     if args.plot:
         print(f"Wrote {plot_runs(runs, args.plot)}")

@@ -29,6 +29,7 @@ from cifar_lab import autotune, builders
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
+from cifar_lab.cli import console
 from cifar_lab.cli.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
@@ -112,8 +113,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
     trainer = builders.build_trainer(cfg, callbacks, loggers)
     if rank_zero_only.rank == 0:
         save_hydra_files(run_dir, cfg)
-        print_and_save(cfg, run_dir)
-        log.info("%s", autotune.format_table(tuned))
+        print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
+        params = sum(p.numel() for p in module.net.parameters() if p.requires_grad)
+        print(console.header(cfg, run_dir, params, _choices(), builders.task_overrides(), tuned), flush=True)
+        if tuned.source == "measured":
+            log.info("%s", autotune.format_table(tuned))
         autotune.log_to_tensorboard(loggers, tuned)
     for warning in resume.warnings if resume else []:
         log.warning("resuming from %s: %s", resume.path, warning)
@@ -164,6 +168,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
     test_metrics = scalars(trainer.callback_metrics, ("test/",))
 
     metrics = {**train_metrics, **val_metrics, **test_metrics}
+    wall_time = time.perf_counter() - start
     summary = {
         "run_dir": str(run_dir),  # where it ran (information only: paths below are relative to it)
         "model": _choices().get("model", str(cfg.model.get("_target_", ""))),
@@ -178,7 +183,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
         "memory_format": tuned.memory_format,
         "autotune": tuned.record(),
         "metrics": metrics,
-        "wall_time_s": round(time.perf_counter() - start, 2),
+        "wall_time_s": round(wall_time, 2),  # this process only
+        # Across all segments of a resumed run: the training time stored in the checkpoint it
+        # resumed from (0 for a new run) plus this process's time.
+        "wall_time_total_s": round(getattr(module, "elapsed_s", 0.0) + wall_time, 2),
     }
     if trainer.is_global_zero:
         try:
@@ -218,6 +226,7 @@ def main_guarded(cfg: DictConfig, task: Callable[[DictConfig], float | None] = t
         run_dir = None
     # A directory that already holds a run is not written to by a refused command (no error.txt).
     keep_in = run_dir if run_dir is not None and not holds_run(run_dir) else None
+    console.quiet_third_party()
     if run_dir is not None and in_multirun() and rank_zero_only.rank == 0:
         save_hydra_files(run_dir, cfg)  # a sweep job's own new folder: recorded even if the job fails
     with exit_on_user_error(keep_in):
