@@ -17,8 +17,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# On a machine without a GPU, unless ARGS chooses a model or an experiment, `make train` trains
+# the CPU speedrun (experiment=speedrun: about 15 minutes on 2 cores, about 90% on CIFAR-10)
+# instead of the default model (about a day on a CPU). `python train.py` itself is unchanged.
+CPU_DEFAULT_ARGS ?= experiment=speedrun
+
 train: install
-	$(PY) train.py $(ARGS)
+	@case " $(ARGS)" in *" model="*|*" experiment="*|*" +experiment="*) chosen=1 ;; *) chosen=0 ;; esac; \
+	if [ $$chosen = 0 ] && ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		echo "No GPU found: training the CPU speedrun ($(CPU_DEFAULT_ARGS)); choose model=... or experiment=... in ARGS for another."; \
+		$(PY) train.py $(CPU_DEFAULT_ARGS) $(ARGS); \
+	else \
+		$(PY) train.py $(ARGS); \
+	fi
+
 
 test: install
 	$(PY) -m pytest $(ARGS)
