@@ -47,3 +47,24 @@ def test_a_tiny_run_prints_a_short_header_and_plain_epoch_lines(tmp_path: Path) 
 def test_durations_read_like_a_clock() -> None:
     assert [format_duration(s) for s in (0, 9.6, 75, 3599, 3600 * 5 + 61)] == ["0s", "10s", "1m 15s", "59m 59s",
                                                                                 "5h 01m"]
+
+
+def test_compact_bar_fits_80_columns(monkeypatch) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from cifar_lab.callbacks.progress import CompactRichProgressBar
+
+    bar = CompactRichProgressBar()
+    monkeypatch.setattr(RichProgressBar, "get_metrics",
+                        lambda self, t, m: {"train/loss_step": 0.0331, "val/acc": 0.97, "v_num": 3})
+    metrics = bar.get_metrics(None, None)
+    assert metrics == {"loss": 0.0331, "val_acc": 0.97}
+    console = Console(width=80, record=True, force_terminal=True)
+    progress = Progress(*bar.configure_columns(None), console=console, auto_refresh=False)
+    progress.add_task("Epoch 12/29", total=391, completed=390)
+    console.print(progress.get_renderable())
+    line = console.export_text().splitlines()[0]
+    # leaves room for "loss: 0.033 val_acc: 0.970" (27 characters) on the same 80-column line
+    assert len(line.rstrip()) + 1 + len("loss: 0.033 val_acc: 0.970") <= 80, line

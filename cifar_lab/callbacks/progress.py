@@ -14,8 +14,15 @@ import time
 from typing import Any, TextIO
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import (
+    BatchesProcessedColumn,
+    CustomBarColumn,
+    CustomTimeColumn,
+)
+from rich.progress import TextColumn
 
-__all__ = ["EpochLines", "RunEstimate", "format_duration", "interactive"]
+__all__ = ["CompactRichProgressBar", "EpochLines", "RunEstimate", "format_duration", "interactive"]
 
 
 def interactive(stream: TextIO | None = None) -> bool:
@@ -107,3 +114,27 @@ class RunEstimate(L.Callback):
         print(f"time: about {format_duration(per_epoch)} per epoch, {format_duration(per_epoch * epochs_left)} "
               f"for {epochs_left} epoch{'s' if epochs_left != 1 else ''} (measured on the first {steps} steps)",
               file=self.stream or sys.stdout, flush=True)
+
+
+class CompactRichProgressBar(RichProgressBar):
+    """Lightning's rich bar, fitted to an 80-column terminal.
+
+    A shorter bar, no items/s column (the time column says as much), and short metric names
+    (``loss`` for the step's training loss, ``val_acc``): Lightning's own layout wraps at 80
+    columns, putting each value next to the following metric's name.
+    """
+
+    SHORT_NAMES = {"train/loss_step": "loss", "val/acc": "val_acc"}
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        return [
+            TextColumn("[progress.description]{task.description}"),
+            CustomBarColumn(bar_width=12, complete_style=self.theme.progress_bar,
+                            finished_style=self.theme.progress_bar_finished, pulse_style=self.theme.progress_bar_pulse),
+            BatchesProcessedColumn(style=self.theme.batch_progress),
+            CustomTimeColumn(style=self.theme.time),
+        ]
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        return {self.SHORT_NAMES.get(k, k): v for k, v in metrics.items() if k != "v_num"}
