@@ -3,8 +3,9 @@
 :class:`ClassificationReport` accumulates torchmetrics from the ``{"loss", "logits", "labels"}``
 dicts that ``validation_step``/``test_step`` return, so it works with any module that returns
 those. It logs to whatever loggers the trainer has and adds images and the HPARAMS summary
-to TensorBoard; it writes report files into the run directory on global rank 0 only (the
-metrics themselves are synchronised across DDP ranks by torchmetrics).
+to TensorBoard (to MLflow: the run config as params, the report files as artifacts); it writes
+report files into the run directory on global rank 0 only (the metrics themselves are
+synchronised across DDP ranks by torchmetrics).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics.classification import (
     MulticlassCalibrationError,
@@ -33,6 +34,8 @@ from cifar_lab.callbacks import plots
 log = logging.getLogger(__name__)
 
 STAGES = ("val", "test")
+# Report files copied into an MLflow run as artifacts, when they exist in the run directory.
+REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "curves.png", "misclassified.png")
 CLASS_NAMES_KEY = "class_names"  # checkpoint entry holding the class names (used by predict)
 
 
@@ -129,7 +132,8 @@ class ClassificationReport(L.Callback):
     and ``{stage}/ece`` every validation epoch and at test; TensorBoard also gets the confusion
     matrix image ``{stage}/confusion_matrix`` (validation every ``val_confusion_every_n_epochs``
     epochs and at the last epoch), the grid ``test/misclassified`` and the run config with the
-    final metrics in its HPARAMS tab.
+    final metrics in its HPARAMS tab. An MLflow logger gets the run config as params when
+    fitting (or testing) starts and the report files below as artifacts once they are written.
 
     Files written to ``output_dir`` (global rank 0): after testing ``classification_report.txt``,
     ``confusion_matrix.png`` and ``misclassified.png``; after fitting ``curves.png``. A run that
@@ -144,7 +148,8 @@ class ClassificationReport(L.Callback):
         per_class_metrics: log the per-class scalars.
         ece_bins: bins of the expected calibration error.
         misclassified: how many misclassified test images to show (0: none).
-        log_hparams: write the config and final metrics to TensorBoard's HPARAMS tab.
+        log_hparams: write the config and final metrics to TensorBoard's HPARAMS tab, and the
+            config to MLflow's params.
         write_files: write the report files.
         digits: decimals in ``classification_report.txt``.
         graph_input_size: image size of the batch traced for the model graph when the TensorBoard
@@ -192,6 +197,7 @@ class ClassificationReport(L.Callback):
         self.fit_metrics: dict[str, float] = {}
         self._wrong: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._wrong_count = 0
+        self._mlflow_runs_with_params: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
     def _build_metrics(self, num_classes: int) -> nn.ModuleDict:
@@ -309,6 +315,41 @@ class ClassificationReport(L.Callback):
         final = {f"hp/{k.replace('/', '_')}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         tb.log_hyperparams(params, final)
 
+    def _log_mlflow_params(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The flattened run config as MLflow params, once per MLflow run.
+
+        MLflow params cannot change once set, so this runs when fitting or testing starts, after
+        the run has settled its config (e.g. the measured precision); MLFlowLogger cuts values to
+        250 characters.
+        """
+        if not (self.log_hparams and trainer.is_global_zero):
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, MLFlowLogger):
+                continue
+            try:
+                if logger.run_id in self._mlflow_runs_with_params:
+                    continue
+                params = flatten_params(dict(pl_module.hparams)) or {"module": type(pl_module).__name__}
+                logger.log_hyperparams(params)
+                self._mlflow_runs_with_params.add(logger.run_id)
+            except Exception as err:  # noqa: BLE001 - a tracking server's hiccup does not stop training
+                log.warning("could not log the config to MLflow: %s", err)
+
+    def _log_mlflow_artifacts(self, trainer: L.Trainer) -> None:
+        """The report files of the run directory as artifacts of each MLflow logger's run."""
+        if not (self.write_files and trainer.is_global_zero):
+            return
+        files = [path for name in REPORT_FILES if (path := self._run_dir(trainer) / name).is_file()]
+        for logger in trainer.loggers if files else []:
+            if not isinstance(logger, MLFlowLogger):
+                continue
+            try:
+                for path in files:
+                    logger.experiment.log_artifact(logger.run_id, str(path))
+            except Exception as err:  # noqa: BLE001 - the files stay in the run directory either way
+                log.warning("could not copy the report files to MLflow: %s", err)
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         num_classes = int(getattr(pl_module, "num_classes", 0) or 0)
@@ -321,6 +362,7 @@ class ClassificationReport(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_graph(trainer, pl_module)
+        self._log_mlflow_params(trainer, pl_module)
 
     def _log_graph(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The network's graph, when the TensorBoard logger was asked for it (``log_graph=true``).
@@ -402,6 +444,10 @@ class ClassificationReport(L.Callback):
             self._write_reports(trainer, "val")
             keep = ("val/acc_best", "val/acc", "val/loss", "val/ece")
             self._log_hparams(trainer, pl_module, {k: v for k, v in self.fit_metrics.items() if k in keep})
+            self._log_mlflow_artifacts(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_mlflow_params(trainer, pl_module)  # a test-only run (evaluate) has not fitted
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics.to(pl_module.device)
@@ -448,6 +494,7 @@ class ClassificationReport(L.Callback):
         final = {k: v for k, v in self.fit_metrics.items() if k in ("val/acc_best", "val/acc", "val/loss")}
         final.update(scalars(trainer.callback_metrics, ("test/",)))
         self._log_hparams(trainer, pl_module, final)
+        self._log_mlflow_artifacts(trainer)
 
     def _misclassified_figure(self, names: Sequence[str]) -> Any:
         if self._wrong:

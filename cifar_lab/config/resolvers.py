@@ -11,3 +11,6 @@ def register() -> None:
     # The process id makes run directories unique even for runs started in the same microsecond.
     if not OmegaConf.has_resolver("cifar_lab.pid"):
         OmegaConf.register_new_resolver("cifar_lab.pid", lambda: str(os.getpid()), use_cache=True)
+    # The last part of a path: a run's name from its directory (logger=mlflow's run_name).
+    if not OmegaConf.has_resolver("cifar_lab.basename"):
+        OmegaConf.register_new_resolver("cifar_lab.basename", lambda path: os.path.basename(str(path).rstrip("/")))
