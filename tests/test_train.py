@@ -19,8 +19,10 @@ def _metrics(run_dir: Path) -> dict:
 
 def test_cli_fast_dev_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli([*SYNTH, "debug=fast_dev_run", f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = run_cli([*SYNTH, "debug=fast_dev_run", "print_config=true", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the short header always; the whole config tree because print_config=true asked for it
+    assert f"run directory : {run_dir}" in proc.stdout
     assert "CONFIG" in proc.stdout and f"Run directory: {run_dir}" in proc.stdout
     summary = _metrics(run_dir)
     assert {"test/acc", "test/loss", "val/acc"} <= set(summary["metrics"])
