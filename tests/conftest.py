@@ -16,10 +16,14 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import cifar_lab  # noqa: F401  (registers resolvers)
+from cifar_lab.cli.console import quiet_third_party
 from cifar_lab.config.compose import hydra_job
 
 # Autotune decisions go to a cache of this test session only (hermetic, and no stale entries).
 os.environ["CIFAR_LAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
+
+# The same narrow filters as the commands: third-party noise nobody can act on.
+quiet_third_party()
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

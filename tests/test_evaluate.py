@@ -57,6 +57,18 @@ def test_training_run_has_reports_and_tensorboard_content(trained: Path) -> None
         for kind in ("precision", "recall", "f1"):
             assert f"{stage}_per_class/{kind}/class_0" in tags["scalars"]
     assert {"test/ece", "val/ece", "test/acc", "hp/test_acc", "hp/val_acc_best"} <= set(tags["scalars"])
+    # the CUSTOM SCALARS layout: train vs val loss and accuracy on one chart each, and the learning rate
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    layouts = [e for e in EventAccumulator(str(trained / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+               .Tensors(metadata.CONFIG_SUMMARY_TAG)]
+    assert layouts
+    layout = layout_pb2.Layout.FromString(layouts[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["loss: train vs val"] == ["^train/loss$", "^val/loss$"]
+    assert charts["accuracy: train vs val"][:2] == ["^train/acc$", "^val/acc$"]
+    assert charts["learning rate"] == ["^lr-"]
+    assert {"train/loss", "val/loss", "train/acc", "val/acc"} <= set(tags["scalars"])
 
 
 def test_evaluate_reproduces_recorded_test_accuracy(trained: Path, tmp_path: Path) -> None:

@@ -1,10 +1,16 @@
-"""Progress for a console that is not a terminal: one plain line per epoch.
+"""What a run shows on the console while it trains.
 
-A log file, CI or a cluster job captures the rich progress bar only as its final state (or
-as a stream of control characters). When stdout is not a terminal, the builders replace
-the bar with :class:`EpochLines`, which prints one line at the end of every epoch::
+* :class:`CompactRichProgressBar`: Lightning's rich bar, fitted to 80 columns.
+* :class:`EpochLines`: a log file, CI or a cluster job captures a rich bar only as its final
+  state (or as control characters), so when stdout is not a terminal the builders replace the
+  bar with one plain line per epoch::
 
-    epoch 3/30  12.4 s  train loss 1.234 acc 0.562  val loss 1.101 acc 0.611  ETA 5m 34s
+      epoch 3/30  12.4 s  train loss 1.234 acc 0.562  val loss 1.101 acc 0.611  ETA 5m 34s
+
+* :class:`RunEstimate`: early in the first epoch, how long an epoch and the run will take.
+* :class:`CompactModelSummary`: the network's layers and size, without the metric objects
+  and without a FLOPs column that would read 0 (Lightning counts FLOPs only from an
+  ``example_input_array``, which would go through the datamodule's uint8 batch path).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from typing import Any, TextIO
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import (
     BatchesProcessedColumn,
     CustomBarColumn,
@@ -22,7 +28,8 @@ from lightning.pytorch.callbacks.progress.rich_progress import (
 )
 from rich.progress import TextColumn
 
-__all__ = ["CompactRichProgressBar", "EpochLines", "RunEstimate", "format_duration", "interactive"]
+__all__ = ["CompactModelSummary", "CompactRichProgressBar", "EpochLines", "RunEstimate", "format_duration",
+           "interactive"]
 
 
 def interactive(stream: TextIO | None = None) -> bool:
@@ -138,3 +145,35 @@ class CompactRichProgressBar(RichProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         return {self.SHORT_NAMES.get(k, k): v for k, v in metrics.items() if k != "v_num"}
+
+
+class CompactModelSummary(RichModelSummary):
+    """The network's layers and parameter counts; metric objects and an all-zero FLOPs count left out."""
+
+    @staticmethod
+    def summarize(summary_data: list, total_parameters: int, trainable_parameters: int, model_size: float,
+                  total_training_modes: dict[str, int], total_flops: int, **summarize_kwargs: Any) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        columns = dict(summary_data)
+        shown = [name for name in columns if name not in ("Mode",) and (name != "FLOPs" or total_flops)]
+        rows = [row for row in zip(*(columns[name] for name in shown))
+                if not str(dict(zip(shown, row)).get("Type", "")).endswith(("Metric", "Accuracy"))]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name in shown:
+            table.add_column(" " if name == " " else name, justify="right" if name in ("Params", "FLOPs") else "left")
+        for row in rows:
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        size = get_formatted_model_size(model_size)
+        line = (f"Params: {get_human_readable_count(int(trainable_parameters))} trainable, "
+                f"{get_human_readable_count(int(total_parameters - trainable_parameters))} frozen; {size} MB")
+        if total_flops:
+            line += f"; {get_human_readable_count(total_flops)} FLOPs"
+        console.print(line)

@@ -363,6 +363,23 @@ class ClassificationReport(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_graph(trainer, pl_module)
         self._log_mlflow_params(trainer, pl_module)
+        self._add_dashboard_layout(trainer)
+
+    # TensorBoard's CUSTOM SCALARS tab: the charts that answer "is it learning, is it overfitting"
+    # first, instead of the alphabetical list of single-metric cards.
+    DASHBOARD = {
+        "cifar-lab": {
+            "loss: train vs val": ["Multiline", ["^train/loss$", "^val/loss$"]],
+            "accuracy: train vs val": ["Multiline", ["^train/acc$", "^val/acc$", "^val/acc_best$"]],
+            "learning rate": ["Multiline", ["^lr-"]],
+            "step loss and accuracy": ["Multiline", ["^train/loss_step$", "^train/acc_step$"]],
+        }
+    }
+
+    def _add_dashboard_layout(self, trainer: L.Trainer) -> None:
+        tb = self._tensorboard(trainer)
+        if tb is not None and trainer.is_global_zero:
+            tb.experiment.add_custom_scalars(self.DASHBOARD)
 
     def _log_graph(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The network's graph, when the TensorBoard logger was asked for it (``log_graph=true``).

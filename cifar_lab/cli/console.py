@@ -40,7 +40,7 @@ def quiet_third_party() -> None:
     """Silence third-party messages the user cannot act on (idempotent)."""
     # Lightning 2.6 calls a torch pytree API torch deprecated; one line per fit/test, nothing to do.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
-                            module=r"lightning\.pytorch\.utilities\._pytree")
+                            module=r"(lightning\.pytorch\.utilities\._pytree|typing_extensions)")
     by_logger: dict[str, list[str]] = {}
     for name, start in _QUIET_LINES:
         by_logger.setdefault(name, []).append(start)
