@@ -68,3 +68,14 @@ def test_compact_bar_fits_80_columns(monkeypatch) -> None:
     line = console.export_text().splitlines()[0]
     # leaves room for "loss: 0.033 val_acc: 0.970" (27 characters) on the same 80-column line
     assert len(line.rstrip()) + 1 + len("loss: 0.033 val_acc: 0.970") <= 80, line
+
+
+def test_compact_model_summary_lists_layers_not_metrics(capsys) -> None:
+    from cifar_lab.callbacks.progress import CompactModelSummary
+
+    data = [(" ", ["0", "1"]), ("Name", ["net", "val_acc"]), ("Type", ["SimpleCNN", "MulticlassAccuracy"]),
+            ("Params", ["2.1 M", "0"]), ("Mode", ["train", "train"]), ("FLOPs", ["0", "0"])]
+    CompactModelSummary.summarize(data, 2_122_186, 2_122_186, 8.489, {"train": 2, "eval": 0}, 0)
+    out = capsys.readouterr().out
+    assert "SimpleCNN" in out and "MulticlassAccuracy" not in out and "FLOPs" not in out
+    assert "Params: 2.1 M trainable, 0 frozen; 8.489 MB" in out

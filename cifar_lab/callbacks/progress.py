@@ -172,8 +172,11 @@ class CompactModelSummary(RichModelSummary):
         console = get_console()
         console.print(table)
         size = get_formatted_model_size(model_size)
-        line = (f"Params: {get_human_readable_count(int(trainable_parameters))} trainable, "
-                f"{get_human_readable_count(int(total_parameters - trainable_parameters))} frozen; {size} MB")
+        def count(n: float) -> str:
+            return get_human_readable_count(int(n)).strip()
+
+        line = (f"Params: {count(trainable_parameters)} trainable, "
+                f"{count(total_parameters - trainable_parameters)} frozen; {size} MB")
         if total_flops:
-            line += f"; {get_human_readable_count(total_flops)} FLOPs"
+            line += f"; {count(total_flops)} FLOPs"
         console.print(line)
