@@ -106,10 +106,12 @@ def candidate_pairs(device: torch.device, precision: str, memory_format: str) ->
     return [(p, f) for p in precisions for f in formats]
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16-mixed":
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context a Lightning precision string means (none for full precision)."""
+    precision = str(precision)
+    if precision in ("bf16-mixed", "bf16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
+    if precision in ("16-mixed", "16"):
         return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -146,7 +148,7 @@ def _step_fn(cfg: DictConfig, precision: str, memory_format: str, device: torch.
     y = torch.randint(0, num_classes, (batch_size,), device=device)
 
     def step() -> float:
-        with _autocast(precision, device):
+        with autocast_for(precision, device):
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)

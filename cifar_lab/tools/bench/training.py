@@ -5,7 +5,6 @@ memory format pair autotune chooses from (so the choice is compared with the bes
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from cifar_lab.autotune import autocast_for as _autocast
 from cifar_lab.tools.bench.lab import _open, autotuned, compose, lab_batches, lab_datamodule, model_overrides
 from cifar_lab.tools.bench.reference import reference_batches
 from cifar_lab.tools.bench.settings import Settings
@@ -26,15 +26,6 @@ def _optimizer(cfg, params) -> torch.optim.Optimizer:
     from hydra.utils import instantiate
 
     return instantiate(cfg.optimizer)(params=params)
-
-
-def _autocast(precision: str, device: torch.device):
-    precision = str(precision)
-    if precision.startswith("bf16") and "mixed" in precision or precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision in ("16-mixed", "16"):
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def _train_step_fn(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, precision: str,
