@@ -24,6 +24,7 @@ __all__ = ["quiet_third_party", "header"]
 _QUIET_LINES = (
     ("lightning.pytorch.utilities.rank_zero", "Trainer already configured with model summary callbacks"),
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),
+    ("lightning.pytorch.utilities.rank_zero", "Loading `train_dataloader` to estimate number of stepping batches"),
 )
 
 
@@ -41,6 +42,9 @@ def quiet_third_party() -> None:
     # Lightning 2.6 calls a torch pytree API torch deprecated; one line per fit/test, nothing to do.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
                             module=r"(lightning\.pytorch\.utilities\._pytree|typing_extensions)")
+    # The model summary cannot size bf16 weights and says so; the count printed is still right.
+    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary",
+                            module=r"lightning\.pytorch\.utilities\.model_summary")
     by_logger: dict[str, list[str]] = {}
     for name, start in _QUIET_LINES:
         by_logger.setdefault(name, []).append(start)
@@ -78,7 +82,8 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
         f"model         : {_choice(choices, 'model', cfg.model.get('_target_', ''))} "
         f"({params:,} trainable parameters)",
         f"data          : {_choice(choices, 'data', source)}, batch {data.batch_size}, "
-        f"validation {data.val_size} images, augment {choices.get('augment', 'custom')}",
+        f"{'validation on the test set' if data.val_size == 0 else f'validation {data.val_size} images'}, "
+        f"augment {choices.get('augment', 'custom')}",
         f"optimizer     : {_choice(choices, 'optimizer', cfg.optimizer.get('_target_', ''))} "
         f"lr {OmegaConf.select(cfg, 'optimizer.lr', default='-')}, "
         f"scheduler {choices.get('scheduler', 'none')}",
