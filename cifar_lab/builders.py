@@ -29,8 +29,9 @@ from cifar_lab.module import ClassifierModule
 
 log = logging.getLogger(__name__)
 
-# What constructors raise for a value they refuse.
-_REFUSALS = (ValueError, TypeError, MisconfigurationException, InstantiationException)
+# What constructors raise for a value they refuse, or for an optional package that is missing
+# (e.g. logger=mlflow without `pip install -e ".[mlflow]"`).
+_REFUSALS = (ValueError, TypeError, ImportError, MisconfigurationException, InstantiationException)
 
 
 @contextmanager

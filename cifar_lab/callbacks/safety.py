@@ -211,7 +211,8 @@ class GracefulStop(L.Callback):
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         path = last_checkpoint_path(trainer, self.checkpoint_dir)
-        trainer.save_checkpoint(path, weights_only=False)  # a full, resumable checkpoint
+        # safe: this writes (never reads) our own full, resumable checkpoint; every load is weights_only=True
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved = str(path)
         if trainer.is_global_zero:
             log.info("saved a resumable checkpoint at epoch %d, global step %d: %s",
@@ -269,6 +270,7 @@ class LatestCheckpoint(L.Callback):
             return
         if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
             return  # the ModelCheckpoint saved at this very step, last.ckpt included
+        # safe: a write of our own checkpoint (optimizer state included); loads use weights_only=True
         trainer.save_checkpoint(last_checkpoint_path(trainer, self.checkpoint_dir), weights_only=False)
         self._saved_step = trainer.global_step
 

@@ -146,17 +146,17 @@ class BatchOp(nn.Module):
     def sample_params(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> Params:
-        raise NotImplementedError
+        raise NotImplementedError  # interface: every concrete op defines it
 
     def apply(self, x: Tensor, params: Params) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError  # interface: every concrete op defines it
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_batch(x)
         return self.apply(x, self.sample_params(x.shape[0], x.device, generator))
 
     def to_torchvision(self) -> v2.Transform:
-        raise NotImplementedError
+        raise NotImplementedError  # interface: every concrete op defines its per-image equivalent
 
 
 class BatchOpTransform(v2.Transform):

@@ -102,7 +102,7 @@ class _IndexOp(BatchOp):
     fill: Any = None
 
     def index_maps(self, params: Params, height: int, width: int) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError  # interface: RandomCrop and the flips define their index maps
 
     def apply(self, x: Tensor, params: Params) -> Tensor:
         _check_batch(x)
