@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 import pytest
 import torch
@@ -18,6 +19,7 @@ from cifar_lab.callbacks.averaging import EMA, Lookahead, ScheduledAveraging
 from cifar_lab.callbacks.tta import TestTimeAugmentation as TTAWrapper
 from cifar_lab.callbacks.tta import TTACallback, tta_views
 from cifar_lab.callbacks.whitening import WhiteningInit, training_images
+from cifar_lab.models.flops import count_macs
 from cifar_lab.models.speedrun_net import SpeedrunNet
 from cifar_lab.models.whitening import extract_patches, init_whitening_, patch_whitening_weights
 from cifar_lab.optim.grouped_sgd import grouped_sgd
@@ -331,3 +333,9 @@ def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:
     assert summary["global_step"] == 2 and summary["best_ckpt"] == ""
     assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
     assert summary["choices"]["model"] == "speedrun_net"
+    # the run counted its compute from the network as built: 2 steps of 64 images
+    macs = count_macs(instantiate(cfg.model))
+    compute = summary["compute"]
+    assert compute["train_images"] == 128
+    assert compute["train_pflop"] == 128 * 3 * 2 * macs / 1e15
+    assert compute["test_pflop"] == compute["test_images"] * 6 * 2 * macs / 1e15 > 0  # 6 TTA views

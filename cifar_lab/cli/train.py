@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import autotune, builders
+from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
@@ -108,7 +109,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
     if cfg.get("init_from"):
         load_weights_from(cfg.init_from, module.net, cfg)
     safety = safety_callbacks(checkpoint_dir_of(cfg))
-    callbacks = builders.build_callbacks(cfg) + safety
+    # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose
+    callbacks = builders.build_callbacks(cfg) + safety + [TrainingCompute()]
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)
     if rank_zero_only.rank == 0:
@@ -183,6 +185,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
         "memory_format": tuned.memory_format,
         "autotune": tuned.record(),
         "metrics": metrics,
+        # training FLOPs (all segments of a resumed run) and test FLOPs (TTA views included)
+        "compute": _compute_record(trainer),
         "wall_time_s": round(wall_time, 2),  # this process only
         # Across all segments of a resumed run: the training time stored in the checkpoint it
         # resumed from (0 for a new run) plus this process's time.
@@ -205,6 +209,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
         raise KeyError(f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}")
     value = metrics[name]
     return value if math.isfinite(value) else float("nan")
+
+
+def _compute_record(trainer: L.Trainer) -> dict | None:
+    counter = next((c for c in trainer.callbacks if isinstance(c, TrainingCompute)), None)
+    return counter.record() if counter else None
 
 
 # ----------------------------------------------------------------------------- command line

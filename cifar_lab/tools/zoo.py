@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from torch.utils.flop_counter import FlopCounterMode
 
 from cifar_lab.host import cpu_name
+from cifar_lab.models.flops import count_macs
 from hydra.utils import instantiate
 
 from cifar_lab.config import CONF_DIR as DEFAULT_CONF_DIR  # noqa: E402
@@ -62,15 +62,6 @@ def compose_model(conf_dir: Path, name: str):
 
 def count_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
-
-
-@torch.no_grad()
-def count_macs(net: torch.nn.Module, size: int = 32) -> int:
-    net.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        net(torch.randn(1, 3, size, size))
-    return counter.get_total_flops() // 2
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_lab.models.flops import TRAIN_STEP_FORWARDS, forward_flops
 from cifar_lab.tools.bench.lab import autotuned, compose, model_overrides
 from cifar_lab.tools.bench.settings import Settings
 from cifar_lab.tools.bench.timing import _median, _sync
@@ -74,18 +75,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: tor
     return max(peak.sample() for _ in range(repeats))
 
 
-def forward_flops(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
-    """FLOPs of one forward pass of ``net`` on ``x`` as ``FlopCounterMode`` counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x)
-    return int(counter.get_total_flops())
-
-
 def training_flops(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
     """FLOPs of a training step on ``x``: forward + backward taken as 3 forwards."""
-    return 3 * forward_flops(net, x)
+    return TRAIN_STEP_FORWARDS * forward_flops(net, x)
 
 
 def counted_forward_backward_flops(net: nn.Module, x: torch.Tensor, precision: str = "32") -> int:
