@@ -25,6 +25,7 @@ from cifar_lab.models.whitening import extract_patches, init_whitening_, patch_w
 from cifar_lab.optim.grouped_sgd import grouped_sgd
 from cifar_lab.optim.muon import muon_sgd, orthogonalize
 from cifar_lab.optim.schedules import WarmupDecay, linear_warmup_decay
+from cifar_lab.cli import evaluate
 from cifar_lab.cli.train import train
 from conftest import compose_cfg
 
@@ -318,7 +319,7 @@ def test_speedrun_experiment_composes() -> None:
     assert cfg.optimizer._target_ == "cifar_lab.optim.grouped_sgd.grouped_sgd" and cfg.optimizer.bias_lr_scale == 64
     assert cfg.module.label_smoothing == 0.2 and cfg.data.batch_size == 1024 and cfg.data.val_size == 0
     assert cfg.data.augment.flip is None and "AlternatingFlip" in cfg.data.augment.alternating_flip._target_
-    assert {"whitening", "lookahead", "tta"} <= set(cfg.callbacks) and cfg.callbacks.model_checkpoint is None
+    assert {"whitening", "lookahead", "tta"} <= set(cfg.callbacks) and cfg.callbacks.model_checkpoint.monitor is None
     # precision follows the device default, so the recipe also runs on GPUs without bf16
     assert "precision" not in OmegaConf.load(Path(__file__).parents[1] / "conf/experiment/speedrun.yaml").trainer
     long = compose_cfg(["experiment=speedrun_long"], Path("/tmp/unused"))
@@ -330,7 +331,11 @@ def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:
     cfg = compose_cfg(SPEEDRUN_SYNTH, run_dir)
     assert train(cfg) is None  # no validation, nothing to optimise
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["global_step"] == 2 and summary["best_ckpt"] == ""
+    assert summary["global_step"] == 2
+    # the final (Lookahead-averaged) weights are saved, tested, and usable like any run's
+    assert summary["best_ckpt"].startswith("checkpoints/") and (run_dir / summary["best_ckpt"]).is_file()
+    again = evaluate.run([f"ckpt_path={run_dir}", "trainer.enable_progress_bar=false"], tmp_path / "eval")
+    assert again["metrics"]["test/acc"] == pytest.approx(summary["metrics"]["test/acc"], abs=1e-6)
     assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
     assert summary["choices"]["model"] == "speedrun_net"
     # the run counted its compute from the network as built: 2 steps of 64 images

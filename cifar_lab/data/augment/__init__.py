@@ -19,6 +19,7 @@ Where each op lives
   (and kornia's grayscale/autocontrast) delegated to ``kornia.augmentation``, seeded from
   the datamodule's generator.
 * :mod:`.policies`: ``RandAugment``, ``TrivialAugment``, ``AutoAugment`` (kornia's).
+* :mod:`.resize`: ``ProgressiveResize``, smaller images in the early epochs (torchvision's resize).
 
 Configs name ops as ``cifar_lab.data.augment.<Op>`` (conf/augment/).
 """
@@ -55,6 +56,7 @@ from cifar_lab.data.augment.kornia_ops import (
 )
 from cifar_lab.data.augment.normalize import Normalize
 from cifar_lab.data.augment.policies import AutoAugment, RandAugment, TrivialAugment
+from cifar_lab.data.augment.resize import ProgressiveResize
 
 __all__ = [
     "cpu_threads",
@@ -74,6 +76,7 @@ __all__ = [
     "RandAugment",
     "TrivialAugment",
     "AutoAugment",
+    "ProgressiveResize",
     "Normalize",
     "BatchAugment",
     "BatchOpTransform",

@@ -1,0 +1,41 @@
+"""Progressive resizing: the scheduled size per epoch, in the pipeline, and refused schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from cifar_lab.data.augment import BatchAugment, ProgressiveResize, RandomCrop
+
+from conftest import random_images
+
+
+def test_size_follows_the_schedule_and_keeps_dtype() -> None:
+    op = ProgressiveResize([[1, 16], [3, 24], [5, None]])
+    x = random_images(4)
+    sizes = {}
+    for epoch in range(7):
+        op.set_epoch(epoch)
+        y = op(x)
+        assert y.dtype == torch.uint8 and y.shape[:2] == (4, 3)
+        sizes[epoch] = y.shape[-1]
+    assert sizes == {0: 32, 1: 16, 2: 16, 3: 24, 4: 24, 5: 32, 6: 32}
+    op.set_epoch(3)
+    assert torch.equal(op(x), TF.resize(x, [24, 24], antialias=True))  # antialiased bilinear
+    op.set_epoch(6)
+    assert op(x) is x  # full size: untouched
+
+
+def test_in_a_pipeline_after_the_crop() -> None:
+    op = ProgressiveResize([[0, 20]])
+    pipeline = BatchAugment({"crop": RandomCrop(32, padding=2), "resize": op}, channels_last=True)
+    pipeline.set_epoch(0)
+    out = pipeline(random_images(8), torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, 20, 20) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("schedule", [[[0, 0]], [[-1, 24]], [[2, 24], [1, 32]], [[0, 24, 3]]])
+def test_bad_schedules_are_refused(schedule) -> None:
+    with pytest.raises(ValueError, match="ProgressiveResize schedule"):
+        ProgressiveResize(schedule)
