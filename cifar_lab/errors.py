@@ -1,7 +1,7 @@
 """Errors a user can fix, their exit codes, and the one guard every command runs under.
 
-Each command (``train.py``, ``python -m cifar_lab.evaluate``, ``.predict``, ``.compare``, and
-every job of a sweep) raises a :class:`UserError` subclass for a problem the user can fix;
+Each command (``train.py``, ``python -m cifar_lab.evaluate``, ``.predict``, ``.compare``,
+``.export``, and every job of a sweep) raises a :class:`UserError` subclass for a problem the user can fix;
 :func:`exit_on_user_error` turns it into its message alone on stderr (no traceback) and the
 exit code below. Anything else is a bug and keeps its traceback.
 
@@ -11,7 +11,9 @@ exit code  meaning
 0          success
 1          an unexpected error (a bug: the traceback is printed)
 2          :class:`ConfigError`, :class:`DataError`, :class:`CheckpointError`,
-           :class:`InputError`: fix the config, the data, the checkpoint or the input
+           :class:`InputError`: fix the config, the data, the checkpoint or the input;
+           :class:`ExportError`: the model cannot be exported, or the exported file
+           disagrees with it beyond the tolerance
 3          :class:`NonFiniteLossError`: the loss diverged
 4          every job of a sweep failed (``python train.py -m``; each job's error.txt says why)
 128 + N    :class:`TrainingInterrupted` by signal N (130: Ctrl-C, 143: SIGTERM),
@@ -37,6 +39,7 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "InputError",
+    "ExportError",
     "NonFiniteLossError",
     "TrainingInterrupted",
     "exit_on_user_error",
@@ -74,6 +77,10 @@ class CheckpointError(ConfigError):
 
 class InputError(UserError):
     """Unusable input to a command (images to predict, run directories to compare, an option)."""
+
+
+class ExportError(UserError):
+    """A network that cannot be exported (an op without a mapping), or an export that fails its parity check."""
 
 
 class NonFiniteLossError(UserError, RuntimeError):

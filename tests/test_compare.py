@@ -243,3 +243,51 @@ def test_module_checkpoints_carry_elapsed_training_time(monkeypatch) -> None:
     old = make()
     old.on_load_checkpoint({})
     assert old.elapsed_s == 0.0
+
+
+# ----------------------------------------------------------------------------- statistics over seeds
+def write_seed_run(run_dir: Path, seed: int, test_acc: float, lr: float = 0.05, wall: float = 100.0) -> Path:
+    """A run as training writes it: the seed in metrics.json and in the resolved config (data.seed too)."""
+    write_run(run_dir, "resnet_se", 4_993_166, "sgd", lr, 128, test_acc + 0.01, test_acc, wall, seed=seed)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config.update(seed=seed, paths={"output_dir": str(run_dir)})
+    config["data"].update(seed=seed, source={"seed": 0})
+    config["logger"] = {"tensorboard": {"save_dir": str(run_dir)}, "mlflow": {"run_name": run_dir.name}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return run_dir
+
+
+def test_runs_differing_only_by_seed_get_mean_std_and_interval(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "multiruns" / "seeds"
+    for i, acc in enumerate((0.90, 0.92, 0.94)):
+        write_seed_run(sweep / str(i), seed=i, test_acc=acc, wall=100.0 + 10 * i)
+    write_seed_run(sweep / "3", seed=3, test_acc=0.50, lr=0.5)  # another learning rate: its own config
+
+    groups = compare.seed_stats.group_by_seed(compare.collect([sweep]))
+    assert len(groups) == 1
+    group = groups[0]
+    assert sorted(group.seeds) == [0, 1, 2] and group.runs == ["seeds/0", "seeds/1", "seeds/2"]
+    acc = group.stats["test/acc"]
+    # by hand: mean 0.92, sample std 0.02, t(0.975, 2) = 4.303 -> half width 4.303 * 0.02 / sqrt(3) = 0.049687
+    assert acc["n"] == 3
+    assert acc["mean"] == pytest.approx(0.92) and acc["std"] == pytest.approx(0.02)
+    assert acc["low"] == pytest.approx(0.92 - 0.049687, abs=1e-6)
+    assert acc["high"] == pytest.approx(0.92 + 0.049687, abs=1e-6)
+    assert group.stats["wall_time_s"]["mean"] == pytest.approx(110.0)
+
+    assert compare.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "## Over seeds" in out and "resnet_se (3 seeds): seeds 0, 1, 2" in out
+    assert "| test/acc | 3 | 92.00% | 2.00% | 87.03% - 96.97% |" in out
+
+
+def test_no_seed_table_without_repeated_seeds(runs: tuple[Path, Path], capsys) -> None:
+    single, sweep = runs
+    assert compare.main([str(single.parent.parent)]) == 0
+    assert "Over seeds" not in capsys.readouterr().out
+
+
+def test_t_quantiles() -> None:
+    assert compare.seed_stats.t_quantile(1) == 12.706 and compare.seed_stats.t_quantile(30) == 2.042
+    assert compare.seed_stats.t_quantile(60) == pytest.approx(2.000, abs=1e-3)
+    assert compare.seed_stats.t_quantile(1000) == pytest.approx(1.962, abs=1e-3)

@@ -8,6 +8,10 @@ run's ``config.yaml`` (the resolved config saved next to ``metrics.json``). The 
 printed as Markdown and, with ``--out``, written to a file; ``--plot`` draws accuracy against
 parameter count and against wall time.
 
+Runs whose configs differ only by the seed (e.g. the jobs of ``python train.py -m seed=0,1,2``) are
+also summarised under "Over seeds": each metric's n, mean, standard deviation and 95% t interval
+(:mod:`cifar_lab.cli.seed_stats`).
+
 The wall time of a resumed run is its total over all segments (``wall_time_total_s``), marked
 "(resumed)". A failed sweep job (``"status": "failed"``) shows "failed" in its accuracy cells,
 with the first line of its error in a note under the table; it is left out of the plot.
@@ -27,6 +31,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cifar_lab.cli import seed_stats
 from cifar_lab.errors import InputError, UserError
 
 COLUMNS: list[tuple[str, str]] = [
@@ -141,6 +146,11 @@ def read_run(metrics_file: Path, label: str) -> Run:
     resumed = bool(summary.get("resumed_from"))
     total = _number(summary.get("wall_time_total_s"), float)
     wall_time = total if total is not None else _number(summary.get("wall_time_s"), float)
+    # each metric and the wall time, for the statistics over seeds
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if wall_time is not None:
+        numbers["wall_time_s"] = wall_time
+    mapping = cfg if isinstance(cfg, dict) else {}
     status = str(summary.get("status") or "")
     error = _first_line(summary.get("error"))
     if status == "failed" and not error:
@@ -163,6 +173,8 @@ def read_run(metrics_file: Path, label: str) -> Run:
         partial_time=resumed and total is None,
         status=status,
         error=error,
+        extra={"config": seed_stats.config_leaves(mapping), "seed": summary.get("seed", mapping.get("seed")),
+               "metrics": numbers},
     )
 
 
@@ -371,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {err}", file=sys.stderr)
         return err.exit_code
     table = markdown_table(runs)
+    groups = seed_stats.group_by_seed(runs)
+    if groups:  # runs that differ only by seed
+        table += "\n## Over seeds\n\n" + seed_stats.markdown(groups)
     print(table, end="")
     if args.out:
         out = Path(args.out)

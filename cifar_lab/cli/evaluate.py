@@ -13,7 +13,11 @@ that group. The network is the one saved with the checkpoint.
 The job writes, in its own run directory (``logs/evaluate/runs/...`` or ``hydra.run.dir``):
 ``config.yaml`` (the config used), the report files of the configured callbacks
 (``classification_report.txt``, ``confusion_matrix.png``, ...), TensorBoard events and
-``metrics.json`` with the ``test/*`` metrics.
+``metrics.json`` with the ``test/*`` metrics. With ``robustness=true`` it also measures the
+accuracy under common corruptions (:mod:`cifar_lab.robustness`): ``robustness.json``,
+``robustness.md``, the heat map ``robustness.png`` and ``robustness/*`` TensorBoard scalars.
+``MODEL_CARD.md`` (:mod:`cifar_lab.model_card`) describes the evaluated checkpoint, with the
+robustness summary when measured.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_lab import autotune, builders, checkpoints
+from cifar_lab import autotune, builders, checkpoints, robustness
+from cifar_lab.data.corruptions import SEVERITIES, check_corruptions
+from cifar_lab.robustness import corruption_accuracy
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.cli.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, run_command
+from cifar_lab.model_card import card_for_run, command_line
 from cifar_lab.run_dir import RunDirLock, holds_run
 
 log = logging.getLogger(__name__)
@@ -86,6 +93,9 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
         print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
         log.info("evaluating %s with the config from %s", ckpt_file, config_source)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("robustness"):  # a bad corruption name stops the job before the test runs
+        check_corruptions((cfg.get("corruption") or {}).get("names", "all"),
+                          list((cfg.get("corruption") or {}).get("severities", SEVERITIES)))
 
     datamodule = builders.build_datamodule(cfg)
     if rank_zero_only.rank == 0:
@@ -103,6 +113,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)
     trainer.test(module, datamodule=datamodule)
+    robust = _robustness(cfg, trainer, module, datamodule, run_dir) if cfg.get("robustness") else None
 
     trained = _training_summary(ckpt_file)
     summary = {
@@ -119,12 +130,40 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
         "seed": cfg.seed,
         "tta": OmegaConf.to_container(cfg.tta, resolve=True) if tta.get("enabled", False) else None,
         "metrics": scalars(trainer.callback_metrics, ("test/",)),
+        "robustness": {k: robust[k] for k in ("clean_acc", "mean_corruption_acc", "mean_relative_drop")
+                       } if robust else None,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
     if trainer.is_global_zero:
         write_summary(run_dir, summary)
+        training, _ = checkpoints.saved_overrides(ckpt_file, checkpoint)
+        evaluation = [f"ckpt_path={ckpt_file}", *(["robustness=true"] if robust else [])]
+        card_for_run(run_dir, cfg, module.net, datamodule, trainer, choices={"model": summary["model"],
+                     **summary["choices"]}, overrides=training or [],
+                     wall_time_s=trained.get("wall_time_total_s", trained.get("wall_time_s")),
+                     checkpoint=str(ckpt_file), robustness=robust,
+                     command=command_line("python train.py", training or []) + "\n"
+                     + command_line("python -m cifar_lab.evaluate", evaluation))
         print(f"Run directory: {run_dir}")
     return summary
+
+
+def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, run_dir: Path) -> dict[str, Any]:
+    """Accuracy under corruption on the test set (:mod:`cifar_lab.robustness`): files, scalars, a table."""
+    options = cfg.get("corruption") or {}
+    names, severities = check_corruptions(options.get("names", "all"), list(options.get("severities", SEVERITIES)))
+    images, labels = datamodule.splits["test"]
+    result = corruption_accuracy(
+        module.net, datamodule.normalize, images, labels, names, severities,
+        batch_size=int(options.get("batch_size") or datamodule.eval_batch_size),
+        device=trainer.strategy.root_device, seed=int(options.get("seed", 0)),
+        autocast=trainer.strategy.precision_plugin.forward_context)
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(robustness.scalars(result), step=trainer.global_step)
+        robustness.write_report(result, run_dir)
+        print(robustness.format_table(result), end="")
+    return result
 
 
 def ckpt_argument(overrides: Sequence[str]) -> str | None:

@@ -17,7 +17,11 @@ position in the input (0..N-1) and ``label`` the predicted class name (``label_f
 or index (``label_format=index``). ``include_file=true`` adds a ``file`` column for folders.
 
 Images must have the size the model was trained on, or ``resize=true`` resizes them
-(bilinear, antialiased). Problems with the input end the program with a one-line message
+(bilinear, antialiased).
+
+``ckpt_path=model.onnx`` runs a model written by ``python -m cifar_lab.export`` with
+onnxruntime instead (no Lightning, no training config): the class names and the image size
+come from the file's metadata; the CSV is the same. Problems with the input end the program with a one-line message
 and exit code 2.
 """
 
@@ -33,12 +37,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from cifar_lab import checkpoints
-from cifar_lab.callbacks.tta import tta_probs, tta_views
 from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES, ImageDecodeError, decode_image_file
 from cifar_lab.errors import InputError, run_command
@@ -220,6 +222,52 @@ def predict(
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     _check_output(Path(output))
+    tta = dict(tta or {})
+    if str(ckpt_path).lower().endswith(".onnx"):
+        if tta.get("enabled"):
+            raise InputError("tta.enabled=true needs the checkpoint; an exported ONNX model predicts without TTA")
+        images, files = load_input(input)
+        labels, names = _predict_exported(ckpt_path, images, files, resize, batch_size)
+    else:
+        labels, names, files = _predict_checkpoint(ckpt_path, input, output, label_format, resize, batch_size,
+                                                   device, tta, data_overrides)
+    if names and max(labels) >= len(names):
+        raise InputError(f"the model predicts class {max(labels)} but only {len(names)} class names are known")
+    if label_format == "name" and not names:
+        raise InputError(f"{ckpt_path} holds no class names; use label_format=index")
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "label", "file"] if include_file and files else ["id", "label"])
+        for i, label in enumerate(labels):
+            row = [i, names[label] if label_format == "name" else label]
+            if include_file and files:
+                row.append(files[i])
+            writer.writerow(row)
+    print(f"Wrote {len(labels)} predictions to {out}")
+    return out
+
+
+def _predict_exported(path: str | Path, images: Tensor | list[Tensor], files: list[str] | None, resize: bool,
+                      batch_size: int) -> tuple[list[int], list[str]]:
+    """Labels and class names from an exported ONNX model run with onnxruntime."""
+    from cifar_lab.exported import ExportedModel
+
+    model = ExportedModel(Path(str(path)).expanduser(), "onnx")
+    x_all = fit_size(images, model.image_size, resize, files)
+    return model.predict(x_all, batch_size).argmax(dim=1).tolist(), model.class_names
+
+
+def _predict_checkpoint(ckpt_path: str | Path, input: str | Path, output: str | Path, label_format: str,
+                        resize: bool, batch_size: int, device: str, tta: dict[str, Any],
+                        data_overrides: dict[str, Any] | None) -> tuple[list[int], list[str], list[str] | None]:
+    """Labels, class names and file names from a checkpoint run in PyTorch."""
+    from hydra.utils import instantiate
+
+    from cifar_lab.callbacks.tta import tta_probs, tta_views
+
     ckpt_file = checkpoints.resolve(ckpt_path, "use")
     checkpoint = checkpoints.load(ckpt_file)
     saved, _ = checkpoints.saved_config(ckpt_file, checkpoint)
@@ -239,7 +287,6 @@ def predict(
     checkpoints.load_network_weights(net, checkpoint, ckpt_file)
     dev = _device(device)
     net = net.to(dev).eval()
-    tta = dict(tta or {})
     views = tta_views(bool(tta.get("flip", True)), int(tta.get("translate", 0))) if tta.get("enabled") else None
 
     preds = []
@@ -251,22 +298,7 @@ def predict(
             else:
                 probs = net(x).float().softmax(dim=1)
             preds.append(probs.argmax(dim=1).cpu())
-    labels = torch.cat(preds).tolist()
-    if names and max(labels) >= len(names):
-        raise InputError(f"the model predicts class {max(labels)} but only {len(names)} class names are known")
-
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "label", "file"] if include_file and files else ["id", "label"])
-        for i, label in enumerate(labels):
-            row = [i, names[label] if label_format == "name" else label]
-            if include_file and files:
-                row.append(files[i])
-            writer.writerow(row)
-    print(f"Wrote {len(labels)} predictions to {out}")
-    return out
+    return torch.cat(preds).tolist(), names, files
 
 
 def predict_from_config(cfg: DictConfig) -> Path:

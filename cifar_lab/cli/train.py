@@ -200,6 +200,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
             if full is None:
                 raise
             raise full from None
+        from cifar_lab.model_card import card_for_run
+
+        card_for_run(run_dir, cfg, module.net, datamodule, trainer, choices=_choices(),
+                     overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
+                     checkpoint=summary["best_ckpt"], tested=bool(cfg.get("test", True)))
         print(f"Run directory: {run_dir}")
 
     name = cfg.get("optimized_metric")

@@ -1,0 +1,6 @@
+"""``python -m cifar_lab.export``: see :mod:`cifar_lab.cli.export`."""
+
+from cifar_lab.cli.export import main
+
+if __name__ == "__main__":
+    main()

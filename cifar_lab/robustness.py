@@ -1,0 +1,135 @@
+"""Accuracy under common corruptions: the table, ``robustness.json``, a heat map and TensorBoard scalars.
+
+:func:`corruption_accuracy` runs a network over the test images under every corruption and
+severity of :mod:`cifar_lab.data.corruptions` (generated batch by batch on the device). The
+summary has the clean accuracy, the accuracy per corruption and severity, the mean over
+severities per corruption, the mean corruption accuracy over all of them, and the relative
+drop ``(clean - corrupted) / clean`` of each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cifar_lab.data.corruptions import corrupt
+from cifar_lab.errors import ConfigError
+
+__all__ = ["corruption_accuracy", "write_report", "heatmap_figure", "format_table", "scalars"]
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@torch.inference_mode()
+def _accuracy(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
+              batch_size: int, device: torch.device, corruption: tuple[str, int] | None, seed: int,
+              autocast: Callable[[], ContextManager]) -> float:
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device)
+        if corruption is not None:
+            x = corrupt(x, corruption[0], corruption[1], seed=seed + start)
+        try:
+            with autocast():
+                logits = net(preprocess(x))
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            raise ConfigError(
+                f"robustness: the model cannot run batches of {batch_size} images on {device} (out of memory); "
+                f"lower corruption.batch_size (or data.eval_batch_size)"
+            ) from None
+        correct += int((logits.argmax(dim=1) == y).sum())
+    return correct / len(images)
+
+
+def corruption_accuracy(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
+                        corruptions: Sequence[str], severities: Sequence[int], batch_size: int,
+                        device: torch.device | str = "cpu", seed: int = 0,
+                        autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, Any]:
+    """Clean and corrupted accuracy of ``net`` (eval mode) on uint8 ``images``; see the module docstring."""
+    if batch_size < 1:
+        raise ConfigError(f"corruption.batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    net = net.to(device).eval()
+    run = lambda corruption: _accuracy(net, preprocess, images, labels, batch_size, device,  # noqa: E731
+                                       corruption, seed, autocast)
+    clean = run(None)
+    table = {name: {str(s): run((name, s)) for s in severities} for name in corruptions}
+    means = {name: sum(row.values()) / len(row) for name, row in table.items()}
+    mean_acc = sum(means.values()) / len(means)
+    drop = (lambda acc: (clean - acc) / clean if clean > 0 else 0.0)
+    return {
+        "images": len(images),
+        "severities": [int(s) for s in severities],
+        "clean_acc": clean,
+        "accuracy": table,
+        "mean_acc": means,
+        "relative_drop": {name: drop(acc) for name, acc in means.items()},
+        "mean_corruption_acc": mean_acc,
+        "mean_relative_drop": drop(mean_acc),
+    }
+
+
+def scalars(result: dict[str, Any]) -> dict[str, float]:
+    """TensorBoard scalars: ``robustness/<corruption>/<severity>``, per-corruption means, the overall mean."""
+    values = {f"robustness/{name}/{s}": acc for name, row in result["accuracy"].items() for s, acc in row.items()}
+    values.update({f"robustness/{name}/mean": acc for name, acc in result["mean_acc"].items()})
+    values["robustness/clean_acc"] = result["clean_acc"]
+    values["robustness/mean_corruption_acc"] = result["mean_corruption_acc"]
+    values["robustness/mean_relative_drop"] = result["mean_relative_drop"]
+    return values
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table: accuracy (%) per corruption and severity, its mean and relative drop."""
+    sev = result["severities"]
+    head = "| corruption | " + " | ".join(f"s{s}" for s in sev) + " | mean | rel. drop |"
+    rule = "|---|" + "---:|" * (len(sev) + 2)
+    rows = [f"| {name} | " + " | ".join(f"{100 * row[str(s)]:.2f}" for s in sev)
+            + f" | {100 * result['mean_acc'][name]:.2f} | {100 * result['relative_drop'][name]:.1f}% |"
+            for name, row in result["accuracy"].items()]
+    tail = (f"\nclean accuracy {100 * result['clean_acc']:.2f}%, mean corruption accuracy "
+            f"{100 * result['mean_corruption_acc']:.2f}% (relative drop {100 * result['mean_relative_drop']:.1f}%), "
+            f"{result['images']} test images\n")
+    return "\n".join([head, rule, *rows]) + "\n" + tail
+
+
+def heatmap_figure(result: dict[str, Any]) -> Any:
+    """Accuracy (%) per corruption (rows) and severity (columns), annotated."""
+    from matplotlib.figure import Figure
+
+    names, sev = list(result["accuracy"]), result["severities"]
+    values = [[100 * result["accuracy"][n][str(s)] for s in sev] for n in names]
+    fig = Figure(figsize=(1.2 * len(sev) + 3, 0.45 * len(names) + 1.5))
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if value < 60 else "black")
+    ax.set_xticks(range(len(sev)), [str(s) for s in sev])
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("severity")
+    ax.set_title(f"Accuracy under corruption (%), clean {100 * result['clean_acc']:.1f}%")
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
+def write_report(result: dict[str, Any], run_dir: Path) -> list[Path]:
+    """``robustness.json``, ``robustness.md`` and ``robustness.png`` in ``run_dir``."""
+    from cifar_lab.callbacks.plots import save_figure
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "robustness.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run_dir / "robustness.md").write_text("# Accuracy under corruption (%)\n\n" + format_table(result))
+    return [run_dir / "robustness.json", run_dir / "robustness.md",
+            save_figure(heatmap_figure(result), run_dir / "robustness.png")]
