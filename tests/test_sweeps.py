@@ -90,7 +90,7 @@ def _job_return(value) -> JobReturn:
 
 
 @pytest.mark.parametrize("sweeper,fails", [
-    ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", True),
+    ("hydra_plugins.cifar_lab_optuna.optuna_sweeper.OptunaSweeper", True),
     ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", False),
 ])
 def test_nan_job_becomes_failed_for_optuna_only(sweeper: str, fails: bool, tmp_path: Path) -> None:
@@ -196,8 +196,9 @@ def test_optuna_sweep_records_failed_trial_and_best_result(tmp_path: Path) -> No
     assert statuses == ["failed", "ok"], f"expected one failing trial, got {statuses}"
     ok = next(r for r in jobs.values() if r["status"] == "ok")
     failed_num = next(n for n, r in jobs.items() if r["status"] == "failed")
-    # the failure went to Optuna as a FAIL trial (the plugin's failure path), not a crash
-    assert "Failed experiment" in output and LR_ERROR.search(output)
+    # the failure went to Optuna as a FAIL trial, not a crash
+    assert f"trial {failed_num} failed" in output and LR_ERROR.search(output)
+    assert results["n_fail"] == 1 and results["n_complete"] == 1
     assert (sweep_dir / str(failed_num) / "error.txt").is_file()
     # best result: the completed trial, with its value, params, run dir and config
     assert results["best_value"] == pytest.approx(ok["metrics"]["val/acc_best"])
@@ -212,7 +213,8 @@ def test_optuna_sweep_records_failed_trial_and_best_result(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_optuna_two_trials_all_ok(tmp_path: Path) -> None:
-    """The plain search: two TPE trials on synthetic data, both complete, best written and printed."""
+    """The plain search: two TPE trials on synthetic data, both complete, best written and printed; the
+    study in <sweep dir>/optuna.db."""
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(["hparams_search=optuna", *FAST, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}"],
                    tmp_path)
@@ -222,4 +224,8 @@ def test_optuna_two_trials_all_ok(tmp_path: Path) -> None:
     assert results.best_value == pytest.approx(max(values)) and results.n_failed == 0
     assert 1e-4 <= results.best_params["optimizer.lr"] <= 1e-2
     assert results.best_params["data.batch_size"] in (32, 64, 128, 256)
-    assert "Best value" in proc.stdout + proc.stderr and "Sweep finished: 2 jobs, 2 ok, 0 failed" in proc.stdout
+    assert "best value" in proc.stdout and "Sweep finished: 2 jobs, 2 ok, 0 failed" in proc.stdout
+    # the study is kept in the sweep directory (SQLite) and can be watched
+    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    assert f"storage: {storage}" in proc.stdout and f"optuna-dashboard {storage}" in proc.stdout
+    assert results.n_complete == 2 and (sweep_dir / "optuna.db").is_file()

@@ -5,15 +5,14 @@ Two pieces:
 - :func:`run_task` wraps the training function in ``train.py``. In a multirun, a job that
   raises, or whose objective or losses are not finite, is recorded as failed
   (``<job dir>/error.txt`` and ``metrics.json`` with ``"status": "failed"``) and returns
-  ``nan`` instead of stopping the sweep. Outside a multirun, errors propagate as usual.
-- :class:`SweepReport` is a Hydra callback (``hydra.callbacks``; ``hparams_search=optuna``
-  enables it). For the Optuna sweeper it turns a ``nan`` job into a failed job so the
-  trial is recorded as ``FAIL``: hydra-optuna-sweeper 1.3 with optuna 2.x cannot tell a
-  ``nan`` objective (``Study.tell`` rejects it, and the plugin's fallback passes the ``nan``
-  again and crashes the sweep). At the end of the sweep it prints a table of all jobs and
-  the best job's value, overrides and config, saves ``sweep_summary.yaml`` and
-  ``best_config.yaml`` in the sweep directory, and adds the best job to the Optuna
-  sweeper's ``optimization_results.yaml``.
+  ``nan`` instead of stopping the sweep. A job stopped by the Optuna pruner
+  (:class:`TrialPruned`) is recorded as ``"status": "pruned"`` and re-raised, so the sweeper
+  tells Optuna PRUNED. Outside a multirun, errors propagate as usual.
+- :class:`SweepReport` is a Hydra callback (``hydra.callbacks``; every multirun has it). For
+  the Optuna sweeper it turns a ``nan`` job into a failed job so the trial is recorded as
+  ``FAIL``. At the end of the sweep it prints a table of all jobs and the best job's value,
+  overrides and config, saves ``sweep_summary.yaml`` and ``best_config.yaml`` in the sweep
+  directory, and adds the best job to the Optuna sweeper's ``optimization_results.yaml``.
 """
 
 from __future__ import annotations
@@ -21,8 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -43,11 +45,19 @@ SUMMARY_FILE = "sweep_summary.yaml"
 BEST_CONFIG_FILE = "best_config.yaml"
 OPTUNA_RESULTS_FILE = "optimization_results.yaml"
 
-__all__ = ["TrialFailed", "SweepReport", "in_multirun", "run_task", "collect_jobs"]
+__all__ = ["TrialFailed", "TrialPruned", "SweepReport", "in_multirun", "run_task", "mark_job", "collect_jobs"]
 
 
 class TrialFailed(RuntimeError):
     """A sweep job that did not produce a usable objective."""
+
+
+class TrialPruned(Exception):
+    """A sweep job stopped early by the Optuna pruner; ``value`` is the last value it reported."""
+
+    def __init__(self, message: str, value: float | None = None) -> None:
+        super().__init__(message)
+        self.value = value
 
 
 def in_multirun() -> bool:
@@ -72,8 +82,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_status(job_dir: Path, status: str, objective: str | None, value: float | None,
-                  error: str | None = None) -> None:
-    """Merge the job's status and objective into ``metrics.json`` (written by training if it got that far)."""
+                  error: str | None = None, started: float | None = None) -> None:
+    """Merge the job's status and objective into ``metrics.json`` (written by training if it got that far).
+
+    ``error`` says why a job failed or was pruned; with ``started`` (the job's start, seconds since the
+    epoch) the record also says where, when and with how many torch threads the job ran: ``host``,
+    ``pid``, ``threads``, ``started``, ``ended``.
+    """
     job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / METRICS_FILE
     record = _read_json(path)
@@ -81,7 +96,20 @@ def _write_status(job_dir: Path, status: str, objective: str | None, value: floa
     record["objective"] = {"name": objective, "value": value}
     if error is not None:
         record["error"] = error
+    if started is not None:
+        import torch
+
+        record["job"] = {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
+                         "started": started, "ended": time.time()}
     path.write_text(json.dumps(record, indent=2, default=str))
+
+
+def mark_job(job_dir: Path, status: str, reason: str) -> None:
+    """Record in a job's directory how it ended when the job itself could not (its worker died)."""
+    if status == "failed":
+        (job_dir / ERROR_FILE).write_text(reason + "\n")
+    objective = _read_json(job_dir / METRICS_FILE).get("objective") or {}
+    _write_status(job_dir, status, objective.get("name"), objective.get("value"), reason)
 
 
 def _non_finite_losses(job_dir: Path) -> dict[str, float]:
@@ -100,15 +128,21 @@ def run_task(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
         return task(cfg)
     job_dir = Path(cfg.paths.output_dir)
     objective = cfg.get("optimized_metric")
+    started = time.time()
     try:
         value = task(cfg)
+    except TrialPruned as err:
+        log.info("job pruned (%s)", err)
+        if _is_rank_zero():
+            _write_status(job_dir, "pruned", objective, err.value, str(err), started)
+        raise
     except Exception as err:  # noqa: BLE001 - any failure of one job must not end the sweep
         message = f"{type(err).__name__}: {err}"
         log.error("job failed (%s); the sweep goes on. Traceback in %s", message, job_dir / ERROR_FILE)
         if _is_rank_zero():
             job_dir.mkdir(parents=True, exist_ok=True)
             (job_dir / ERROR_FILE).write_text(traceback.format_exc())
-            _write_status(job_dir, "failed", objective, None, message)
+            _write_status(job_dir, "failed", objective, None, message, started)
         return float("nan")
 
     problems = []
@@ -121,10 +155,10 @@ def run_task(task: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
         if _is_rank_zero():
             job_dir.mkdir(parents=True, exist_ok=True)
             (job_dir / ERROR_FILE).write_text(message + "\n")
-            _write_status(job_dir, "failed", objective, None, message)
+            _write_status(job_dir, "failed", objective, None, message, started)
         return float("nan")
     if _is_rank_zero():
-        _write_status(job_dir, "ok", objective, None if value is None else float(value))
+        _write_status(job_dir, "ok", objective, None if value is None else float(value), started=started)
     return value
 
 
@@ -139,14 +173,17 @@ def _load_yaml(path: Path) -> Any:
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every job under ``sweep_dir`` (folders holding ``.hydra/overrides.yaml``), by job number.
 
-    Each entry: ``num``, ``dir``, ``overrides``, ``status`` (``ok``, ``failed``, or
-    ``unknown`` when the job left no status), ``value`` (objective or None), ``error``.
+    Each entry: ``num`` (the Optuna trial number in an Optuna sweep), ``dir``, ``overrides``,
+    ``status`` (``ok``, ``failed``, ``pruned``, or ``unknown`` when the job left no status),
+    ``value`` (objective or None), ``error`` (why it failed or was pruned).
     """
     jobs = []
     for overrides_file in sorted(Path(sweep_dir).glob("**/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
-        hydra_cfg = _load_yaml(job_dir / ".hydra" / "hydra.yaml") or {}
-        num = hydra_cfg.get("hydra", {}).get("job", {}).get("num")
+        hydra_cfg = (_load_yaml(job_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
+        num = (hydra_cfg.get("sweeper") or {}).get("trial")
+        if num is None:
+            num = hydra_cfg.get("job", {}).get("num")
         record = _read_json(job_dir / METRICS_FILE)
         objective = record.get("objective") or {}
         status = record.get("status") or ("failed" if (job_dir / ERROR_FILE).exists() else "unknown")
@@ -244,6 +281,7 @@ class SweepReport(Callback):
             "n_jobs": len(jobs),
             "n_ok": sum(j["status"] == "ok" for j in jobs),
             "n_failed": len(failed),
+            "n_pruned": sum(j["status"] == "pruned" for j in jobs),
             "best": None,
             "jobs": jobs,
         }
@@ -260,6 +298,7 @@ class SweepReport(Callback):
         if results is not None:
             results["n_trials"] = len(jobs)
             results["n_failed"] = len(failed)
+            results["n_pruned"] = summary["n_pruned"]
             results["failed_jobs"] = [{"num": j["num"], "error": j["error"]} for j in failed]
             if summary["best"] is not None:
                 results["best_job"] = summary["best"]
@@ -272,8 +311,9 @@ class SweepReport(Callback):
             raise SystemExit(EXIT_SWEEP_FAILED)
 
     def _print(self, summary: dict[str, Any], objective: str | None, sweep_dir: Path) -> None:
+        pruned = f", {summary['n_pruned']} pruned" if summary["n_pruned"] else ""
         lines = [f"Sweep finished: {summary['n_jobs']} jobs, {summary['n_ok']} ok, "
-                 f"{summary['n_failed']} failed ({sweep_dir})"]
+                 f"{summary['n_failed']} failed{pruned} ({sweep_dir})"]
         for j in summary["jobs"]:
             value = "-" if j["value"] is None else f"{j['value']:.6g}"
             note = f"  [{j['status']}: {j['error']}]" if j["status"] != "ok" else ""
