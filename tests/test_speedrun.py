@@ -303,8 +303,10 @@ SPEEDRUN_SYNTH = [
     "data.batch_size=64",
     "data.eval_batch_size=64",
     "trainer=cpu",
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=2",
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=1",
+    # one step at 24 px, one at full size
+    "data.augment.resize.schedule=[[0,24],[1,null]]",
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
     "trainer.enable_progress_bar=false",
@@ -316,14 +318,17 @@ SPEEDRUN_SYNTH = [
 def test_speedrun_experiment_composes() -> None:
     cfg = compose_cfg(["experiment=speedrun"], Path("/tmp/unused"))
     assert cfg.model._target_ == "cifar_lab.models.speedrun_net.SpeedrunNet"
-    assert cfg.optimizer._target_ == "cifar_lab.optim.grouped_sgd.grouped_sgd" and cfg.optimizer.bias_lr_scale == 64
+    assert cfg.optimizer._target_ == "cifar_lab.optim.muon.muon_sgd" and cfg.optimizer.bias_lr_scale == 64
+    assert cfg.optimizer.lr == 0.24 and cfg.optimizer.sgd_lr == 1.5
+    assert "ProgressiveResize" in cfg.data.augment.resize._target_ and cfg.data.augment.resize.schedule == [[0, 24], [3, None]]
+    assert cfg.callbacks.tta.translate == 1 and cfg.callbacks.tta.shifts is None
     assert cfg.module.label_smoothing == 0.2 and cfg.data.batch_size == 1024 and cfg.data.val_size == 0
     assert cfg.data.augment.flip is None and "AlternatingFlip" in cfg.data.augment.alternating_flip._target_
     assert {"whitening", "lookahead", "tta"} <= set(cfg.callbacks) and cfg.callbacks.model_checkpoint.monitor is None
     # precision follows the device default, so the recipe also runs on GPUs without bf16
     assert "precision" not in OmegaConf.load(Path(__file__).parents[1] / "conf/experiment/speedrun.yaml").trainer
     long = compose_cfg(["experiment=speedrun_long"], Path("/tmp/unused"))
-    assert long.trainer.max_epochs == 2 * cfg.trainer.max_epochs and long.optimizer == cfg.optimizer
+    assert long.trainer.max_epochs > cfg.trainer.max_epochs and long.optimizer == cfg.optimizer
 
 
 def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:
@@ -338,9 +343,11 @@ def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:
     assert again["metrics"]["test/acc"] == pytest.approx(summary["metrics"]["test/acc"], abs=1e-6)
     assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
     assert summary["choices"]["model"] == "speedrun_net"
-    # the run counted its compute from the network as built: 2 steps of 64 images
-    macs = count_macs(instantiate(cfg.model))
+    # the run counted its compute from the network as built: 64 images at 24 px, 64 at 32 px
+    net = instantiate(cfg.model)
+    macs24, macs32 = count_macs(net, 24), count_macs(net, 32)
     compute = summary["compute"]
-    assert compute["train_images"] == 128
-    assert compute["train_pflop"] == 128 * 3 * 2 * macs / 1e15
-    assert compute["test_pflop"] == compute["test_images"] * 6 * 2 * macs / 1e15 > 0  # 6 TTA views
+    assert compute["train_images"] == 128 and macs24 < macs32
+    assert compute["train_pflop"] == (64 * 3 * 2 * macs24 + 64 * 3 * 2 * macs32) / 1e15
+    assert set(compute["train_forward_gflop_per_image"]) == {"3x24x24", "3x32x32"}
+    assert compute["test_pflop"] == compute["test_images"] * 10 * 2 * macs32 / 1e15 > 0  # 10 TTA views
