@@ -142,12 +142,18 @@ def render(facts: Mapping[str, Any], probs: Tensor | None, labels: Tensor | None
               f"- checkpoint: `{facts.get('checkpoint') or 'none saved'}`", ""]
     splits = facts.get("splits") or {}
     lines += ["## Data", "", f"- source: {facts['data']}",
-              "- split sizes: " + ", ".join(f"{k} {v:,}" for k, v in splits.items()),
+              "- split sizes: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                            for k, v in splits.items()),
               f"- classes ({len(class_names)}): {', '.join(class_names)}", ""]
     experiment = facts.get("experiment")
     lines += ["## Recipe", "", f"- experiment: {experiment if experiment not in (None, 'None') else 'none'}",
               "- overrides: " + (" ".join(f"`{o}`" for o in facts.get("overrides") or []) or "none"),
-              f"- seed: {facts.get('seed')}", f"- wall time: {_duration(facts.get('wall_time_s'))}", ""]
+              f"- seed: {facts.get('seed')}", f"- wall time: {_duration(facts.get('wall_time_s'))}"]
+    compute = facts.get("compute") or {}
+    if compute.get("train_pflop"):
+        lines.append(f"- training compute: {compute['train_pflop']:.4g} PFLOP ({compute['train_images']:,} images "
+                     "trained; metrics.json `compute`)")
+    lines.append("")
     calib = None
     if probs is not None and labels is not None and len(labels):
         predicted = probs.argmax(dim=1)
@@ -156,7 +162,12 @@ def render(facts: Mapping[str, Any], probs: Tensor | None, labels: Tensor | None
         calib = calibration(probs, labels)
         lines += ["## Test accuracy", "",
                   f"- accuracy: {100 * k / n:.2f}% ({k:,} of {n:,} test images; one view per image, no TTA)",
-                  f"- 95% confidence interval (Wilson): {100 * low:.2f}% - {100 * high:.2f}%", "",
+                  f"- 95% confidence interval (Wilson): {100 * low:.2f}% - {100 * high:.2f}%"]
+        recorded = facts.get("recorded_acc")
+        if recorded is not None and abs(recorded - k / n) > 1e-9:
+            lines.append(f"- the run's test/acc in metrics.json: {100 * recorded:.2f}% (with the run's "
+                         "test-time augmentation)")
+        lines += ["",
                   "| class | precision | recall | support |", "|---|---:|---:|---:|"]
         for c, name in enumerate(class_names):
             tp = int(((predicted == c) & (labels == c)).sum())
@@ -213,12 +224,16 @@ def command_line(script: str, overrides: Sequence[str]) -> str:
 
 def card_for_run(run_dir: Path, cfg: Any, net: nn.Module, datamodule: Any, trainer: Any, *, choices: Mapping[str, str],
                  overrides: Sequence[str], wall_time_s: float | None, checkpoint: str = "", tested: bool = True,
-                 command: str | None = None, robustness: Mapping[str, Any] | None = None) -> Path:
+                 command: str | None = None, robustness: Mapping[str, Any] | None = None,
+                 recorded: Mapping[str, Any] | None = None) -> Path:
     """The card of a run (train) or of an evaluation: facts from its config, data module and trainer.
 
     ``overrides`` are the training command's; ``command`` defaults to ``python train.py <overrides>``.
+    ``recorded`` is the run's ``metrics.json`` content (its test accuracy and compute).
     """
-    splits = {name: len(split[0]) for name, split in datamodule.splits.items()}
+    test_images = datamodule.splits["test"][0]
+    splits = {name: "(the test set)" if name != "test" and split[0] is test_images else len(split[0])
+              for name, split in datamodule.splits.items()}
     facts = {
         "model": choices.get("model") or str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1],
         "target": str(cfg.model.get("_target_", "")),
@@ -231,6 +246,8 @@ def card_for_run(run_dir: Path, cfg: Any, net: nn.Module, datamodule: Any, train
         "wall_time_s": wall_time_s,
         "checkpoint": checkpoint,
         "command": command or command_line("python train.py", overrides),
+        "recorded_acc": ((recorded or {}).get("metrics") or {}).get("test/acc"),
+        "compute": (recorded or {}).get("compute"),
     }
     return write_model_card(run_dir, facts, net, datamodule.normalize,
                             datamodule.splits["test"] if tested else None, list(datamodule.classes),

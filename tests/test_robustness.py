@@ -43,6 +43,8 @@ def test_training_writes_a_model_card(trained: Path) -> None:
                   "CPU: ", "lightning ", "## Reproduce"):
         assert field in card, field
     assert (trained / "reliability.png").is_file()
+    compute = json.loads((trained / "metrics.json").read_text())["compute"]
+    assert f"- training compute: {compute['train_pflop']:.4g} PFLOP ({compute['train_images']:,} images" in card
 
 
 @pytest.mark.slow  # two evaluations with corruptions

@@ -141,7 +141,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
         card_for_run(run_dir, cfg, module.net, datamodule, trainer, choices={"model": summary["model"],
                      **summary["choices"]}, overrides=training or [],
                      wall_time_s=trained.get("wall_time_total_s", trained.get("wall_time_s")),
-                     checkpoint=str(ckpt_file), robustness=robust,
+                     checkpoint=str(ckpt_file), robustness=robust, recorded=summary,
                      command=command_line("python train.py", training or []) + "\n"
                      + command_line("python -m cifar_lab.evaluate", evaluation))
         print(f"Run directory: {run_dir}")

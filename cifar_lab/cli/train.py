@@ -204,7 +204,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
 
         card_for_run(run_dir, cfg, module.net, datamodule, trainer, choices=_choices(),
                      overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
-                     checkpoint=summary["best_ckpt"], tested=bool(cfg.get("test", True)))
+                     checkpoint=summary["best_ckpt"], tested=bool(cfg.get("test", True)), recorded=summary)
         print(f"Run directory: {run_dir}")
 
     name = cfg.get("optimized_metric")
