@@ -9,9 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
@@ -33,6 +35,28 @@ CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "ho
 # CIFAR-10 statistics the augmentation tests normalise with
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
+
+
+class NetModule(L.LightningModule):
+    """The smallest LightningModule around a network: cross-entropy steps, plain SGD."""
+
+    def __init__(self, net: torch.nn.Module, lr: float = 0.1, momentum: float = 0.0) -> None:
+        super().__init__()
+        self.net, self.lr, self.momentum = net, lr, momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def seeded_generator(seed: int = 0) -> torch.Generator:

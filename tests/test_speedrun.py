@@ -27,7 +27,7 @@ from cifar_lab.optim.muon import muon_sgd, orthogonalize
 from cifar_lab.optim.schedules import WarmupDecay, linear_warmup_decay
 from cifar_lab.cli import evaluate
 from cifar_lab.cli.train import train
-from conftest import compose_cfg
+from conftest import NetModule, compose_cfg
 
 
 def _correlated_images(n: int = 64, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -116,23 +116,8 @@ def test_whitening_callback_initialises_from_training_images_and_freezes_bias() 
 # ----------------------------------------------------------------------------- averaging
 
 
-class _Toy(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def test_step(self, batch, batch_idx):
-        return None
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.5)
+def _toy() -> NetModule:
+    return NetModule(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)), lr=0.5, momentum=0.5)
 
 
 class _Recorder(L.Callback):
@@ -143,10 +128,10 @@ class _Recorder(L.Callback):
         self.weights.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
 
 
-def _fit(callbacks: list[L.Callback], steps: int = 7, checkpoint_dir: Path | None = None) -> _Toy:
+def _fit(callbacks: list[L.Callback], steps: int = 7, checkpoint_dir: Path | None = None) -> NetModule:
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(8 * steps, 4), torch.randint(0, 2, (8 * steps,))), batch_size=8)
-    model = _Toy()
+    model = _toy()
     if checkpoint_dir is not None:
         callbacks = [*callbacks, L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)]
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=checkpoint_dir is not None,

@@ -12,6 +12,8 @@ from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.models.flops import count_macs, forward_flops_per_image
 
+from conftest import NetModule
+
 # conv 3->4, 3x3, padding 1, on 8x8: 8*8 outputs x 4 filters x 27 multiply-adds;
 # linear 256 -> 10: 2560 multiply-adds. No biases counted (FlopCounterMode counts products).
 KNOWN_MACS_8PX = 8 * 8 * 4 * 27 + 4 * 8 * 8 * 10
@@ -26,26 +28,6 @@ class _Known(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
-
-
-class _Module(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = _Known()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_forward_flops_of_a_known_network_and_training_state_untouched() -> None:
@@ -65,7 +47,7 @@ def test_training_and_tta_test_pflop_equal_the_hand_computation() -> None:
     tta = TTACallback(flip=True, shifts=[[1, 1], [-1, -1]], stages=["test"])  # 6 views
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[tta, counter])
-    module = _Module()
+    module = NetModule(_Known())
     trainer.fit(module, DataLoader(data, batch_size=4))
     trainer.test(module, DataLoader(data, batch_size=5), verbose=False)
     record = counter.record()
