@@ -24,7 +24,7 @@ EXPECTED = {
     "conv_block_net": [A.RandomCrop, A.HorizontalFlip, A.ColorJitter],
     "squeezenet": [A.RandomCrop, A.HorizontalFlip, A.ColorJitter, A.RandomRotation],
     "resnet_se": [A.RandomCrop, A.HorizontalFlip, A.RandomGrayscale, A.RandomAutocontrast],
-    "speedrun": [A.RandomCrop, A.AlternatingFlip],
+    "speedrun": [A.RandomCrop, A.AlternatingFlip, A.ProgressiveResize],
     "randaugment": [A.RandomCrop, A.HorizontalFlip, A.RandAugment],
     "trivialaugment": [A.RandomCrop, A.HorizontalFlip, A.TrivialAugment],
     "autoaugment": [A.RandomCrop, A.HorizontalFlip, A.AutoAugment],
