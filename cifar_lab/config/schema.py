@@ -384,8 +384,28 @@ def _check_trainer(cfg: dict) -> Iterator[str]:
                        "a train/ metric (or null): trainer.limit_val_batches=0 turns validation off")
 
 
+def _check_resize(cfg: dict) -> Iterator[str]:
+    """A progressive-resizing schedule must reach full size by the last epoch: the test runs at full
+    size, and a network whose every epoch trained on smaller images tests near chance."""
+    epochs = _get(cfg, "trainer.max_epochs")
+    augment = _get(cfg, "data.augment") or {}
+    if not _is_int(epochs) or epochs < 1 or not isinstance(augment, dict):
+        return
+    for name, op in augment.items():
+        if not isinstance(op, dict) or not str(op.get("_target_", "")).endswith("ProgressiveResize"):
+            continue
+        schedule = op.get("schedule") or []
+        started = [entry for entry in schedule if _is_seq(entry) and len(entry) == 2 and _is_int(entry[0])
+                   and entry[0] <= epochs - 1]
+        if started and started[-1][1] is not None:
+            yield _problem(f"data.augment.{name}.schedule", schedule,
+                           f"a schedule back to full size (null) by the last epoch ({epochs - 1} with "
+                           f"trainer.max_epochs={epochs}); raise trainer.max_epochs, shorten the schedule, "
+                           f"or drop it with data.augment.{name}=null")
+
+
 CROSS_CHECKS: tuple[Callable[[dict], Iterator[str]], ...] = (
-    _check_crops, _check_split, _check_classes, _check_trainer,
+    _check_crops, _check_split, _check_classes, _check_trainer, _check_resize,
 )
 
 

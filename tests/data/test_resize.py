@@ -39,3 +39,16 @@ def test_in_a_pipeline_after_the_crop() -> None:
 def test_bad_schedules_are_refused(schedule) -> None:
     with pytest.raises(ValueError, match="ProgressiveResize schedule"):
         ProgressiveResize(schedule)
+
+
+def test_a_schedule_that_never_returns_to_full_size_is_refused_before_training(tmp_path) -> None:
+    from cifar_lab.config.schema import find_problems
+
+    from conftest import compose_cfg
+
+    short = find_problems(compose_cfg(["experiment=speedrun", "trainer.max_epochs=3"], tmp_path))
+    assert len(short) == 1 and short[0].startswith("data.augment.resize.schedule=")
+    assert "trainer.max_epochs=3" in short[0] and "data.augment.resize=null" in short[0]
+    assert find_problems(compose_cfg(["experiment=speedrun", "trainer.max_epochs=4"], tmp_path)) == []
+    assert find_problems(compose_cfg(["experiment=speedrun", "trainer.max_epochs=2",
+                                      "data.augment.resize=null"], tmp_path)) == []
