@@ -61,7 +61,8 @@ def test_two_workers_run_six_trials_once_each_in_parallel(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = _study(f"sqlite:///{sweep_dir / 'optuna.db'}").trials
     assert sorted(t.number for t in trials) == list(range(6))
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials), [
+        (t.number, t.state.name, _record(sweep_dir / str(t.number)).get("status")) for t in trials]
     assert _job_dirs(sweep_dir) == list(range(6))
     jobs = {n: _record(sweep_dir / str(n))["job"] for n in range(6)}
     assert sorted({t.user_attrs["job_dir"] for t in trials}) == sorted(str(sweep_dir / str(n)) for n in range(6))
