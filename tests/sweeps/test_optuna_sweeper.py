@@ -161,8 +161,10 @@ def test_slurm_launcher_composes() -> None:
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_batch_in_parallel(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
+    # jobs of a few epochs, so their overlap does not hang on how fast each process starts
     proc = run_cli(_sweep_args(sweep_dir, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-                               "hydra/launcher=submitit_local"), tmp_path)
+                               "hydra/launcher=submitit_local", "trainer.fast_dev_run=false",
+                               "trainer.max_epochs=4"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [_record(sweep_dir / str(n))["job"] for n in (0, 1)]
     assert len({j["pid"] for j in jobs}) == 2
