@@ -2,7 +2,7 @@
 
 Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn`` (grid) or
 ``python train.py hparams_search=optuna`` (Optuna TPE). In a sweep a failing job is recorded
-(``<job dir>/error.txt``) and returns nan, and the sweep goes on (cifar_lab.cli.sweep).
+(``<job dir>/error.txt``) and returns nan, and the sweep goes on (cifar_lab.sweeps.runner).
 """
 
 import os

@@ -1,7 +1,7 @@
 """Images/s of an exported ONNX model under onnxruntime vs the same network in PyTorch, on the CPU.
 
 Both take uint8 images (N, 3, H, W) and include the normalisation and the softmax (the PyTorch
-side is :class:`cifar_lab.exported.Deployable` around the checkpoint's network, eval mode,
+side is :class:`cifar_lab.deploy.exported.Deployable` around the checkpoint's network, eval mode,
 ``inference_mode``). Each batch size is timed --repeats times after --warmup batches and the
 median is reported, with both runtimes held to --threads intra-op threads.
 
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from cifar_lab.cli.export import load_trained
-from cifar_lab.exported import ExportedModel
+from cifar_lab.deploy.exported import ExportedModel
 
 
 def images_per_second(run: Callable[[torch.Tensor], object], batch: torch.Tensor, warmup: int, repeats: int) -> float:

@@ -186,7 +186,7 @@ def run_command(run: Callable[..., Any], doc: str | None, argv: Sequence[str] | 
     if any(a in ("-h", "--help") for a in args):
         print(doc)
         return
-    from cifar_lab.cli.console import quiet_third_party
+    from cifar_lab.console import quiet_third_party
 
     quiet_third_party()
     with exit_on_user_error():

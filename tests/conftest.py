@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import cifar_lab  # noqa: F401  (registers resolvers)
-from cifar_lab.cli.console import quiet_third_party
+from cifar_lab.console import quiet_third_party
 from cifar_lab.config.compose import hydra_job
 
 # Autotune decisions go to a cache of this test session only (hermetic, and no stale entries).

@@ -18,7 +18,7 @@ from cifar_lab.cli import export as export_mod
 from cifar_lab.cli.export import export, write_model
 from cifar_lab.cli.predict import predict
 from cifar_lab.errors import CheckpointError, ConfigError, ExportError, InputError
-from cifar_lab.exported import Deployable, ExportedModel, make_metadata
+from cifar_lab.deploy.exported import Deployable, ExportedModel, make_metadata
 from conftest import CLASSES10, ROOT, SYNTH, compose_cfg, run_cli
 
 SMALL = [*SYNTH, "data.source.test_size=64"]

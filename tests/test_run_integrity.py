@@ -19,7 +19,7 @@ from cifar_lab import checkpoints, fileio
 from cifar_lab.cli import evaluate
 from cifar_lab.cli.train import train
 from cifar_lab.errors import CheckpointError, ConfigError
-from cifar_lab.run_dir import DiskFull, RunDirBusy, RunDirLock
+from cifar_lab.runs.directory import DiskFull, RunDirBusy, RunDirLock
 from conftest import SYNTH, compose_cfg, run_cli
 
 QUICK = [*SYNTH, "data.source.train_size=200", "data.source.test_size=50", "data.val_size=50",
@@ -94,7 +94,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    code = ("import sys, time; from pathlib import Path; from cifar_lab.run_dir import RunDirLock; "
+    code = ("import sys, time; from pathlib import Path; from cifar_lab.runs.directory import RunDirLock; "
             f"RunDirLock(Path({str(run_dir)!r})).acquire(); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

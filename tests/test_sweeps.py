@@ -12,7 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
-from cifar_lab.cli.sweep import SweepReport, TrialFailed, best_job, collect_jobs, run_task
+from cifar_lab.sweeps.report import SweepReport, best_job, collect_jobs
+from cifar_lab.sweeps.runner import TrialFailed, run_task
 from conftest import SYNTH, compose_cfg, run_cli
 
 # One batch per stage, no loggers or callbacks: each job costs about a second after startup.
@@ -148,7 +149,11 @@ def test_sweep_summary_picks_best_and_lists_failures(tmp_path: Path, capsys) -> 
     assert results.best_value == 0.7 and results.best_job.num == 2 and results.n_failed == 1
     assert results.failed_jobs[0].num == 1 and results.failed_jobs[0].error == "ValueError: boom"
     out = capsys.readouterr().out
-    assert "Best job 2" in out and "job: 2" in out and "failed: ValueError: boom" in out
+    assert "Best job 2" in out and "failed: ValueError: boom" in out
+    # the summary names the best config's file; it does not print the config (print_best_config=true does)
+    assert f"config:    {sweep / 'best_config.yaml'}" in out and "job: 2" not in out
+    SweepReport(print_best_config=True).on_multirun_end(config)
+    assert "job: 2" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- end to end

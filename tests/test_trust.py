@@ -65,7 +65,7 @@ def test_shipped_targets_are_read_from_the_config_tree() -> None:
     shipped = shipped_targets()
     trainer_targets = {OmegaConf.load(p).get("_target_") for p in (CONF / "trainer").glob("*.yaml")} - {None}
     assert trainer_targets and trainer_targets <= shipped
-    assert {"cifar_lab.cli.sweep.SweepReport", "torch.optim.SGD", "lightning.pytorch.callbacks.ModelCheckpoint",
+    assert {"cifar_lab.sweeps.report.SweepReport", "torch.optim.SGD", "lightning.pytorch.callbacks.ModelCheckpoint",
             "cifar_lab.optim.schedules.warmup_cosine"} <= shipped
     assert not any("${" in t or "<" in t for t in shipped)  # never an interpolation or a comment's example
 
@@ -78,7 +78,7 @@ ADMITTED = [
     "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.Trainer", "lightning.Trainer",
     "cifar_lab.models.simple_cnn.SimpleCNN", "cifar_lab.models.blocks.make_activation",
     "cifar_lab.data.mixing.BatchMixer", "cifar_lab.callbacks.averaging.EMA", "cifar_lab.optim.muon.MuonSGD",
-    "cifar_lab.module.ClassifierModule", "cifar_lab.cli.sweep.SweepReport",
+    "cifar_lab.module.ClassifierModule", "cifar_lab.sweeps.report.SweepReport",
 ]
 
 

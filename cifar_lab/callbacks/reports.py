@@ -30,6 +30,7 @@ from torchmetrics.classification import (
 )
 
 from cifar_lab.callbacks import plots
+from cifar_lab.runs.summary import scalars
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,6 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 
 
-def scalars(metrics: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
-    """The entries of a Lightning metrics mapping whose keys start with ``prefixes``, as floats."""
-    return {key: float(value.item() if isinstance(value, Tensor) else value)
-            for key, value in sorted(metrics.items()) if key.startswith(prefixes)}
 
 class ClassificationReport(L.Callback):
     """Per-class precision/recall/F1, confusion matrix, ECE and misclassified images; report files.

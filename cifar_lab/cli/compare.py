@@ -10,7 +10,7 @@ parameter count and against wall time.
 
 Runs whose configs differ only by the seed (e.g. the jobs of ``python train.py -m seed=0,1,2``) are
 also summarised under "Over seeds": each metric's n, mean, standard deviation and 95% t interval
-(:mod:`cifar_lab.cli.seed_stats`).
+(:mod:`cifar_lab.runs.seed_stats`).
 
 The wall time of a resumed run is its total over all segments (``wall_time_total_s``), marked
 "(resumed)". A failed sweep job (``"status": "failed"``) shows "failed" in its accuracy cells,
@@ -31,7 +31,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_lab.cli import seed_stats
+from cifar_lab.runs import seed_stats
 from cifar_lab.errors import InputError, UserError
 
 COLUMNS: list[tuple[str, str]] = [

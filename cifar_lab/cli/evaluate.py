@@ -14,9 +14,9 @@ The job writes, in its own run directory (``logs/evaluate/runs/...`` or ``hydra.
 ``config.yaml`` (the config used), the report files of the configured callbacks
 (``classification_report.txt``, ``confusion_matrix.png``, ...), TensorBoard events and
 ``metrics.json`` with the ``test/*`` metrics. With ``robustness=true`` it also measures the
-accuracy under common corruptions (:mod:`cifar_lab.robustness`): ``robustness.json``,
+accuracy under common corruptions (:mod:`cifar_lab.deploy.robustness`): ``robustness.json``,
 ``robustness.md``, the heat map ``robustness.png`` and ``robustness/*`` TensorBoard scalars.
-``MODEL_CARD.md`` (:mod:`cifar_lab.model_card`) describes the evaluated checkpoint, with the
+``MODEL_CARD.md`` (:mod:`cifar_lab.deploy.model_card`) describes the evaluated checkpoint, with the
 robustness summary when measured.
 """
 
@@ -34,16 +34,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_lab import autotune, builders, checkpoints, robustness
-from cifar_lab.data.corruptions import SEVERITIES, check_corruptions
-from cifar_lab.robustness import corruption_accuracy
+from cifar_lab import autotune, builders, checkpoints
+from cifar_lab.deploy import robustness
+from cifar_lab.deploy.corruptions import SEVERITIES, check_corruptions
+from cifar_lab.deploy.robustness import corruption_accuracy
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config.compose import from_training, hydra_job, replayable
-from cifar_lab.cli.summary import scalars, write_summary
+from cifar_lab.models import trainable_params
+from cifar_lab.runs.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, run_command
-from cifar_lab.model_card import card_for_run, command_line
-from cifar_lab.run_dir import RunDirLock, holds_run
+from cifar_lab.deploy.model_card import card_for_run, command_line
+from cifar_lab.runs.directory import RunDirLock, holds_run
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
         "config_source": config_source,
         "model": trained.get("model") or str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1],
         "choices": trained.get("choices", {}),
-        "params": sum(p.numel() for p in module.net.parameters() if p.requires_grad),
+        "params": trainable_params(module.net),
         "epochs": int(checkpoint.get("epoch", -1)) + 1,
         "global_step": int(checkpoint.get("global_step", 0)),
         "seed": cfg.seed,
@@ -149,7 +151,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
 
 
 def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, run_dir: Path) -> dict[str, Any]:
-    """Accuracy under corruption on the test set (:mod:`cifar_lab.robustness`): files, scalars, a table."""
+    """Accuracy under corruption on the test set (:mod:`cifar_lab.deploy.robustness`): files, scalars, a table."""
     options = cfg.get("corruption") or {}
     names, severities = check_corruptions(options.get("names", "all"), list(options.get("severities", SEVERITIES)))
     images, labels = datamodule.splits["test"]

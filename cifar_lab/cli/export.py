@@ -4,7 +4,7 @@
 
 The exported model takes ``uint8`` RGB images ``(N, 3, H, W)`` (any batch size N), normalises
 them with the training run's mean/std inside, and returns softmax probabilities; the file's
-metadata states this and holds the class names (:mod:`cifar_lab.exported`).
+metadata states this and holds the class names (:mod:`cifar_lab.deploy.exported`).
 
 Parity: the exported file and the PyTorch network both run (on the CPU) over the run's test
 set, or the images of ``parity.images=<.npy>``; the top-1 agreement and the largest absolute
@@ -33,7 +33,7 @@ from cifar_lab.cli.predict import class_names as predict_class_names
 from cifar_lab.cli.predict import fit_size, load_input
 from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.errors import ConfigError, ExportError, InputError, run_command
-from cifar_lab.exported import (FORMATS, INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_METADATA, Deployable,
+from cifar_lab.deploy.exported import (FORMATS, INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_METADATA, Deployable,
                                 ExportedModel, make_metadata, require_onnx)
 
 
@@ -86,7 +86,7 @@ def write_torchscript(model: nn.Module, example: Tensor, output: Path, metadata:
 
 def write_model(model: nn.Module, format: str, example: Tensor, output: Path, metadata: dict[str, str],
                 opset: int = 17) -> Path:
-    """Write ``model`` (a :class:`~cifar_lab.exported.Deployable`) in ``format`` to ``output``."""
+    """Write ``model`` (a :class:`~cifar_lab.deploy.exported.Deployable`) in ``format`` to ``output``."""
     output.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     if format == "onnx":

@@ -253,7 +253,7 @@ def predict(
 def _predict_exported(path: str | Path, images: Tensor | list[Tensor], files: list[str] | None, resize: bool,
                       batch_size: int) -> tuple[list[int], list[str]]:
     """Labels and class names from an exported ONNX model run with onnxruntime."""
-    from cifar_lab.exported import ExportedModel
+    from cifar_lab.deploy.exported import ExportedModel
 
     model = ExportedModel(Path(str(path)).expanduser(), "onnx")
     x_all = fit_size(images, model.image_size, resize, files)

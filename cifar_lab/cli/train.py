@@ -14,7 +14,9 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import hydra
 import lightning as L
@@ -30,12 +32,15 @@ from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
-from cifar_lab.cli import console
-from cifar_lab.cli.summary import scalars, write_summary
+from cifar_lab import console
+from cifar_lab.runs.summary import scalars, write_summary
+from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
+from cifar_lab.deploy.model_card import card_for_run
 from cifar_lab.host import keep_freed_memory
-from cifar_lab.run_dir import RunDirLock, disk_full_error, holds_run, relative_to_run, save_hydra_files
+from cifar_lab.models import trainable_params
+from cifar_lab.runs.directory import RunDirLock, disk_full_error, holds_run, relative_to_run, save_hydra_files
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +70,6 @@ def _quiet_other_ranks() -> None:
         logging.getLogger("cifar_lab").setLevel(logging.WARNING)
 
 
-def _last_good(cfg: DictConfig, resume: Resume | None) -> str | None:
-    """This run's last.ckpt, else its newest checkpoint, else the checkpoint it resumed from."""
-    folder = checkpoint_dir_of(cfg)
-    last = folder / "last.ckpt"
-    if last.is_file():
-        return str(last)
-    saved = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    if saved:
-        return str(saved[-1])
-    return resume.path if resume else None
-
-
 def train(cfg: DictConfig) -> float | None:
     """Run one training job as configured; return the metric named by ``optimized_metric``."""
     start = time.perf_counter()
@@ -89,98 +82,153 @@ def train(cfg: DictConfig) -> float | None:
     # Nothing in the run directory changes before this point: a refused command leaves it as it was.
     lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
     try:
-        return _train(cfg, run_dir, resume, start)
+        return _train(_Job(cfg, run_dir, resume, start))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) -> float | None:
+@dataclass
+class _Job:
+    """What every step of one training job needs: its config, run directory and resume point."""
+
+    cfg: DictConfig
+    run_dir: Path
+    resume: Resume | None
+    start: float
+
+    def last_good(self) -> str | None:
+        """This run's last.ckpt, else its newest checkpoint, else the checkpoint it resumed from."""
+        folder = checkpoint_dir_of(self.cfg)
+        last = folder / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        saved = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if saved:
+            return str(saved[-1])
+        return self.resume.path if self.resume else None
+
+    @contextmanager
+    def disk_full_as_error(self, path: Path | None = None) -> Iterator[None]:
+        """A full disk while writing ``path`` (default: the run directory) becomes one message naming the
+        last good checkpoint; every other error passes through."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            full = disk_full_error(err, path or self.run_dir, self.last_good())
+            if full is None:
+                raise
+            raise full from None
+
+
+def _train(job: _Job) -> float | None:
+    """The steps of a run: build (cheap, validated), record, read data, fit, test, summarise."""
     _quiet_other_ranks()
-    L.seed_everything(cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
-    # Everything cheap first, so a value torch or Lightning refuses stops the run in seconds,
-    # before any data is read (builders turn their errors into one ConfigError).
+    L.seed_everything(job.cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
+    module, tuned = _build_module(job)
+    safety = safety_callbacks(checkpoint_dir_of(job.cfg))
+    loggers = builders.build_loggers(job.cfg)
+    # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose
+    trainer = builders.build_trainer(job.cfg, builders.build_callbacks(job.cfg) + safety + [TrainingCompute()],
+                                     loggers)
+    if rank_zero_only.rank == 0:
+        _record_start(job, module, tuned, loggers)
+    for warning in job.resume.warnings if job.resume else []:
+        log.warning("resuming from %s: %s", job.resume.path, warning)
+    if job.cfg.get("reuse_host_memory", False):
+        keep_freed_memory()
+    datamodule = _datamodule(job.cfg)
+    use_atomic_checkpoints(trainer)
+    stopper = next(c for c in safety if isinstance(c, GracefulStop))
+    _fit(job, trainer, module, datamodule, stopper)
+    fitted = {**scalars(trainer.callback_metrics, ("train/",)), **scalars(trainer.callback_metrics, ("val/",))}
+    best_ckpt = _test(job, trainer, module, datamodule, stopper) if job.cfg.get("test", True) else ""
+    metrics = {**fitted, **scalars(trainer.callback_metrics, ("test/",))}
+    summary = _summary(job, trainer, module, tuned, metrics, best_ckpt)
+    if trainer.is_global_zero:
+        _write_results(job, summary, module, datamodule, trainer)
+    return _objective(job.cfg, metrics)
+
+
+def _build_module(job: _Job) -> tuple[Any, autotune.Decision]:
+    """The LightningModule, built before any data is read so a value torch or Lightning refuses stops the
+    run in seconds (builders turn their errors into one ConfigError); `auto` settings measured or cached."""
+    cfg = job.cfg
     module = builders.build_module(cfg)
-    # trainer.precision / module.memory_format `auto`: measured (or cached) before the Trainer exists
-    tuned = autotune.decide(cfg, run_dir, resume.config if resume else None, rank=rank_zero_only.rank)
+    tuned = autotune.decide(cfg, job.run_dir, job.resume.config if job.resume else None, rank=rank_zero_only.rank)
     module.set_memory_format(tuned.memory_format)
     if isinstance(module.hparams.get("trainer"), dict):
         module.hparams["trainer"]["precision"] = tuned.precision  # the checkpoint records the choice
     if cfg.get("init_from"):
         load_weights_from(cfg.init_from, module.net, cfg)
-    safety = safety_callbacks(checkpoint_dir_of(cfg))
-    # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose
-    callbacks = builders.build_callbacks(cfg) + safety + [TrainingCompute()]
-    loggers = builders.build_loggers(cfg)
-    trainer = builders.build_trainer(cfg, callbacks, loggers)
-    if rank_zero_only.rank == 0:
-        save_hydra_files(run_dir, cfg)
-        print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
-        params = sum(p.numel() for p in module.net.parameters() if p.requires_grad)
-        print(console.header(cfg, run_dir, params, _choices(), builders.task_overrides(), tuned), flush=True)
-        if tuned.source == "measured":
-            log.info("%s", autotune.format_table(tuned))
-        autotune.log_to_tensorboard(loggers, tuned)
-    for warning in resume.warnings if resume else []:
-        log.warning("resuming from %s: %s", resume.path, warning)
-    if cfg.get("reuse_host_memory", False):
-        keep_freed_memory()
+    return module, tuned
 
+
+def _record_start(job: _Job, module: Any, tuned: autotune.Decision, loggers: list) -> None:
+    """The run directory's .hydra files and config.yaml, the console header, the autotune table."""
+    cfg, run_dir = job.cfg, job.run_dir
+    save_hydra_files(run_dir, cfg)
+    print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
+    print(console.header(cfg, run_dir, trainable_params(module.net), _choices(), builders.task_overrides(), tuned),
+          flush=True)
+    if tuned.source == "measured":
+        log.info("%s", autotune.format_table(tuned))
+    autotune.log_to_tensorboard(loggers, tuned)
+
+
+def _datamodule(cfg: DictConfig) -> Any:
     datamodule = builders.build_datamodule(cfg)
     if rank_zero_only.rank == 0:
         # Fail on missing data before anything expensive runs (other DDP ranks wait in fit).
         datamodule.prepare_data()
-    use_atomic_checkpoints(trainer)
-    stopper = next(c for c in safety if isinstance(c, GracefulStop))
+    return datamodule
 
+
+def _fit(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: GracefulStop) -> None:
+    """``trainer.fit``; a full disk, SIGTERM or a second Ctrl-C become one message naming the last checkpoint."""
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
-    except (OSError, RuntimeError) as err:
-        full = disk_full_error(err, run_dir, _last_good(cfg, resume))
-        if full is None:
-            raise
-        raise full from None
+        with job.disk_full_as_error():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=job.resume.path if job.resume else None,
+                        weights_only=True)
     except SIGTERMException:
-        raise stopper.interrupted(run_dir, fallback=_last_good(cfg, resume)) from None
+        raise stopper.interrupted(job.run_dir, fallback=job.last_good()) from None
     except SystemExit:  # Lightning exits after a KeyboardInterrupt: here, a second Ctrl-C
         if not stopper.aborted:
             raise
-        raise stopper.interrupted(run_dir, fallback=_last_good(cfg, resume)) from None
-    val_metrics = scalars(trainer.callback_metrics, ("val/",))
-    train_metrics = scalars(trainer.callback_metrics, ("train/",))
+        raise stopper.interrupted(job.run_dir, fallback=job.last_good()) from None
 
-    best_ckpt = ""
-    if cfg.get("test", True):
-        checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
-        best_ckpt = checkpoint.best_model_path if checkpoint else ""
-        if not best_ckpt:
-            # a warning only where a checkpoint was expected (not in recipes that test the last weights)
-            (log.warning if checkpoint else log.info)("no best checkpoint was saved; testing the current weights")
-        try:
+
+def _test(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: GracefulStop) -> str:
+    """Test the best checkpoint (else the current weights); return its path ("" for the current weights)."""
+    checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
+    best_ckpt = checkpoint.best_model_path if checkpoint else ""
+    if not best_ckpt:
+        # a warning only where a checkpoint was expected (not in recipes that test the last weights)
+        (log.warning if checkpoint else log.info)("no best checkpoint was saved; testing the current weights")
+    try:
+        with job.disk_full_as_error():  # the reports written while testing
             trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
-        except (OSError, RuntimeError) as err:  # the reports written while testing
-            full = disk_full_error(err, run_dir, _last_good(cfg, resume))
-            if full is None:
-                raise
-            raise full from None
-        except SIGTERMException:
-            raise TrainingInterrupted(f"stopped while testing; training had finished (checkpoints in "
-                                      f"{checkpoint_dir_of(cfg)})", stopper.signum or signal.SIGTERM,
-                                      best_ckpt or None) from None
-    test_metrics = scalars(trainer.callback_metrics, ("test/",))
+    except SIGTERMException:
+        raise TrainingInterrupted(f"stopped while testing; training had finished (checkpoints in "
+                                  f"{checkpoint_dir_of(job.cfg)})", stopper.signum or signal.SIGTERM,
+                                  best_ckpt or None) from None
+    return best_ckpt
 
-    metrics = {**train_metrics, **val_metrics, **test_metrics}
-    wall_time = time.perf_counter() - start
-    summary = {
-        "run_dir": str(run_dir),  # where it ran (information only: paths below are relative to it)
-        "model": _choices().get("model", str(cfg.model.get("_target_", ""))),
+
+def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decision, metrics: dict[str, float],
+             best_ckpt: str) -> dict[str, Any]:
+    """metrics.json's content."""
+    wall_time = time.perf_counter() - job.start
+    return {
+        "run_dir": str(job.run_dir),  # where it ran (information only: paths below are relative to it)
+        "model": _choices().get("model", str(job.cfg.model.get("_target_", ""))),
         "choices": _choices(),
-        "params": sum(p.numel() for p in module.net.parameters() if p.requires_grad),
+        "params": trainable_params(module.net),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "best_ckpt": relative_to_run(best_ckpt, run_dir),
-        "resumed_from": resume.path if resume else None,
-        "seed": cfg.seed,
+        "best_ckpt": relative_to_run(best_ckpt, job.run_dir),
+        "resumed_from": job.resume.path if job.resume else None,
+        "seed": job.cfg.seed,
         "precision": tuned.precision,
         "memory_format": tuned.memory_format,
         "autotune": tuned.record(),
@@ -192,21 +240,20 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, start: float) 
         # resumed from (0 for a new run) plus this process's time.
         "wall_time_total_s": round(getattr(module, "elapsed_s", 0.0) + wall_time, 2),
     }
-    if trainer.is_global_zero:
-        try:
-            write_summary(run_dir, summary)
-        except OSError as err:
-            full = disk_full_error(err, run_dir / "metrics.json", _last_good(cfg, resume))
-            if full is None:
-                raise
-            raise full from None
-        from cifar_lab.model_card import card_for_run
 
-        card_for_run(run_dir, cfg, module.net, datamodule, trainer, choices=_choices(),
-                     overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
-                     checkpoint=summary["best_ckpt"], tested=bool(cfg.get("test", True)), recorded=summary)
-        print(f"Run directory: {run_dir}")
 
+def _write_results(job: _Job, summary: dict[str, Any], module: Any, datamodule: Any, trainer: L.Trainer) -> None:
+    """metrics.json and MODEL_CARD.md in the run directory (rank 0)."""
+    with job.disk_full_as_error(job.run_dir / "metrics.json"):
+        write_summary(job.run_dir, summary)
+    card_for_run(job.run_dir, job.cfg, module.net, datamodule, trainer, choices=_choices(),
+                 overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
+                 checkpoint=summary["best_ckpt"], tested=bool(job.cfg.get("test", True)), recorded=summary)
+    print(f"Run directory: {job.run_dir}")
+
+
+def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of ``optimized_metric`` for a sweep (nan when not finite), None when none is named."""
     name = cfg.get("optimized_metric")
     if not name:
         return None
@@ -225,15 +272,11 @@ def _compute_record(trainer: L.Trainer) -> dict | None:
 def main_guarded(cfg: DictConfig, task: Callable[[DictConfig], float | None] = train) -> float | None:
     """The command line's job function: ``task(cfg)`` through the sweep runner, user errors as one message.
 
-    In a multirun, :func:`cifar_lab.cli.sweep.run_task` records a failing job and the sweep goes
+    In a multirun, :func:`cifar_lab.sweeps.runner.run_task` records a failing job and the sweep goes
     on. Outside one, a user error prints its message alone (kept in a new run directory's
     error.txt too; an existing run is left untouched) and exits with its code (:mod:`cifar_lab.errors`). Other errors keep
     their traceback.
     """
-    from cifar_lab.cli.sweep import run_task
-
-    from cifar_lab.cli.sweep import in_multirun
-
     try:
         run_dir: Path | None = run_dir_of(cfg)
     except Exception:  # noqa: BLE001 - no Hydra runtime (direct calls)

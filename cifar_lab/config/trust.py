@@ -15,7 +15,7 @@ only an explicit allow-list, what cifar-lab configs actually build:
 * cifar-lab's own classes and factory functions in ``cifar_lab.models``, ``cifar_lab.data``
   (not ``cifar_lab.data.cache``), ``cifar_lab.optim`` and ``cifar_lab.module``, its classes in
   ``cifar_lab.callbacks`` (the functions there render and save figures) and
-  ``cifar_lab.cli.sweep.SweepReport``;
+  ``cifar_lab.sweeps.report.SweepReport``;
 * classes and functions of the packages you name yourself, comma-separated, in the
   environment variable ``CIFAR_LAB_TRUSTED_PACKAGES`` (e.g. ``CIFAR_LAB_TRUSTED_PACKAGES=mylab``),
   for configs that build your own code; set it only for files you trust.
@@ -75,14 +75,14 @@ _NAMESPACES = (
     "cifar_lab.callbacks",
     "cifar_lab.optim",
     "cifar_lab.module",
-    "cifar_lab.cli.sweep.SweepReport",
+    "cifar_lab.sweeps.report.SweepReport",
 )
 # cifar-lab modules whose classes and functions may be built, those whose classes only, and
 # those excluded (the data cache reads and writes files).
 _PROJECT_MODULES = ("cifar_lab.models", "cifar_lab.data", "cifar_lab.optim", "cifar_lab.module")
 _PROJECT_CLASS_MODULES = ("cifar_lab.callbacks",)
 _PROJECT_EXCLUDED = ("cifar_lab.data.cache",)
-_PROJECT_EXTRA = ("cifar_lab.cli.sweep.SweepReport",)  # module.qualname
+_PROJECT_EXTRA = ("cifar_lab.sweeps.report.SweepReport",)  # module.qualname
 
 _MAX_DEPTH = 64  # deeper (or self-referencing) configs are refused
 

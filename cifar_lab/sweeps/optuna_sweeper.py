@@ -28,7 +28,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_lab.cli.sweep import OPTUNA_RESULTS_FILE, mark_job
+from cifar_lab.sweeps.report import OPTUNA_RESULTS_FILE
+from cifar_lab.sweeps.runner import mark_job
 from cifar_lab.errors import ConfigError
 from cifar_lab.sweeps import heartbeat, trials, workers
 from cifar_lab.sweeps.space import SearchSpace, parse_space

@@ -18,7 +18,7 @@ import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from cifar_lab.cli.sweep import TrialPruned
+from cifar_lab.sweeps.runner import TrialPruned
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cifar_lab.host import cpu_name
+from cifar_lab.models import trainable_params
 from cifar_lab.models.flops import count_macs
 from hydra.utils import instantiate
 
@@ -60,8 +61,6 @@ def compose_model(conf_dir: Path, name: str):
     return cfg.model
 
 
-def count_params(net: torch.nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 @torch.no_grad()
@@ -105,7 +104,7 @@ def build_table(conf_dir: Path, names: list[str], speed: bool = True, batch_size
         target = str(cfg.get("_target_", "")).rsplit(".", 1)[-1]
         if name == "torchvision":
             target += f" ({cfg.get('arch')})"
-        params, macs = count_params(net), count_macs(net)
+        params, macs = trainable_params(net), count_macs(net)
         ips = "-"
         if speed:
             ips = f"{images_per_second(net, channels_last, batch_size, warmup, repeats, clock):,.0f}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cifar_lab.models import trainable_params
 from cifar_lab.tools import zoo
 
 from model_helpers import MODEL_CONF_DIR, MODEL_NAMES
@@ -17,7 +18,7 @@ def test_compose_and_count():
     from hydra.utils import instantiate
 
     net = instantiate(cfg)
-    assert zoo.count_params(net) == 3 * 32 * 9 + 32 + 32 * 64 * 9 + 64 + 4096 * 512 + 512 + 5130
+    assert trainable_params(net) == 3 * 32 * 9 + 32 + 32 * 64 * 9 + 64 + 4096 * 512 + 512 + 5130
     assert zoo.count_macs(net) == 32 * 27 * 1024 + 64 * 288 * 256 + 4096 * 512 + 5120
 
 

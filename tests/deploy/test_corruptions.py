@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_lab.data.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt
+from cifar_lab.deploy.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt
 from cifar_lab.errors import ConfigError
 
 

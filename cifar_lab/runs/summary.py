@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from cifar_lab.callbacks.reports import scalars
+from torch import Tensor
 
 __all__ = ["METRICS_FILE", "scalars", "write_summary"]
 
@@ -18,3 +18,9 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / METRICS_FILE
     path.write_text(json.dumps(summary, indent=2))
     return path
+
+
+def scalars(metrics: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The entries of a Lightning metrics mapping whose keys start with ``prefixes``, as floats."""
+    return {key: float(value.item() if isinstance(value, Tensor) else value)
+            for key, value in sorted(metrics.items()) if key.startswith(prefixes)}

@@ -24,6 +24,8 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from cifar_lab.models import trainable_params
+
 __all__ = ["wilson_interval", "calibration", "reliability_figure", "test_predictions", "render", "write_model_card",
            "command_line", "card_for_run"]
 
@@ -202,7 +204,8 @@ def write_model_card(run_dir: Path, facts: Mapping[str, Any], net: nn.Module, pr
     """Run ``net`` over the ``test`` images and write ``MODEL_CARD.md`` (and ``reliability.png``)."""
     from cifar_lab.callbacks.plots import save_figure
 
-    facts = {**facts, "params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+    # the count the run recorded (its network as built: a parameter frozen during training still counts)
+    facts = {**facts, "params": facts.get("params") or trainable_params(net),
              "macs": _macs(net, int(facts.get("image_size", 32))), "machine": _machine(device)}
     probs = labels = None
     if test is not None:
@@ -248,6 +251,7 @@ def card_for_run(run_dir: Path, cfg: Any, net: nn.Module, datamodule: Any, train
         "command": command or command_line("python train.py", overrides),
         "recorded_acc": ((recorded or {}).get("metrics") or {}).get("test/acc"),
         "compute": (recorded or {}).get("compute"),
+        "params": (recorded or {}).get("params"),
     }
     return write_model_card(run_dir, facts, net, datamodule.normalize,
                             datamodule.splits["test"] if tested else None, list(datamodule.classes),

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
-from cifar_lab.model_card import calibration, command_line, wilson_interval, write_model_card
+from cifar_lab.deploy.model_card import calibration, command_line, wilson_interval, write_model_card
 
 CLASSES = ["red", "green", "blue"]
 

@@ -14,7 +14,7 @@ from torch import nn
 from cifar_lab.cli import evaluate
 from cifar_lab.cli.train import train
 from cifar_lab.errors import ConfigError
-from cifar_lab.robustness import corruption_accuracy
+from cifar_lab.deploy.robustness import corruption_accuracy
 from conftest import SYNTH, compose_cfg
 
 QUICK = [*SYNTH, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",

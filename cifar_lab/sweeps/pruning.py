@@ -3,7 +3,7 @@
 In a job of the Optuna sweeper (``hparams_search=optuna``) the callback reports ``monitor`` after
 each validation epoch to the job's trial (through the study's storage, so it works wherever the
 job runs) and asks the study's pruner whether to go on; if not, it raises
-:class:`cifar_lab.cli.sweep.TrialPruned`: the job is recorded as pruned and the trial as PRUNED.
+:class:`cifar_lab.sweeps.runner.TrialPruned`: the job is recorded as pruned and the trial as PRUNED.
 Outside such a job it does nothing.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from cifar_lab.cli.sweep import TrialPruned
+from cifar_lab.sweeps.runner import TrialPruned
 
 __all__ = ["OptunaPruning"]
 

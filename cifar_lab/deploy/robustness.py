@@ -1,7 +1,7 @@
 """Accuracy under common corruptions: the table, ``robustness.json``, a heat map and TensorBoard scalars.
 
 :func:`corruption_accuracy` runs a network over the test images under every corruption and
-severity of :mod:`cifar_lab.data.corruptions` (generated batch by batch on the device). The
+severity of :mod:`cifar_lab.deploy.corruptions` (generated batch by batch on the device). The
 summary has the clean accuracy, the accuracy per corruption and severity, the mean over
 severities per corruption, the mean corruption accuracy over all of them, and the relative
 drop ``(clean - corrupted) / clean`` of each.
@@ -17,7 +17,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 from torch import Tensor, nn
 
-from cifar_lab.data.corruptions import corrupt
+from cifar_lab.deploy.corruptions import corrupt
 from cifar_lab.errors import ConfigError
 
 __all__ = ["corruption_accuracy", "write_report", "heatmap_figure", "format_table", "scalars"]
