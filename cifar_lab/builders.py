@@ -141,6 +141,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.trainer.enable_progress_bar = False
+    elif not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
+        # no bar asked for: a bar callback of the callbacks group goes too (Lightning refuses the pair)
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

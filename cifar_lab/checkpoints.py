@@ -11,8 +11,8 @@ command-line overrides), ``checkpoints/`` (``last.ckpt`` and the best by ``val/a
 
 Checkpoints are read with ``weights_only=True`` (tensors and plain values only: unpickling
 anything else could run code), and the run config saved in them (``hyper_parameters``) or
-next to them (``.hydra/config.yaml``) may only name allow-listed ``_target_``s
-(:func:`cifar_lab.config.trust.check_targets`) before anything is built from it.
+next to them (``.hydra/config.yaml``) is data: it goes through :mod:`cifar_lab.config.saved`
+(plain containers, no interpolation, allow-listed ``_target_``s) before anything is built from it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_lab.config.trust import check_targets
-from cifar_lab.errors import CheckpointError
+from cifar_lab.config.saved import checked_config, load_yaml
+from cifar_lab.errors import CheckpointError, UnsafeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -171,23 +171,23 @@ def load(ckpt_file: str | Path, mmap: bool = False) -> dict[str, Any]:
 
 
 def saved_config(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The resolved run config a checkpoint was trained with (plain dict), checked, and where it came from.
+    """The run config a checkpoint was trained with, as checked plain data, and where it came from.
 
-    The checkpoint's own ``hyper_parameters`` (what the weights were built with); a
-    checkpoint without it falls back to its run directory's ``.hydra/config.yaml``.
+    The checkpoint's own ``hyper_parameters`` (what the weights were built with); a checkpoint
+    without it falls back to its run directory's ``.hydra/config.yaml``. Either goes through
+    :func:`cifar_lab.config.saved.checked_config` (no interpolation, allow-listed targets).
     """
     hparams = checkpoint.get("hyper_parameters")
     if isinstance(hparams, dict) and "model" in hparams:
         origin = f"{ckpt_file} (hyper_parameters)"
-        check_targets(hparams, origin=origin)
-        return dict(hparams), origin
+        # resolved when saved: the data node is as plain as the network (a lone checkpoint is rebuilt from both)
+        return checked_config(hparams, origin, built=("model", "data")), origin
     run_dir = run_dir_of_checkpoint(ckpt_file)
     if run_dir is not None:
         path = run_dir / ".hydra" / "config.yaml"
-        cfg = OmegaConf.load(path)
-        if isinstance(cfg, DictConfig) and "model" in cfg:
-            check_targets(cfg, origin=str(path))
-            return OmegaConf.to_container(cfg, resolve=False), str(path)  # type: ignore[return-value]
+        cfg = load_yaml(path)
+        if isinstance(cfg, dict) and "model" in cfg:
+            return checked_config(cfg, str(path)), str(path)
     raise CheckpointError(
         f"{ckpt_file}: no training config found; the checkpoint's hyper_parameters hold no run config and "
         "there is no .hydra/config.yaml in its run directory"
@@ -198,16 +198,16 @@ def saved_overrides(ckpt_file: Path, checkpoint: dict[str, Any]) -> tuple[list[s
     """The training command's overrides and where they were found.
 
     Its run directory's ``.hydra/overrides.yaml``, else the copy stored in the checkpoint;
-    ``(None, "")`` when neither has them (an older checkpoint moved away from its run).
+    ``(None, "")`` when neither has them (an older checkpoint moved away from its run). What of
+    them is replayed is decided by :func:`cifar_lab.config.compose.replayable`.
     """
     run_dir = run_dir_of_checkpoint(ckpt_file)
     path = run_dir / ".hydra" / "overrides.yaml" if run_dir is not None else None
     if path is not None and path.is_file():
-        try:
-            loaded = OmegaConf.load(path)
-            return [str(o) for o in loaded], str(path)
-        except Exception:  # noqa: BLE001 - unreadable: fall back to the checkpoint's copy
-            pass
+        loaded = load_yaml(path)
+        if not isinstance(loaded, list) or not all(isinstance(o, str) for o in loaded):
+            raise UnsafeConfigError(f"{path}: a run's overrides must be a list of strings")
+        return list(loaded), str(path)
     stored = checkpoint.get(OVERRIDES_KEY)
     if isinstance(stored, list) and all(isinstance(o, str) for o in stored):
         return list(stored), f"{ckpt_file} (stored overrides)"
@@ -307,7 +307,7 @@ def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
     if not isinstance(saved, dict) or "model" not in saved:
         raise CheckpointError(f"{path} holds no cifar-lab run config (hyper_parameters), so it cannot be checked "
                               "against this run; resume only from checkpoints written by train.py")
-    check_targets(saved, origin=str(path))
+    saved = checked_config(saved, str(path))
     warnings = check_resume_compatible(saved, cfg, path)
     _refuse_finished(checkpoint, cfg, path)
     return Resume(str(path), warnings, saved)

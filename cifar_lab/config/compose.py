@@ -6,11 +6,20 @@ stored in the checkpoint) with Hydra's compose API, followed by the user's overr
 ``ckpt_path=<a data=synthetic run> data.source.test_size=50`` works: the key exists in the
 group the training run chose. The network node is always the one saved with the checkpoint
 (what its weights were built with), unless the user overrides ``model`` explicitly.
+
+Saved overrides are data from a file (:mod:`cifar_lab.config.saved`): only :data:`REPLAYED`
+is replayed, the groups and keys that define the data and the test-time settings. A group
+choice must name a shipped option (``conf/<group>/<name>.yaml``); a value holding ``${`` is
+refused. Everything else (``hydra/*`` groups and ``hydra.*`` keys, loggers, callbacks other
+than the test-time ``callbacks.tta``, paths, trainer, optimizer, the sweep's
+``hparams_search``, ``model`` choices and keys: the network comes from the checkpoint) comes
+from the current command only.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -24,42 +33,66 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_lab.config import CONF_DIR
 from cifar_lab.config.trust import check_targets
-from cifar_lab.errors import ConfigError, config_error
+from cifar_lab.errors import ConfigError, UnsafeConfigError, config_error
 
 log = logging.getLogger(__name__)
 
 __all__ = ["hydra_job", "replayable", "from_training", "compose_training"]
 
-# Keys of a training command that must not be replayed: Hydra's own, the sweeper, and the
-# training job's own settings (a resumed run's ckpt_path=last, its task name).
-NOT_REPLAYED = ("hydra", "hparams_search", "ckpt_path", "task_name")
+# What of a training command's overrides is replayed: the groups and keys that define the data
+# and the test-time settings. The network is the checkpoint's own (saved with its weights).
+REPLAYED = ("data", "augment", "experiment", "tta", "callbacks.tta", "seed")
+# Group choices among them (the option must be a shipped conf/<group>/<name>.yaml).
+REPLAYED_GROUPS = ("data", "augment", "experiment")
+_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
-def replayable(saved: Sequence[str], user: Sequence[str]) -> list[str]:
+def _replayed(override: Any, text: str, origin: str) -> bool:
+    """Whether a saved override is replayed; refuses one that is replayable in kind but not safe."""
+    key = override.key_or_group
+    if not any(_under(key, root) for root in REPLAYED):
+        return False
+    if "${" in text:
+        raise UnsafeConfigError(f"{origin}: the saved override {text!r} holds an interpolation; saved overrides "
+                                "are replayed as plain values only. Use the run's own, unmodified files")
+    if key in REPLAYED_GROUPS and not override.is_delete():
+        value = override.value()
+        if not isinstance(value, str) or not _OPTION.fullmatch(value) or ".." in value \
+                or not (CONF_DIR / key / f"{value}.yaml").is_file():
+            raise UnsafeConfigError(f"{origin}: the saved override {text!r} does not name a shipped {key} option "
+                                    f"(conf/{key}/<name>.yaml). Use the run's own, unmodified files")
+    return True
+
+
+def replayable(saved: Sequence[str], user: Sequence[str], origin: str = "the training run's overrides") -> list[str]:
     """The training overrides to compose before the user's ``user`` overrides.
 
-    Left out: :data:`NOT_REPLAYED` keys, and keys below a group the user chooses again or
+    Only :data:`REPLAYED` groups and keys, and none below a group the user chooses again or
     deletes (``data.source.test_size=50`` would not fit ``data=cifar10``).
     """
     parser = OverridesParser.create()
     try:
         parsed_user = parser.parse_overrides(list(user))
-        parsed = parser.parse_overrides(list(saved))
     except Exception as err:  # noqa: BLE001 - Hydra's own parse errors, one line
         raise ConfigError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
+    try:
+        parsed = parser.parse_overrides([str(o) for o in saved])
+    except Exception as err:  # noqa: BLE001
+        raise UnsafeConfigError(f"{origin}: cannot parse the saved overrides ({str(err).splitlines()[0]}); use "
+                                "the run's own, unmodified files") from None
     rechosen = [o.key_or_group for o in parsed_user if o.is_delete() or "." not in o.key_or_group]
     kept = []
     for text, override in zip(saved, parsed):
-        key = override.key_or_group
-        if any(_under(key, own) for own in NOT_REPLAYED):
+        if not _replayed(override, str(text), origin):
             continue
+        key = override.key_or_group
         if any(key != group and _under(key, group) for group in rechosen):
             continue
-        kept.append(text)
+        kept.append(str(text))
     return kept
 
 
@@ -107,21 +140,22 @@ def _touches(overrides: Sequence[str], group: str) -> bool:
 
 
 def from_training(cfg: DictConfig, saved: dict[str, Any], user: Sequence[str] = ()) -> DictConfig:
-    """``cfg`` composed over a training run's overrides, made safe and faithful to the checkpoint.
+    """``cfg`` composed over a training run's replayed overrides, with the checkpoint's network.
 
-    Its ``_target_``s are checked (:func:`~cifar_lab.config.trust.check_targets`: the replayed
-    overrides came from a file), and its ``model`` node becomes the one saved with the
-    checkpoint (``saved``, what the weights were built with) unless ``user`` overrides the model.
+    ``saved`` is the checkpoint's run config as checked plain data
+    (:func:`cifar_lab.checkpoints.saved_config`); its ``model`` node becomes ``cfg.model`` (what
+    the weights were built with) unless ``user`` overrides the model. The result is checked again
+    as a whole (the replayed overrides came from a file) and is what the command builds.
     """
     from cifar_lab.checkpoints import LEGACY_MODEL_KEYS
 
-    check_targets(cfg, origin="the training run's overrides")
     if isinstance(saved.get("model"), dict) and "model" in cfg and not _touches(user, "model"):
         network = {k: v for k, v in saved["model"].items() if k not in LEGACY_MODEL_KEYS}
         if OmegaConf.to_container(cfg.model, resolve=True) != network:
             log.info("using the network config saved with the checkpoint (conf/model differs from it)")
-            with open_dict(cfg):
-                cfg.model = OmegaConf.create(network)
+        with open_dict(cfg):
+            cfg.model = OmegaConf.create(network)
+    check_targets(cfg, origin="the training run's replayed overrides")
     return cfg
 
 
@@ -130,17 +164,29 @@ def compose_training(training: Sequence[str] | None, overrides: Sequence[str], s
     """The ``train`` config of a checkpoint's run, without the hydra node.
 
     ``training=None`` (the training command is unknown: an older checkpoint away from its run
-    directory) gives the checkpoint's own resolved config ``saved`` with ``overrides`` applied.
+    directory) composes the defaults with ``overrides``; the network and the data node are the
+    checkpoint's (the user's ``data.*`` keys applied on top).
     """
-    if training is None:
-        cfg = OmegaConf.create(saved)
-        cfg.merge_with_dotlist([o.lstrip("+") for o in overrides])
-        return cfg
+    composed = [*replayable(training or [], overrides), *overrides]
     if GlobalHydra.instance().is_initialized():
-        cfg = _compose("train", [*replayable(training, overrides), *overrides])
+        cfg = _compose("train", composed)
     else:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = _compose("train", [*replayable(training, overrides), *overrides])
+            cfg = _compose("train", composed)
     with open_dict(cfg):
         del cfg["hydra"]
+        if training is None and isinstance(saved.get("data"), dict):
+            _use_saved_data(cfg, saved["data"], overrides)
     return from_training(cfg, saved, overrides)
+
+
+def _use_saved_data(cfg: DictConfig, data: dict[str, Any], overrides: Sequence[str]) -> None:
+    """The checkpoint's data node (checked plain data), then the user's ``data.*`` keys on top of it;
+    a user's own ``data=<option>`` keeps the composed node instead."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if any(o.key_or_group == "data" for o in parsed):
+        return
+    cfg.data = OmegaConf.create(data)
+    for override in parsed:
+        if override.key_or_group.startswith("data.") and not override.is_delete():
+            OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
