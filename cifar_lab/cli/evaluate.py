@@ -45,7 +45,7 @@ from cifar_lab.runs.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, run_command
 from cifar_lab.deploy.model_card import card_for_run, command_line
-from cifar_lab.runs.directory import RunDirLock, holds_run
+from cifar_lab.runs.directory import RunDirLock, holds_run, refuse_symlinks
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], confi
     """Test the checkpoint's weights with ``cfg``; write reports and metrics.json in the run directory."""
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
+    refuse_symlinks(run_dir)
     if holds_run(run_dir) and not _is_evaluation(run_dir):
         raise ConfigError(
             f"hydra.run.dir={run_dir} holds a training run; evaluate writes its own metrics.json and reports, so "

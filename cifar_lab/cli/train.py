@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import autotune, builders
+from cifar_lab.callbacks.checkpoint_state import CheckpointStateGuard
 from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
@@ -40,7 +41,8 @@ from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_er
 from cifar_lab.deploy.model_card import card_for_run
 from cifar_lab.host import keep_freed_memory
 from cifar_lab.models import trainable_params
-from cifar_lab.runs.directory import RunDirLock, disk_full_error, holds_run, relative_to_run, save_hydra_files
+from cifar_lab.runs.directory import (RunDirLock, disk_full_error, holds_run, refuse_symlinks, relative_to_run,
+                                     save_hydra_files)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,12 @@ def train(cfg: DictConfig) -> float | None:
                           "schedule included), init_from starts a new run from a checkpoint's weights only")
     resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
     run_dir = run_dir_of(cfg)
+    refuse_symlinks(run_dir)
+    if resume is None and holds_run(run_dir, results_only=True):
+        raise ConfigError(
+            f"{run_dir} already holds a run; a new training command would replace its results. Give the new run "
+            f"its own directory (leave hydra.run.dir out), continue this one with ckpt_path=last "
+            f"hydra.run.dir={run_dir}, or start from its weights in a new directory with init_from={run_dir}")
     # Nothing in the run directory changes before this point: a refused command leaves it as it was.
     lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
     try:
@@ -128,16 +136,17 @@ def _train(job: _Job) -> float | None:
     module, tuned = _build_module(job)
     safety = safety_callbacks(checkpoint_dir_of(job.cfg))
     loggers = builders.build_loggers(job.cfg)
-    # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose
-    trainer = builders.build_trainer(job.cfg, builders.build_callbacks(job.cfg) + safety + [TrainingCompute()],
-                                     loggers)
+    # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose, and
+    # a resume restores no callback state that names a path outside the run's checkpoint folder
+    guards = [TrainingCompute(), CheckpointStateGuard(checkpoint_dir_of(job.cfg), job.resume.path if job.resume else None)]
+    trainer = builders.build_trainer(job.cfg, builders.build_callbacks(job.cfg) + safety + guards, loggers)
+    datamodule = _datamodule(job.cfg)  # missing data stops the run before anything is written
     if rank_zero_only.rank == 0:
         _record_start(job, module, tuned, loggers)
     for warning in job.resume.warnings if job.resume else []:
         log.warning("resuming from %s: %s", job.resume.path, warning)
     if job.cfg.get("reuse_host_memory", False):
         keep_freed_memory()
-    datamodule = _datamodule(job.cfg)
     use_atomic_checkpoints(trainer)
     stopper = next(c for c in safety if isinstance(c, GracefulStop))
     _fit(job, trainer, module, datamodule, stopper)

@@ -3,10 +3,12 @@
 A run directory is the record of a training run (see :mod:`cifar_lab.checkpoints`). Three
 rules keep it intact:
 
-* **One writer.** :class:`RunDirLock` holds an exclusive ``flock`` on ``<run>/.lock`` for
+* **One writer.** :class:`RunDirLock` holds an exclusive ``flock`` on the run directory for
   the whole run; a second process aiming at the same directory is refused at once with the
   holder's PID. The operating system drops the lock when its process dies (kill -9
-  included), so a stale lock file is simply taken over.
+  included), and taking it writes nothing.
+* **No write through a link.** :func:`refuse_symlinks` refuses a directory holding a
+  symbolic link before anything is written.
 * **Nothing written before the run is accepted.** Hydra's own copies of the config
   (``.hydra/config.yaml``, ``overrides.yaml``, ``hydra.yaml``) are switched off
   (``hydra.output_subdir: null``) and written by :func:`save_hydra_files` once the config
@@ -27,51 +29,56 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab.errors import UserError
 
-__all__ = ["RunDirBusy", "DiskFull", "RunDirLock", "holds_run", "save_hydra_files", "relative_to_run",
-           "disk_full_error"]
-
-LOCK_FILE = ".lock"
+__all__ = ["RunDirBusy", "DiskFull", "UnsafeRunDir", "RunDirLock", "holds_run", "refuse_symlinks",
+           "save_hydra_files", "relative_to_run", "disk_full_error"]
 
 
 class RunDirBusy(UserError):
     """Another process is writing the same run directory."""
 
 
+class UnsafeRunDir(UserError):
+    """A run directory that cannot be written safely (a symbolic link inside it)."""
+
+
 class DiskFull(UserError):
     """A write failed for lack of space; the message names the path, the free space and what survived."""
 
 
-def holds_run(run_dir: Path) -> bool:
-    """True when ``run_dir`` already holds (part of) a run: its config, checkpoints or metrics."""
+def holds_run(run_dir: Path, results_only: bool = False) -> bool:
+    """True when ``run_dir`` already holds (part of) a run: its config, checkpoints or metrics
+    (``results_only``: checkpoints or metrics, what a new run would replace)."""
     run_dir = Path(run_dir)
-    return any((run_dir / name).exists() for name in (".hydra/config.yaml", "checkpoints", "metrics.json"))
+    names = ("checkpoints", "metrics.json") if results_only else (".hydra/config.yaml", "checkpoints", "metrics.json")
+    return any((run_dir / name).exists() for name in names)
 
 
 class RunDirLock:
-    """An exclusive lock on a run directory for the life of this process (or until :meth:`release`)."""
+    """An exclusive lock on a run directory for the life of this process (or until :meth:`release`).
+
+    The lock is an ``flock`` on the directory itself, so taking it writes nothing: a command that
+    is refused later leaves the directory as it was. The holder's PID, for the message a second
+    writer gets, is read from ``/proc/locks``.
+    """
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
+        self.run_dir = Path(run_dir)
         self._fd: int | None = None
 
     def acquire(self) -> "RunDirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            holder = _lock_holder(fd)
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise RunDirBusy(
-                f"run directory {self.path.parent} is in use by process {holder} (it holds {self.path}); "
-                "wait for that run to finish, or give this run its own directory (leave hydra.run.dir "
-                "out, or choose another)"
+                f"run directory {self.run_dir} is in use by process {holder}; wait for that run to finish, or give "
+                "this run its own directory (leave hydra.run.dir out, or choose another)"
             ) from None
-        # We hold it: whoever held it before is gone. Record our PID for the next one to read.
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
@@ -80,6 +87,35 @@ class RunDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _lock_holder(fd: int) -> str:
+    """The PID holding an flock on ``fd``'s file, from /proc/locks (Linux), else "unknown"."""
+    inode = os.fstat(fd).st_ino
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return fields[4]
+    return "unknown"
+
+
+def refuse_symlinks(run_dir: Path) -> None:
+    """Refuse a run directory holding a symbolic link anywhere inside it (a write would follow it)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for folder, dirs, files in os.walk(run_dir):
+        for name in (*dirs, *files):
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise UnsafeRunDir(
+                    f"{path} is a symbolic link (to {os.readlink(path)}); cifar-lab writes run directories only "
+                    "through their own files. Remove the link, or use a new run directory"
+                )
 
 
 def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
