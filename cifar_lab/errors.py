@@ -51,6 +51,7 @@ __all__ = [
 EXIT_USER = 2
 EXIT_DIVERGED = 3
 EXIT_SWEEP_FAILED = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class UserError(Exception):
@@ -112,7 +113,9 @@ def _keep_in(run_dir: Path | None, message: str) -> None:
         return
     try:
         if run_dir.is_dir():
-            (run_dir / "error.txt").write_text(message + "\n")
+            from cifar_lab.fileio import atomic_write_text
+
+            atomic_write_text(run_dir / "error.txt", message + "\n")
     except OSError:
         pass
 
@@ -124,6 +127,8 @@ def exit_on_user_error(run_dir: Path | None = None) -> Iterator[None]:
     With ``run_dir`` the message is also kept in ``<run_dir>/error.txt``. An interruption
     prints where the resumable checkpoint is and exits with 128 + the signal number.
     """
+    from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
     try:
         yield
     except UserError as err:
@@ -133,6 +138,12 @@ def exit_on_user_error(run_dir: Path | None = None) -> Iterator[None]:
     except TrainingInterrupted as err:
         print(str(err), file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+    except (InterpolationResolutionError, OmegaConfBaseException) as err:
+        # a value of the command's own config that cannot be resolved (a self reference, a missing key)
+        message = str(config_error(err))
+        print(f"Error: {message}", file=sys.stderr, flush=True)
+        _keep_in(run_dir, message)
+        sys.exit(EXIT_USER)
 
 
 def config_error(err: BaseException) -> ConfigError:
@@ -189,5 +200,10 @@ def run_command(run: Callable[..., Any], doc: str | None, argv: Sequence[str] | 
     from cifar_lab.console import quiet_third_party
 
     quiet_third_party()
-    with exit_on_user_error():
-        run(args, logging_to_file=True)
+    try:
+        with exit_on_user_error():
+            run(args, logging_to_file=True)
+    except KeyboardInterrupt:
+        # nothing half-written is left: outputs are renamed into place only when whole
+        print("Interrupted (Ctrl-C); no output was replaced by a partial file", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -7,8 +7,9 @@ import io
 import os
 import pickle
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -32,19 +33,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the target's folder, fsync, then rename over the target.
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the body has written it, rename it over ``path``.
 
-    On any failure (a full disk, a read-only folder) the temporary file is removed, the target is
-    left as it was, and the error is raised.
+    A reader, a crash or ``kill -9`` never sees half a file: until the rename the previous file is
+    intact, and on any failure (a full disk, an error while writing, Ctrl-C) the temporary file is
+    removed and the target left as it was. The rename replaces a symbolic link at ``path`` rather
+    than writing through it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -55,6 +59,49 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_output` (a checkpoint is whole or absent)."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def check_output(out: str | Path, inputs: tuple[str | Path | None, ...] = (), example: str = "out.csv") -> Path:
+    """Refuse an output path that cannot be written or that is one of the command's ``inputs``,
+    before any work is done; returns it as a Path."""
+    from cifar_lab.errors import InputError
+
+    out = Path(str(out)).expanduser()
+    if out.is_dir():
+        raise InputError(f"output={out} is a directory; give a file name, e.g. output={out / example}")
+    for given in inputs:
+        if given and (same_file(out, given) or out.resolve() == Path(str(given)).expanduser().resolve()):
+            raise InputError(f"output={out} is this command's input {given}; writing it would destroy the input: "
+                             "choose another output path")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output={out}: {parent} is a file, not a directory; choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output={out}: the directory {parent} is not writable; choose another output path")
+    return out
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one existing file (through links and relative parts)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class RefusedPickle(pickle.UnpicklingError):

@@ -31,6 +31,7 @@ from torchmetrics.classification import (
 
 from cifar_lab.callbacks import plots
 from cifar_lab.runs.summary import scalars
+from cifar_lab.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class ClassificationReport(L.Callback):
         text = format_report(result["summary"], names, self.digits)
         header = f"Classification report, {what}\n\n"
         footer = f"\nexpected calibration error ({self.ece_bins} bins): {result['ece']:.4f}\n"
-        (run_dir / "classification_report.txt").write_text(header + text + footer)
+        atomic_write_text(run_dir / "classification_report.txt", header + text + footer)
         fig = plots.confusion_matrix_figure(result["confmat"], names, self.normalize,
                                             title=f"Confusion matrix, {what}")
         plots.save_figure(fig, run_dir / "confusion_matrix.png")

@@ -35,9 +35,12 @@ from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.errors import ConfigError, ExportError, InputError, run_command
 from cifar_lab.deploy.exported import (FORMATS, INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_METADATA, Deployable,
                                 ExportedModel, make_metadata, require_onnx)
+from cifar_lab.fileio import atomic_output, atomic_write_text, check_output
 
 
 # ----------------------------------------------------------------------------- writing
+# ONNX opsets the TorchScript-based exporter writes (torch.onnx.export(dynamo=False)), as torch states them
+MIN_OPSET, MAX_OPSET = torch.onnx._constants.ONNX_MIN_OPSET, torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
 
 
 def _first_line(err: BaseException) -> str:
@@ -60,7 +63,7 @@ def write_onnx(model: nn.Module, example: Tensor, output: Path, metadata: dict[s
             torch.onnx.export(model, (example,), str(output), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               opset_version=opset, dynamo=False)
-        except torch.onnx.errors.OnnxExporterError as err:
+        except Exception as err:  # noqa: BLE001 - the exporter's refusals (an op, the opset), one line
             op = _unsupported_op(err)
             why = f"it uses {op}, which has no ONNX mapping at opset {opset}" if op else _first_line(err)
             raise ExportError(f"cannot export the network to ONNX: {why}; try another opset=, or "
@@ -194,9 +197,10 @@ def export(ckpt_path: str | Path, format: str, output: str | Path, opset: int = 
         require_onnx()
     if str(output) in ("", "???", "None"):
         raise InputError(f"output is required: output=<file{FORMATS[format]}>")
-    out = Path(str(output)).expanduser()
-    if out.is_dir():
-        raise InputError(f"output={out} is a directory; give a file name, e.g. output={out / ('model' + FORMATS[format])}")
+    out = check_output(output, (ckpt_path, images), "model" + FORMATS[format])
+    if format == "onnx" and not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise ConfigError(f"opset={opset} is not an ONNX opset this exporter writes; use {MIN_OPSET}..{MAX_OPSET} "
+                          "(17, the default, runs everywhere onnxruntime does)")
     trained = load_trained(ckpt_path, out.resolve().parent, data_overrides)
     x = _parity_images(trained.datamodule, images, trained.image_size, limit)
     if not trained.class_names:  # an older checkpoint: the names of the training data
@@ -204,17 +208,21 @@ def export(ckpt_path: str | Path, format: str, output: str | Path, opset: int = 
     metadata = make_metadata(trained.class_names, trained.image_size, trained.mean, trained.std,
                              model=str(trained.cfg.model.get("_target_", "")), checkpoint=str(trained.ckpt_file),
                              format=format, torch_version=torch.__version__)
-    write_model(trained.model, format, x[:2], out, metadata, opset)
-    result = {"output": str(out), "checkpoint": str(trained.ckpt_file),
-              "parity_set": str(images) if images else "the run's test set",
-              **parity(trained.model, ExportedModel(out, format), x, tolerance, batch_size)}
     report = Path(f"{out}.parity.json")
-    report.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_parity(result))
+    # Written beside the target and checked there; only a file that passes replaces an existing one,
+    # and a kill at any point leaves the previous file whole.
+    with atomic_output(out) as tmp:
+        write_model(trained.model, format, x[:2], tmp, metadata, opset)
+        result = {"output": str(out), "checkpoint": str(trained.ckpt_file),
+                  "parity_set": str(images) if images else "the run's test set",
+                  **parity(trained.model, ExportedModel(tmp, format), x, tolerance, batch_size)}
+        atomic_write_text(report, json.dumps(result, indent=2) + "\n")
+        print(format_parity(result))
+        if not result["passed"]:
+            kept = f"; {out} was left as it was" if out.exists() else ""
+            raise ExportError(f"the exported model disagrees with the network beyond the tolerance: "
+                              f"{format_parity(result)}; numbers in {report}{kept}")
     print(f"Wrote {out} and {report}")
-    if not result["passed"]:
-        raise ExportError(f"the exported model disagrees with the network beyond the tolerance: "
-                          f"{format_parity(result)}; numbers in {report}")
     return result
 
 

@@ -44,7 +44,7 @@ from cifar_lab import checkpoints
 from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES, ImageDecodeError, decode_image_file
 from cifar_lab.errors import InputError, run_command
-from cifar_lab.fileio import RefusedPickle, load_array_pickle
+from cifar_lab.fileio import RefusedPickle, atomic_output, check_output, load_array_pickle
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,14 @@ def _device(name: str) -> torch.device:
     if name in ("auto", "", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise InputError(f"device={name}: {err}") from err
+        raise InputError(f"device={name}: {err}; use device=auto, cpu or cuda") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"device={name}: no such CUDA GPU is visible to this process; use device=cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device={name}: predict runs on cpu or cuda; use device=auto, cpu or cuda")
+    return device
 
 
 def class_names(checkpoint: dict[str, Any], datamodule: Any) -> list[str]:
@@ -189,19 +194,6 @@ def class_names(checkpoint: dict[str, Any], datamodule: Any) -> list[str]:
             f"the class names are not in the checkpoint and the training data could not be loaded to find them "
             f"({type(err).__name__}: {err}); use label_format=index or point data.root at the data"
         ) from err
-
-
-def _check_output(out: Path) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
-    if out.is_dir():
-        raise InputError(f"output={out} is a directory; give a file name, e.g. output={out / 'predictions.csv'}")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"output={out}: {parent} is a file, not a directory; choose another output path")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output={out}: the directory {parent} is not writable; choose another output path")
 
 
 def predict(
@@ -221,7 +213,8 @@ def predict(
         raise InputError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    _check_output(Path(output))
+    check_output(output, (input, ckpt_path), "predictions.csv")
+    _device(device)  # a device this machine lacks is refused before any work
     tta = dict(tta or {})
     if str(ckpt_path).lower().endswith(".onnx"):
         if tta.get("enabled"):
@@ -237,8 +230,7 @@ def predict(
         raise InputError(f"{ckpt_path} holds no class names; use label_format=index")
 
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
+    with atomic_output(out) as tmp, open(tmp, "w", newline="") as f:  # a kill leaves the previous file whole
         writer = csv.writer(f)
         writer.writerow(["id", "label", "file"] if include_file and files else ["id", "label"])
         for i, label in enumerate(labels):

@@ -8,6 +8,7 @@ import rich
 import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
+from cifar_lab.fileio import atomic_write_text
 
 PRINT_ORDER = ("data", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths")
 
@@ -28,4 +29,4 @@ def print_and_save(cfg: DictConfig, run_dir: Path, print_tree: bool = True) -> N
     if print_tree:
         rich.print(config_tree(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

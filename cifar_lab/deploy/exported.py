@@ -121,18 +121,28 @@ class ExportedModel:
                     self._module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=files).eval()
             except Exception as err:  # noqa: BLE001 - not a TorchScript archive
                 raise InputError(f"{self.path} is not a readable TorchScript model ({type(err).__name__})") from None
-            self.metadata = json.loads(files[TORCHSCRIPT_METADATA] or "{}")
-        if self.metadata.get("producer") != "cifar-lab":
+            try:
+                self.metadata = json.loads(files[TORCHSCRIPT_METADATA] or "{}")
+            except ValueError:
+                self.metadata = None
+        if not isinstance(self.metadata, dict) or self.metadata.get("producer") != "cifar-lab":
             raise InputError(f"{self.path} was not exported by cifar-lab (no cifar-lab metadata); export it with "
                              "python -m cifar_lab.export")
+        self.class_names, self.image_size = self._checked_metadata()
 
-    @property
-    def class_names(self) -> list[str]:
-        return [str(n) for n in json.loads(self.metadata.get("class_names", "[]"))]
-
-    @property
-    def image_size(self) -> int:
-        return int(self.metadata.get("image_size", 32))
+    def _checked_metadata(self) -> tuple[list[str], int]:
+        """The class names and image size the metadata states, refused in one line when malformed."""
+        try:
+            names = json.loads(self.metadata.get("class_names", "[]"))
+            size = int(self.metadata.get("image_size", 32))
+            if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+                raise ValueError("class_names is not a list of names")
+            if not 1 <= size <= 4096:
+                raise ValueError(f"image_size {size} is out of range")
+        except (ValueError, TypeError) as err:
+            raise InputError(f"{self.path}: its cifar-lab metadata is malformed ({err}); export the model again "
+                             "with python -m cifar_lab.export") from None
+        return [str(n) for n in names], size
 
     def probs(self, images: Tensor) -> Tensor:
         """Softmax probabilities ``(N, classes)`` of one ``uint8 (N, 3, H, W)`` batch, on the CPU."""

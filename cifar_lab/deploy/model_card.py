@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cifar_lab.models import trainable_params
+from cifar_lab.fileio import atomic_write_text
 
 __all__ = ["wilson_interval", "calibration", "reliability_figure", "test_predictions", "render", "write_model_card",
            "command_line", "card_for_run"]
@@ -216,7 +217,7 @@ def write_model_card(run_dir: Path, facts: Mapping[str, Any], net: nn.Module, pr
     if calib is not None:
         save_figure(reliability_figure(calib), run_dir / "reliability.png")
     path = run_dir / "MODEL_CARD.md"
-    path.write_text(text)
+    atomic_write_text(path, text)
     return path
 
 

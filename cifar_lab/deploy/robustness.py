@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from cifar_lab.deploy.corruptions import corrupt
 from cifar_lab.errors import ConfigError
+from cifar_lab.fileio import atomic_write_text
 
 __all__ = ["corruption_accuracy", "write_report", "heatmap_figure", "format_table", "scalars"]
 
@@ -129,7 +130,7 @@ def write_report(result: dict[str, Any], run_dir: Path) -> list[Path]:
     from cifar_lab.callbacks.plots import save_figure
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "robustness.json").write_text(json.dumps(result, indent=2) + "\n")
-    (run_dir / "robustness.md").write_text("# Accuracy under corruption (%)\n\n" + format_table(result))
+    atomic_write_text(run_dir / "robustness.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run_dir / "robustness.md", "# Accuracy under corruption (%)\n\n" + format_table(result))
     return [run_dir / "robustness.json", run_dir / "robustness.md",
             save_figure(heatmap_figure(result), run_dir / "robustness.png")]

@@ -28,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab.errors import UserError
+from cifar_lab.fileio import atomic_write_text
 
 __all__ = ["RunDirBusy", "DiskFull", "UnsafeRunDir", "RunDirLock", "holds_run", "refuse_symlinks",
            "save_hydra_files", "relative_to_run", "disk_full_error"]
@@ -128,13 +129,13 @@ def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
 
     folder = Path(run_dir) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, folder / "config.yaml")
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:
         return
-    OmegaConf.save(OmegaConf.create([str(o) for o in hydra_cfg.overrides.task]), folder / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create([str(o) for o in hydra_cfg.overrides.task])))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
 
 
 def relative_to_run(path: str | Path | None, run_dir: Path) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from torch import Tensor
+from cifar_lab.fileio import atomic_write_text
 
 __all__ = ["METRICS_FILE", "scalars", "write_summary"]
 
@@ -16,7 +17,7 @@ METRICS_FILE = "metrics.json"
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write ``summary`` as the run directory's metrics.json."""
     path = Path(run_dir) / METRICS_FILE
-    path.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(path, json.dumps(summary, indent=2))
     return path
 
 

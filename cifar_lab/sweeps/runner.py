@@ -25,6 +25,7 @@ from typing import Any, Callable
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from cifar_lab.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _write_status(job_dir: Path, status: str, objective: str | None, value: floa
 
         record["job"] = {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
                          "started": started, "ended": time.time()}
-    path.write_text(json.dumps(record, indent=2, default=str))
+    atomic_write_text(path, json.dumps(record, indent=2, default=str))
 
 
 def mark_job(job_dir: Path, status: str, reason: str) -> None:
