@@ -20,6 +20,7 @@ with the first line of its error in a note under the table; it is left out of th
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import math
 import sys
@@ -27,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cifar_lab.config.saved import load_yaml, plain_config
 from cifar_lab.runs import seed_stats
 from cifar_lab.errors import InputError, UserError
+
+log = logging.getLogger(__name__)
 
 COLUMNS: list[tuple[str, str]] = [
     ("run", "run"),
@@ -121,9 +124,10 @@ def read_run(metrics_file: Path, label: str) -> Run:
         # A sweep job that failed before training started has only Hydra's copy of its config.
         config_file = run_dir / ".hydra" / "config.yaml"
     if config_file.is_file():
-        try:
-            cfg = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError:
+        try:  # saved data: size and alias limits, no interpolation left (cifar_lab.config.saved)
+            cfg = plain_config(load_yaml(config_file) or {}, str(config_file), strict=())
+        except UserError as err:
+            log.warning("%s: %s; its config is not shown", config_file, err)
             cfg = {}
     # The config as an OmegaConf node, made once for the dotted look-ups below. Any YAML
     # value (a date, say) is kept as it is; a file that is not a mapping, or has keys

@@ -133,14 +133,15 @@ def _train(job: _Job) -> float | None:
     """The steps of a run: build (cheap, validated), record, read data, fit, test, summarise."""
     _quiet_other_ranks()
     L.seed_everything(job.cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
-    module, tuned = _build_module(job)
+    module = builders.build_module(job.cfg)  # cheap: a value torch or Lightning refuses stops the run in seconds
+    datamodule = _datamodule(job.cfg)  # missing data or a batch larger than the data stop it before any work
+    tuned = _tune(job, module)
     safety = safety_callbacks(checkpoint_dir_of(job.cfg))
     loggers = builders.build_loggers(job.cfg)
     # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose, and
     # a resume restores no callback state that names a path outside the run's checkpoint folder
     guards = [TrainingCompute(), CheckpointStateGuard(checkpoint_dir_of(job.cfg), job.resume.path if job.resume else None)]
     trainer = builders.build_trainer(job.cfg, builders.build_callbacks(job.cfg) + safety + guards, loggers)
-    datamodule = _datamodule(job.cfg)  # missing data stops the run before anything is written
     if rank_zero_only.rank == 0:
         _record_start(job, module, tuned, loggers)
     for warning in job.resume.warnings if job.resume else []:
@@ -159,18 +160,16 @@ def _train(job: _Job) -> float | None:
     return _objective(job.cfg, metrics)
 
 
-def _build_module(job: _Job) -> tuple[Any, autotune.Decision]:
-    """The LightningModule, built before any data is read so a value torch or Lightning refuses stops the
-    run in seconds (builders turn their errors into one ConfigError); `auto` settings measured or cached."""
+def _tune(job: _Job, module: Any) -> autotune.Decision:
+    """`auto` precision and memory format (measured or cached), applied to the module; init_from's weights."""
     cfg = job.cfg
-    module = builders.build_module(cfg)
     tuned = autotune.decide(cfg, job.run_dir, job.resume.config if job.resume else None, rank=rank_zero_only.rank)
     module.set_memory_format(tuned.memory_format)
     if isinstance(module.hparams.get("trainer"), dict):
         module.hparams["trainer"]["precision"] = tuned.precision  # the checkpoint records the choice
     if cfg.get("init_from"):
         load_weights_from(cfg.init_from, module.net, cfg)
-    return module, tuned
+    return tuned
 
 
 def _record_start(job: _Job, module: Any, tuned: autotune.Decision, loggers: list) -> None:
@@ -188,8 +187,14 @@ def _record_start(job: _Job, module: Any, tuned: autotune.Decision, loggers: lis
 def _datamodule(cfg: DictConfig) -> Any:
     datamodule = builders.build_datamodule(cfg)
     if rank_zero_only.rank == 0:
-        # Fail on missing data before anything expensive runs (other DDP ranks wait in fit).
+        # Fail on missing data before anything expensive runs (other DDP ranks wait in fit), and
+        # on a batch larger than the training set before autotune times one.
         datamodule.prepare_data()
+        datamodule.setup("fit")
+        images = len(datamodule.splits["train"][0])
+        if int(cfg.data.batch_size) > images:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({images} "
+                              f"images); choose data.batch_size <= {images}")
     return datamodule
 
 

@@ -28,8 +28,29 @@ _CACHE_KEYS = ("classes", "train_x", "train_y", "test_x", "test_y")
 _TORCHVISION_PREFIX = re.compile(r"^[\w()]+, \S+\.(?:cpp|h):\d+, ")
 
 
+# The largest image decoded (width x height): 16 megapixels, 48 MB as uint8 RGB. Its size is read from
+# the file's header first, so a small file declaring a huge image is refused before anything is decoded.
+MAX_PIXELS = 4096 * 4096
+
+
 class ImageDecodeError(ValueError):
     """Neither torchvision nor Pillow can decode a file; the message says why (without the path)."""
+
+
+def _check_declared_size(data: bytes) -> None:
+    """Refuse an image whose header declares more than :data:`MAX_PIXELS` (read without decoding)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            declared = "x".join(map(str, img.size)) if img.size[0] * img.size[1] > MAX_PIXELS else None
+    except Image.DecompressionBombError:  # Pillow's own limit (far above ours) was hit by the header
+        declared = "over 178 million"
+    except Exception:  # noqa: BLE001 - no header Pillow knows: the decoders below say why
+        return
+    if declared:
+        raise ImageDecodeError(f"the image declares {declared} pixels, more than the {MAX_PIXELS:,} (4096x4096) "
+                               "decoded here; resize it first")
 
 
 def _reason(err: BaseException) -> str:
@@ -47,11 +68,12 @@ def decode_image_file(path: str | os.PathLike) -> torch.Tensor:
     rejects) is decoded by Pillow and converted to RGB. Both drop alpha and expand grayscale and
     palette images to RGB; 16-bit images keep their high byte; an animated GIF gives its first
     frame. Raises ``OSError`` when the file cannot be read and :class:`ImageDecodeError` when
-    neither decoder can decode it.
+    neither decoder can decode it, or when its header declares more than :data:`MAX_PIXELS`.
     """
     data = Path(path).read_bytes()
     if not data:
         raise ImageDecodeError("the file is empty")
+    _check_declared_size(data)
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except Exception as torchvision_err:  # noqa: BLE001 - a format it does not read, or a damaged file

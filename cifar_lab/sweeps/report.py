@@ -19,6 +19,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_lab.config.saved import load_yaml, plain_config
 from cifar_lab.errors import EXIT_SWEEP_FAILED
 from cifar_lab.sweeps.runner import ERROR_FILE, METRICS_FILE, TrialFailed, in_multirun, read_json
 
@@ -31,7 +32,7 @@ __all__ = ["SweepReport", "collect_jobs", "best_job"]
 
 def _load_yaml(path: Path) -> Any:
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        return plain_config(load_yaml(path), str(path), strict=())  # saved data (cifar_lab.config.saved)
     except Exception:  # noqa: BLE001 - a half-written job folder must not break the report
         return None
 
