@@ -111,6 +111,7 @@ class OptunaSearch:
                               "range(...) or interval(...)")
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         study, storage, study_id = self._open()
+        space.check_study(study, self.study_name)
         finished = trials.count(study, *trials.FINISHED)
         print(f"Optuna study {self.study_name!r} ({self.direction}): {finished} of {self.n_trials} trials "
               f"finished so far\n  storage: {_display(self.url)}\n  watch it: {dashboard_command(_display(self.url))}",

@@ -40,6 +40,25 @@ class SearchSpace:
                 params[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
         return params
 
+    def check_study(self, study: optuna.Study, study_name: str) -> None:
+        """Refuse a space whose parameter conflicts with what the study's trials recorded (before any
+        trial is asked, so none is left RUNNING)."""
+        from optuna.distributions import check_distribution_compatibility
+
+        recorded: dict[str, BaseDistribution] = {}
+        for trial in study.get_trials(deepcopy=False):
+            recorded.update(trial.distributions)
+        for key, dist in self.distributions.items():
+            if key not in recorded:
+                continue
+            try:
+                check_distribution_compatibility(recorded[key], dist)
+            except ValueError as err:
+                raise ConfigError(
+                    f"hydra.sweeper.params.{key}: the study {study_name!r} already searched it as {recorded[key]!r}, "
+                    f"which {dist!r} cannot continue ({err}); start a new study with hydra.sweeper.study_name=<new "
+                    "name> (or a new storage), or keep the recorded search space") from None
+
     def overrides(self, params: Mapping[str, Any]) -> list[str]:
         """The job's overrides for a trial's ``params``."""
         return [*self.fixed, *(f"{key}={value}" for key, value in params.items())]

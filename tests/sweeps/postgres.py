@@ -57,7 +57,8 @@ def postgres_server(bin_dir: Path) -> Iterator[str]:
         subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l",
                         str(sockets / "server.log"), "-w", "start"], **run)
         try:
-            yield f"postgresql+psycopg2://optuna@/postgres?host={sockets}&port={port}"
+            # the README's URL form (no driver named): SQLAlchemy picks psycopg 3, which the [optuna] extra installs
+            yield f"postgresql://optuna@/postgres?host={sockets}&port={port}"
         finally:
             subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                            capture_output=True, timeout=60)
