@@ -307,7 +307,7 @@ def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
     if not isinstance(saved, dict) or "model" not in saved:
         raise CheckpointError(f"{path} holds no cifar-lab run config (hyper_parameters), so it cannot be checked "
                               "against this run; resume only from checkpoints written by train.py")
-    saved = checked_config(saved, str(path))
+    saved = checked_config(saved, str(path), built=("model", "data"))  # resolved when saved
     warnings = check_resume_compatible(saved, cfg, path)
     _refuse_finished(checkpoint, cfg, path)
     return Resume(str(path), warnings, saved)

@@ -50,7 +50,7 @@ def drop_foreign_paths(state: Any, roots: tuple[Path, ...], where: str = "") -> 
         if name.endswith("path") and isinstance(value, (str, os.PathLike)) and str(value):
             if not _inside(str(value), roots):
                 dropped.append(f"{here}={value}")
-                del state[key]
+                state[key] = ""  # emptied, not removed: Lightning reads some of these keys unconditionally
         elif name.endswith("_models") and isinstance(value, dict):
             for path in [p for p in value if not _inside(str(p), roots)]:
                 dropped.append(f"{here}[{path}]")

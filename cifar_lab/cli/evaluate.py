@@ -115,7 +115,12 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
                                      padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",)))
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)
-    trainer.test(module, datamodule=datamodule)
+    try:
+        trainer.test(module, datamodule=datamodule)
+    except SystemExit:  # Lightning exits with status 1 after Ctrl-C: the command's own code is 130
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     robust = _robustness(cfg, trainer, module, datamodule, run_dir) if cfg.get("robustness") else None
 
     trained = _training_summary(ckpt_file)

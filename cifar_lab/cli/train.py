@@ -79,9 +79,9 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError("ckpt_path and init_from exclude each other: ckpt_path resumes a run (optimizer and "
                           "schedule included), init_from starts a new run from a checkpoint's weights only")
-    resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
     run_dir = run_dir_of(cfg)
     refuse_symlinks(run_dir)
+    resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
     if resume is None and holds_run(run_dir, results_only=True):
         raise ConfigError(
             f"{run_dir} already holds a run; a new training command would replace its results. Give the new run "

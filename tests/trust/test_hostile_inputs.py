@@ -1,0 +1,256 @@
+"""The hostile-input corpus (tests/trust/hostile.py) against every command that reads saved state.
+
+For each input and command: the documented exit code (2 for a refusal), one ``Error:`` line and no
+traceback, no marker file from a payload, and every file outside the job's own new directory byte
+for byte as it was (the run that was attacked, the victim folder, the inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import hostile
+from cifar_lab.cli import evaluate, export, predict
+from cifar_lab.cli.train import main_guarded
+from conftest import SYNTH, compose_cfg, run_cli
+
+QUICK = [*SYNTH, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",
+         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run made by the command line, as a user has it."""
+    root = tmp_path_factory.mktemp("pristine")
+    proc = run_cli([*QUICK, f"hydra.run.dir={root / 'run'}"], root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+class World:
+    """Everything outside the job's own new directory: the run, a victim folder, an input file."""
+
+    def __init__(self, tmp_path: Path, pristine: Path) -> None:
+        self.root = tmp_path / "world"
+        self.run = self.root / "run"
+        shutil.copytree(pristine, self.run)
+        self.victim = self.root / "victim"
+        (self.victim / "sub").mkdir(parents=True)
+        (self.victim / "precious.txt").write_text("do not touch\n")
+        (self.victim / "sub" / "more.txt").write_text("nor this\n")
+        self.input = self.root / "images.npy"
+        np.save(self.input, np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+        self.marker = self.root / "MARKER"
+        self.job = tmp_path / "job"
+
+    def snapshot(self, skip: Path | None = None) -> dict[str, str]:
+        files = {}
+        for path in sorted(self.root.rglob("*")):
+            if skip is not None and (path == skip or skip in path.parents):
+                continue
+            if path.is_symlink():
+                files[str(path)] = "-> " + str(path.readlink())
+            elif path.is_file():
+                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                files[str(path)] = "dir"
+        return files
+
+
+@pytest.fixture
+def world(tmp_path: Path, pristine: Path) -> World:
+    return World(tmp_path, pristine)
+
+
+def _train(overrides: list[str], run_dir: Path) -> None:
+    main_guarded(compose_cfg(overrides, run_dir))
+
+
+COMMANDS: dict[str, Callable[[World], None]] = {
+    "evaluate": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
+                                         "trainer.enable_progress_bar=false"]),
+    "predict": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}", f"output={w.job / 'p.csv'}",
+                                       f"hydra.run.dir={w.job}"]),
+    "export": lambda w: export.main([f"ckpt_path={w.run}", "format=torchscript", f"output={w.job / 'm.pt'}",
+                                     "parity.limit=8", f"hydra.run.dir={w.job}"]),
+    "init_from": lambda w: _train([*QUICK, f"init_from={w.run}"], w.job),
+    "resume": lambda w: _train([*QUICK, f"ckpt_path={w.run}", "trainer.max_epochs=2"], w.job),
+}
+# commands that read the stored overrides (resume and init_from take only the checkpoint's config)
+REPLAYING = ("evaluate", "predict", "export")
+
+
+def invoke(command: Callable[[World], None], world: World, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run a command in this process as its entry point would; its exit code and its stderr."""
+    capsys.readouterr()
+    handlers = {name: list(logging.getLogger(name).handlers) for name in ("", "cifar_lab", "lightning")}
+    try:
+        command(world)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:  # the command line's logging set-up writes to this test's captured streams: undo it
+        for name, kept in handlers.items():
+            logging.getLogger(name).handlers = kept
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, err: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert code == 2 and len(errors) == 1, err[-3000:]
+    assert "Traceback" not in err
+
+
+def _cases(families: dict, commands: tuple[str, ...]) -> list:
+    return [pytest.param(f, c, id=f"{f}-{c}") for f in families for c in commands]
+
+
+# ----------------------------------------------------------------------------- interpolation
+_HPARAMS = [name for name in hostile.INTERPOLATIONS if name.startswith(("hparams", "hydra_config"))]
+_OVERRIDES = [name for name in hostile.INTERPOLATIONS if name not in _HPARAMS]
+
+
+@pytest.mark.parametrize("family, command", _cases(dict.fromkeys(_HPARAMS), tuple(COMMANDS))
+                         + _cases(dict.fromkeys(_OVERRIDES), REPLAYING))
+def test_interpolations_in_saved_data_are_refused(world: World, capsys, family: str, command: str) -> None:
+    hostile.INTERPOLATIONS[family](world.run, world.marker)
+    before = world.snapshot()
+    code, err = invoke(COMMANDS[command], world, capsys)
+    assert_refused(code, err)
+    assert "saved" in err or "refers" in err or "interpolat" in err
+    assert not world.marker.exists() and world.snapshot() == before
+
+
+# ----------------------------------------------------------------------------- replay
+@pytest.mark.parametrize("family, command", _cases(hostile.replay_overrides(Path("victim")), REPLAYING))
+def test_stored_overrides_never_aim_the_command_elsewhere(world: World, capsys, family: str, command: str) -> None:
+    hostile.add_override(world.run, hostile.replay_overrides(world.victim)[family])
+    before = world.snapshot()
+    code, err = invoke(COMMANDS[command], world, capsys)
+    assert code == 0, err[-3000:]
+    assert world.snapshot() == before  # nothing written to the victim, the run or anywhere else
+    assert world.job.is_dir()
+
+
+@pytest.mark.parametrize("family, command", _cases(hostile.UNSHIPPED_CHOICES, REPLAYING))
+def test_stored_group_choices_must_be_shipped_options(world: World, capsys, family: str, command: str) -> None:
+    hostile.add_override(world.run, hostile.UNSHIPPED_CHOICES[family])
+    before = world.snapshot()
+    code, err = invoke(COMMANDS[command], world, capsys)
+    assert_refused(code, err)
+    assert "shipped" in err and world.snapshot() == before
+
+
+# ----------------------------------------------------------------------------- callback state
+@pytest.mark.parametrize("family", list(hostile.callback_state_paths(Path("victim"))))
+def test_resume_removes_nothing_a_checkpoint_state_names_outside_the_run(world: World, capsys,
+                                                                           family: str) -> None:
+    hostile.edit_checkpoint_callback_state(world.run, hostile.callback_state_paths(world.victim)[family])
+    before = world.snapshot(skip=world.run)
+    code, err = invoke(lambda w: _train([*QUICK, "ckpt_path=last", "trainer.max_epochs=3"], w.run), world, capsys)
+    assert code == 0, err[-3000:]
+    assert (world.victim / "precious.txt").read_text() == "do not touch\n"
+    assert world.snapshot(skip=world.run) == before
+    assert (world.run / "checkpoints" / "last.ckpt").is_file()
+
+
+# ----------------------------------------------------------------------------- run directories
+@pytest.mark.parametrize("relative", hostile.SYMLINKED)
+def test_a_run_directory_holding_a_link_is_refused(world: World, capsys, relative: str) -> None:
+    hostile.symlink(world.run, relative, world.victim)
+    before = world.snapshot()
+    code, err = invoke(lambda w: _train([*QUICK, "ckpt_path=last", "trainer.max_epochs=2"], w.run), world, capsys)
+    assert_refused(code, err)
+    assert "symbolic link" in err and world.snapshot() == before
+
+
+def test_a_new_run_into_a_finished_one_is_refused(world: World, capsys) -> None:
+    before = world.snapshot()
+    code, err = invoke(lambda w: _train(QUICK, w.run), world, capsys)
+    assert_refused(code, err)
+    assert "already holds a run" in err and "ckpt_path=last" in err and "init_from=" in err
+    assert world.snapshot() == before
+
+
+def test_a_refused_resume_changes_nothing_in_the_run(world: World, capsys) -> None:
+    """Missing data is found after the lock is taken: the directory (no lock file either) stays as it was."""
+    before = world.snapshot()
+    no_data = [*(o for o in QUICK if not o.startswith("data.source")), "data=imagefolder"]
+    code, err = invoke(lambda w: _train([*no_data, f"data.root={w.root / 'nowhere'}", "ckpt_path=last",
+                                         "trainer.max_epochs=2"], w.run), world, capsys)
+    assert code == 2, err[-3000:]
+    assert world.snapshot() == before and not (world.run / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- outputs and inputs
+OUTPUT_IS_INPUT = {
+    "export_over_its_checkpoint": lambda w: export.main([f"ckpt_path={w.run}", "format=torchscript",
+                                                         f"output={hostile.checkpoints_of(w.run)[0]}",
+                                                         f"hydra.run.dir={w.job}"]),
+    "export_over_its_parity_images": lambda w: export.main([f"ckpt_path={w.run}", "format=torchscript",
+                                                            f"output={w.input}", f"parity.images={w.input}",
+                                                            f"hydra.run.dir={w.job}"]),
+    "predict_over_its_input": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}",
+                                                      f"output={w.input}", f"hydra.run.dir={w.job}"]),
+    "predict_over_its_checkpoint": lambda w: predict.main([f"ckpt_path={hostile.checkpoints_of(w.run)[0]}",
+                                                           f"input={w.input}",
+                                                           f"output={hostile.checkpoints_of(w.run)[0]}",
+                                                           f"hydra.run.dir={w.job}"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_IS_INPUT))
+def test_an_output_that_is_an_input_is_refused(world: World, capsys, case: str) -> None:
+    before = world.snapshot()
+    code, err = invoke(OUTPUT_IS_INPUT[case], world, capsys)
+    assert_refused(code, err)
+    assert "destroy the input" in err and world.snapshot() == before
+
+
+# ----------------------------------------------------------------------------- bombs
+@pytest.mark.parametrize("file", [".hydra/overrides.yaml", ".hydra/config.yaml"])
+def test_a_yaml_alias_bomb_is_refused_at_once(world: World, capsys, file: str) -> None:
+    (world.run / file).write_text(hostile.yaml_bomb())
+    if file.endswith("config.yaml"):  # read only when the checkpoint lacks its config
+        hostile.edit_checkpoints(world.run, lambda c: c["hyper_parameters"].pop("model"))
+    before = world.snapshot()
+    start = time.perf_counter()
+    code, err = invoke(COMMANDS["evaluate"], world, capsys)
+    assert_refused(code, err)
+    assert "aliases are not allowed" in err and world.snapshot() == before
+    assert time.perf_counter() - start < 60  # a bound far above the refusal, far below the expansion
+
+
+def test_compare_skips_a_config_bomb_with_a_warning(world: World, tmp_path: Path) -> None:
+    (world.run / "config.yaml").write_text(hostile.yaml_bomb())
+    proc = run_cli([str(world.run), "--out", str(tmp_path / "cmp.md")], tmp_path, script="cifar_lab.compare",
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "aliases are not allowed" in proc.stderr + proc.stdout
+
+
+def test_an_image_declaring_huge_dimensions_is_refused_before_decoding(world: World, capsys) -> None:
+    folder = world.root / "bombs"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(hostile.png_bomb())
+    before = world.snapshot()
+    code, err = invoke(lambda w: predict.main([f"ckpt_path={w.run}", f"input={folder}", f"output={w.job / 'p.csv'}",
+                                               f"hydra.run.dir={w.job}"]), world, capsys)
+    assert_refused(code, err)
+    assert "declares" in err and "4096x4096" in err and world.snapshot() == before
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_autotune(world: World, capsys) -> None:
+    code, err = invoke(lambda w: _train([*QUICK, "data.batch_size=100000", "trainer.precision=auto"], w.job),
+                       world, capsys)
+    assert_refused(code, err)
+    assert "data.batch_size=100000 is larger than the training set (200 images)" in err
+    assert not (world.job / "metrics.json").exists()
