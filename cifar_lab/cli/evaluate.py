@@ -40,6 +40,7 @@ from cifar_lab.deploy.corruptions import SEVERITIES, check_corruptions
 from cifar_lab.deploy.robustness import corruption_accuracy
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config.compose import from_training, hydra_job, replayable
+from cifar_lab.config.schema import check_tta
 from cifar_lab.models import trainable_params
 from cifar_lab.runs.summary import scalars, write_summary
 from cifar_lab.config.tree import print_and_save
@@ -96,6 +97,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
         print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
         log.info("evaluating %s with the config from %s", ckpt_file, config_source)
     L.seed_everything(cfg.seed, workers=True)
+    check_tta(cfg.get("tta"), int(OmegaConf.select(cfg, "data.source.image_size", default=32) or 32))
     if cfg.get("robustness"):  # a bad corruption name stops the job before the test runs
         check_corruptions((cfg.get("corruption") or {}).get("names", "all"),
                           list((cfg.get("corruption") or {}).get("severities", SEVERITIES)))

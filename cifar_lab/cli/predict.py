@@ -42,6 +42,7 @@ from torch import Tensor
 
 from cifar_lab import checkpoints
 from cifar_lab.config.compose import compose_training, hydra_job
+from cifar_lab.config.schema import check_tta
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES, ImageDecodeError, decode_image_file
 from cifar_lab.errors import InputError, run_command
 from cifar_lab.fileio import RefusedPickle, atomic_output, check_output, load_array_pickle
@@ -216,6 +217,7 @@ def predict(
     model_file = ckpt_path if str(ckpt_path).lower().endswith(".onnx") else checkpoints.resolve(ckpt_path, "use")
     check_output(output, (input, model_file), "predictions.csv")
     _device(device)  # a device this machine lacks is refused before any work
+    check_tta(tta)
     tta = dict(tta or {})
     if str(ckpt_path).lower().endswith(".onnx"):
         if tta.get("enabled"):

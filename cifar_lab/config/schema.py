@@ -507,3 +507,23 @@ def validate_config(cfg: DictConfig | dict) -> None:
         raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError(f"invalid config ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+TTA_PADDING_MODES = ("reflect", "replicate", "circular", "constant")
+
+
+def check_tta(tta: Any, image_size: int = 32, key: str = "tta") -> None:
+    """Refuse test-time augmentation settings no view can be made from, before any work (one line)."""
+    tta = _plain(tta) or {}
+    if not isinstance(tta, dict) or not tta.get("enabled", False):
+        return
+    translate, mode = tta.get("translate", 0), tta.get("padding_mode", "reflect")
+    if not _is_int(translate) or not 0 <= translate < image_size:
+        raise ConfigError(_problem(f"{key}.translate", translate, f"a whole number of pixels from 0 to {image_size - 1}"))
+    if mode not in TTA_PADDING_MODES:
+        raise ConfigError(_problem(f"{key}.padding_mode", mode, f"one of {', '.join(TTA_PADDING_MODES)}"))
+    if mode == "reflect" and translate >= image_size // 2 and translate:
+        raise ConfigError(_problem(f"{key}.translate", translate,
+                                   f"below {image_size // 2} with padding_mode=reflect (half the image)"))
+    if not isinstance(tta.get("flip", True), bool):
+        raise ConfigError(_problem(f"{key}.flip", tta.get("flip"), "true or false"))

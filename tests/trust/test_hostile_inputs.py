@@ -254,3 +254,101 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_autotune(world: 
     assert_refused(code, err)
     assert "data.batch_size=100000 is larger than the training set (200 images)" in err
     assert not (world.job / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------- settings no work can use
+IMPOSSIBLE = {
+    "evaluate_tta_translate_negative": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
+                                                                "tta.enabled=true", "tta.translate=-2"]),
+    "evaluate_tta_translate_past_the_image": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
+                                                                     "tta.enabled=true", "tta.translate=20"]),
+    "evaluate_tta_padding_mode": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
+                                                          "tta.enabled=true", "tta.padding_mode=mirror"]),
+    "predict_tta_translate": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}",
+                                                     f"output={w.job / 'p.csv'}", f"hydra.run.dir={w.job}",
+                                                     "tta.enabled=true", "tta.translate=40"]),
+    "predict_cuda_without_gpu": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}", "device=cuda:3",
+                                                        f"output={w.job / 'p.csv'}", f"hydra.run.dir={w.job}"]),
+    "export_opset": lambda w: export.main([f"ckpt_path={w.run}", "format=onnx", "opset=99",
+                                           f"output={w.job / 'm.onnx'}", f"hydra.run.dir={w.job}"]),
+    "export_under_a_file": lambda w: export.main([f"ckpt_path={w.run}", "format=torchscript",
+                                                  f"output={w.input}/m.pt", f"hydra.run.dir={w.job}"]),
+    "evaluate_self_reference": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
+                                                        "data.eval_batch_size=${data.eval_batch_size}"]),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPOSSIBLE))
+def test_settings_no_work_can_use_are_one_line(world: World, capsys, case: str) -> None:
+    if case.endswith("without_gpu") and __import__("torch").cuda.device_count() > 3:
+        pytest.skip("this machine has that GPU")
+    before = world.snapshot()
+    code, err = invoke(IMPOSSIBLE[case], world, capsys)
+    assert_refused(code, err)
+    assert world.snapshot() == before and not (world.job / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("key, value", [("class_names", "not json ["), ("image_size", "huge"),
+                                        ("class_names", '{"a": 1}'), ("image_size", "100000")])
+def test_a_malformed_exported_model_is_one_line(world: World, capsys, tmp_path: Path, key: str, value: str) -> None:
+    import onnx
+
+    model = tmp_path / "model.onnx"
+    code, err = invoke(lambda w: export.main([f"ckpt_path={w.run}", "format=onnx", f"output={model}",
+                                              "parity.limit=8", f"hydra.run.dir={w.job}"]), world, capsys)
+    assert code == 0, err[-3000:]
+    proto = onnx.load(str(model))
+    next(p for p in proto.metadata_props if p.key == key).value = value
+    onnx.save(proto, str(model))
+    code, err = invoke(lambda w: predict.main([f"ckpt_path={model}", f"input={w.input}", f"output={w.job / 'p.csv'}",
+                                               f"hydra.run.dir={w.job}"]), world, capsys)
+    assert_refused(code, err)
+    assert "metadata is malformed" in err and not (world.job / "p.csv").exists()
+
+
+# ----------------------------------------------------------------------------- whole or absent
+def test_export_keeps_an_existing_file_when_parity_fails(world: World, capsys) -> None:
+    out = world.root / "model.pt"
+    out.write_bytes(b"the previous export")
+    before = world.snapshot()
+    code, err = invoke(lambda w: export.main([f"ckpt_path={w.run}", "format=torchscript", f"output={out}",
+                                              "parity.limit=8", "parity.tolerance=-1", f"hydra.run.dir={w.job}"]),
+                       world, capsys)
+    assert_refused(code, err)
+    assert "was left as it was" in err
+    after = world.snapshot()
+    assert {k: v for k, v in after.items() if not k.endswith(".parity.json")} == before
+    assert not [p for p in world.root.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["export", "predict"])
+def test_kill_9_while_writing_leaves_the_previous_file(world: World, tmp_path: Path, command: str) -> None:
+    """The command is killed as soon as its temporary output appears: the previous file is intact."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = world.root / ("model.pt" if command == "export" else "p.csv")
+    out.write_bytes(b"the previous output")
+    args = ([f"ckpt_path={world.run}", "format=torchscript", f"output={out}", "parity.limit=100"]
+            if command == "export" else [f"ckpt_path={world.run}", f"input={world.input}", f"output={out}"])
+    env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs")}
+    proc = subprocess.Popen([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(p.name.startswith(f".{out.name}.") for p in world.root.iterdir()):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == -signal.SIGKILL:
+        assert out.read_bytes() == b"the previous output"
+    else:  # finished before the poll saw its temporary file: then the file is whole and new
+        assert proc.returncode == 0 and out.read_bytes() != b"the previous output"
