@@ -127,6 +127,7 @@ def test_interpolations_in_saved_data_are_refused(world: World, capsys, family: 
     assert_refused(code, err)
     assert "saved" in err or "refers" in err or "interpolat" in err
     assert not world.marker.exists() and world.snapshot() == before
+    assert not list(world.job.glob("*.log"))  # a refused command opens no log file
 
 
 # ----------------------------------------------------------------------------- replay
@@ -352,3 +353,33 @@ def test_kill_9_while_writing_leaves_the_previous_file(world: World, tmp_path: P
         assert out.read_bytes() == b"the previous output"
     else:  # finished before the poll saw its temporary file: then the file is whole and new
         assert proc.returncode == 0 and out.read_bytes() != b"the previous output"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, command: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = world.root / "model.pt"
+    out.write_bytes(b"the previous export")
+    args = ([f"ckpt_path={world.run}", "robustness=true", "corruption.severities=[1,2,3,4,5]"]
+            if command == "evaluate" else
+            [f"ckpt_path={world.run}", "format=torchscript", f"output={out}", "parity.batch_size=1"])
+    env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not world.job.is_dir():  # the job has started
+            time.sleep(0.05)
+        time.sleep(2.0)
+        os.kill(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and out.read_bytes() == b"the previous export"
