@@ -123,6 +123,22 @@ def build_loggers(cfg: DictConfig) -> list:
     return _instantiate_group(cfg.get("logger"), "logger")
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """Build the Trainer once with nothing attached (precision `auto` as 32), so a value Lightning refuses
+    stops the run before any data is read; the real Trainer is built once precision is decided."""
+    probe = cfg.copy()
+    with open_dict(probe):
+        if str(OmegaConf.select(probe, "trainer.precision", default="")) == "auto":
+            probe.trainer.precision = "32"
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # its device lines are said once, by the real Trainer
+    try:
+        build_trainer(probe, [], [])
+    finally:
+        quiet.setLevel(level)
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if str(OmegaConf.select(cfg, "trainer.precision", default="")) == "auto":
         raise ConfigError("trainer.precision=auto is decided before the Trainer is built: call "

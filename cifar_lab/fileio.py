@@ -70,8 +70,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` through :func:`atomic_output` (a checkpoint is whole or absent)."""
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def check_output(out: str | Path, inputs: tuple[str | Path | None, ...] = (), example: str = "out.csv") -> Path:

@@ -197,7 +197,8 @@ def export(ckpt_path: str | Path, format: str, output: str | Path, opset: int = 
         require_onnx()
     if str(output) in ("", "???", "None"):
         raise InputError(f"output is required: output=<file{FORMATS[format]}>")
-    out = check_output(output, (checkpoints.resolve(ckpt_path, "use"), images), "model" + FORMATS[format])
+    out = check_output(output, (images,), "model" + FORMATS[format])
+    check_output(out, (checkpoints.resolve(ckpt_path, "use"),))
     if format == "onnx" and not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise ConfigError(f"opset={opset} is not an ONNX opset this exporter writes; use {MIN_OPSET}..{MAX_OPSET} "
                           "(17, the default, runs everywhere onnxruntime does)")

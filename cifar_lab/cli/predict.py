@@ -214,8 +214,9 @@ def predict(
         raise InputError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    check_output(output, (input,), "predictions.csv")
     model_file = ckpt_path if str(ckpt_path).lower().endswith(".onnx") else checkpoints.resolve(ckpt_path, "use")
-    check_output(output, (input, model_file), "predictions.csv")
+    check_output(output, (model_file,))
     _device(device)  # a device this machine lacks is refused before any work
     check_tta(tta)
     tta = dict(tta or {})

@@ -134,6 +134,7 @@ def _train(job: _Job) -> float | None:
     _quiet_other_ranks()
     L.seed_everything(job.cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
     module = builders.build_module(job.cfg)  # cheap: a value torch or Lightning refuses stops the run in seconds
+    builders.check_trainer(job.cfg)
     datamodule = _datamodule(job.cfg)  # missing data or a batch larger than the data stop it before any work
     tuned = _tune(job, module)
     safety = safety_callbacks(checkpoint_dir_of(job.cfg))

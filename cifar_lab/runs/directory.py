@@ -48,10 +48,11 @@ class DiskFull(UserError):
 
 def holds_run(run_dir: Path, results_only: bool = False) -> bool:
     """True when ``run_dir`` already holds (part of) a run: its config, checkpoints or metrics
-    (``results_only``: checkpoints or metrics, what a new run would replace)."""
+    (``results_only``: a checkpoint file or metrics.json, what a new run would replace)."""
     run_dir = Path(run_dir)
-    names = ("checkpoints", "metrics.json") if results_only else (".hydra/config.yaml", "checkpoints", "metrics.json")
-    return any((run_dir / name).exists() for name in names)
+    if results_only:
+        return (run_dir / "metrics.json").exists() or any((run_dir / "checkpoints").glob("*.ckpt"))
+    return any((run_dir / name).exists() for name in (".hydra/config.yaml", "checkpoints", "metrics.json"))
 
 
 class RunDirLock:
