@@ -10,7 +10,9 @@ parameter count and against wall time.
 
 Runs whose configs differ only by the seed (e.g. the jobs of ``python train.py -m seed=0,1,2``) are
 also summarised under "Over seeds": each metric's n, mean, standard deviation and 95% t interval
-(:mod:`cifar_lab.runs.seed_stats`).
+(:mod:`cifar_lab.runs.seed_stats`). The folds of a k-fold cross-validation (``python train.py -m
+data.folds=5 data.fold=0,1,2,3,4``: runs that differ only by ``data.fold``) are summarised the same
+way under "Over folds".
 
 The wall time of a resumed run is its total over all segments (``wall_time_total_s``), marked
 "(resumed)". A failed sweep job (``"status": "failed"``) shows "failed" in its accuracy cells,
@@ -383,9 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {err}", file=sys.stderr)
         return err.exit_code
     table = markdown_table(runs)
-    groups = seed_stats.group_by_seed(runs)
-    if groups:  # runs that differ only by seed
-        table += "\n## Over seeds\n\n" + seed_stats.markdown(groups)
+    for factor in seed_stats.FACTORS:  # runs that differ only by seed; folds of a cross-validation
+        groups = seed_stats.group_runs(runs, factor)
+        if groups:
+            table += f"\n## Over {factor}s\n\n" + seed_stats.markdown(groups)
     print(table, end="")
     if args.out:
         out = Path(args.out)
