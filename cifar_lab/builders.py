@@ -21,11 +21,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
+from cifar_lab.runs import tags
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,11 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return _instantiate_group(cfg.get("logger"), "logger")
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):  # the run's tags and notes (its run is created lazily)
+            logger.tags = {**(logger.tags or {}), **tags.mlflow_tags(cfg)}
+    return loggers
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:

@@ -14,6 +14,8 @@ also summarised under "Over seeds": each metric's n, mean, standard deviation an
 data.folds=5 data.fold=0,1,2,3,4``: runs that differ only by ``data.fold``) are summarised the same
 way under "Over folds".
 
+``--tag X`` (repeatable) keeps the runs trained with ``tags=[X,...]``.
+
 The wall time of a resumed run is its total over all segments (``wall_time_total_s``), marked
 "(resumed)". A failed sweep job (``"status": "failed"``) shows "failed" in its accuracy cells,
 with the first line of its error in a note under the table; it is left out of the plot.
@@ -34,6 +36,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_lab.runs import seed_stats
+from cifar_lab.runs.tags import has_tags, tags_of
 from cifar_lab.errors import InputError, UserError
 
 COLUMNS: list[tuple[str, str]] = [
@@ -72,6 +75,7 @@ class Run:
     partial_time: bool = False
     status: str = ""  # "ok" or "failed" for sweep jobs, "" otherwise
     error: str = ""  # first line of a failed job's error
+    tags: list[str] = field(default_factory=list)  # the run's tags (tags=[...])
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,6 +179,7 @@ def read_run(metrics_file: Path, label: str) -> Run:
         partial_time=resumed and total is None,
         status=status,
         error=error,
+        tags=tags_of(summary) if "tags" in summary else tags_of(mapping),
         extra={"config": seed_stats.config_leaves(mapping), "seed": summary.get("seed", mapping.get("seed")),
                "metrics": numbers},
     )
@@ -210,6 +215,14 @@ def collect(paths: Sequence[str | Path]) -> list[Run]:
     if not runs:
         raise InputError(f"no readable metrics.json under {', '.join(str(p) for p in paths)}")
     return runs
+
+
+def filter_tags(runs: list[Run], wanted: Sequence[str]) -> list[Run]:
+    """The runs that carry every tag in ``wanted`` (all runs when none is wanted)."""
+    kept = [run for run in runs if has_tags(run.tags, wanted)]
+    if not kept:
+        raise InputError(f"no run is tagged {' and '.join(wanted)} among {len(runs)} runs; drop --tag to see them all")
+    return kept
 
 
 # ----------------------------------------------------------------------------- table
@@ -373,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dirs", nargs="+", help="run directories, sweep directories or any folder above them")
     parser.add_argument("--out", help="write the table as Markdown to this file (e.g. compare.md)")
     parser.add_argument("--plot", help="write accuracy vs parameters / wall time to this PNG (e.g. compare.png)")
+    parser.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="keep only runs tagged TAG (tags=[...] when trained); repeat to require several")
     parser.add_argument("--sort", default="test_acc", choices=SORT_KEYS, help="column to sort by (default: test_acc)")
     return parser
 
@@ -380,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        runs = sort_runs(collect(args.dirs), args.sort)
+        runs = sort_runs(filter_tags(collect(args.dirs), args.tag), args.sort)
     except UserError as err:  # the same one-line report as every command, returned as the exit code
         print(f"Error: {err}", file=sys.stderr)
         return err.exit_code

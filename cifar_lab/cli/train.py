@@ -34,6 +34,7 @@ from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
 from cifar_lab import console
 from cifar_lab.runs.summary import scalars, write_summary
+from cifar_lab.runs.tags import notes_of, tags_of
 from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
@@ -229,6 +230,8 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
         "best_ckpt": relative_to_run(best_ckpt, job.run_dir),
         "resumed_from": job.resume.path if job.resume else None,
         "seed": job.cfg.seed,
+        "tags": tags_of(job.cfg),
+        "notes": notes_of(job.cfg),
         "precision": tuned.precision,
         "memory_format": tuned.memory_format,
         "autotune": tuned.record(),

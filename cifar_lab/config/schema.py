@@ -141,6 +141,9 @@ RULES: dict[str, Check] = {
     "seed": integer(0, 2**32 - 1),
     "test": BOOL,
     "reuse_host_memory": BOOL,
+    "tags": Check(lambda v: _is_seq(v) and all(isinstance(t, str) and t for t in v),
+                  "a list of names, e.g. tags=[baseline,cv]"),
+    "notes": optional(Check(lambda v: isinstance(v, str), 'a text, e.g. notes="first try"'), "(no notes)"),
     "optimized_metric": optional(one_of(*FIT_METRICS), "(return nothing)"),
     # data
     "data.batch_size": integer(1),

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 __all__ = ["config_leaves", "t_quantile", "summarize", "RunGroup", "group_runs", "group_by_seed", "group_by_fold",
            "markdown"]
 
-IGNORED_TOP = ("seed", "paths", "hydra")
+IGNORED_TOP = ("seed", "paths", "hydra", "tags", "notes")  # tags and notes say nothing of the config
 # Student's t 97.5% quantiles for 1..30 degrees of freedom
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
