@@ -22,8 +22,9 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from cifar_lab import checkpoints
 from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
@@ -93,6 +94,38 @@ def build_module(cfg: DictConfig) -> ClassifierModule:
             hparams=OmegaConf.to_container(cfg, resolve=True),
             run_overrides=task_overrides(),
         )
+
+
+def build_teacher(cfg: DictConfig) -> torch.nn.Module | None:
+    """``module.distill.teacher``: the trained network of a run directory or checkpoint (None when unset).
+
+    Read as every checkpoint is (:mod:`cifar_lab.checkpoints`: weights only, its saved config's
+    targets checked before its model config is built); it must classify the same classes from
+    the same normalised images as this run.
+    """
+    path = OmegaConf.select(cfg, "module.distill.teacher", default=None)
+    if not path:
+        return None
+    ckpt_file = checkpoints.resolve(path, "use")
+    assert ckpt_file is not None
+    checkpoint = checkpoints.load(ckpt_file, mmap=True)
+    saved, origin = checkpoints.saved_config(ckpt_file, checkpoint)
+    saved_data = saved.get("data") or {}
+    for key in ("num_classes", "mean", "std"):
+        if key in saved_data and list(_plain(saved_data[key])) != list(_plain(cfg.data[key])):
+            raise ConfigError(f"module.distill.teacher={path}: the teacher was trained with data.{key}="
+                              f"{_plain(saved_data[key])}, this run has {_plain(cfg.data[key])}; distil from a "
+                              f"teacher of the same data, or set data.{key} to match")
+    with refused("module.distill.teacher", OmegaConf.create(saved["model"])):
+        teacher = instantiate(saved["model"], _convert_="all")
+    checkpoints.load_network_weights(teacher, checkpoint, ckpt_file)
+    log.info("distilling from %s (%s)", ckpt_file, origin)
+    return teacher
+
+
+def _plain(value: Any) -> Any:
+    value = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    return value if isinstance(value, (list, tuple)) else [value]
 
 
 def _probe_scheduler(scheduler: Any, optimizer: Any, cfg: DictConfig) -> None:

@@ -162,6 +162,7 @@ def _build_module(job: _Job) -> tuple[Any, autotune.Decision]:
         module.hparams["trainer"]["precision"] = tuned.precision  # the checkpoint records the choice
     if cfg.get("init_from"):
         load_weights_from(cfg.init_from, module.net, cfg)
+    module.set_teacher(builders.build_teacher(cfg))
     return module, tuned
 
 

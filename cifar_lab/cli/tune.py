@@ -60,6 +60,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, L.Trainer]:
     module = builders.build_module(cfg)
     tuned = autotune.decide(cfg, run_dir)
     module.set_memory_format(tuned.memory_format)
+    module.set_teacher(builders.build_teacher(cfg))
     callbacks = [c for c in builders.build_callbacks(cfg) if not isinstance(c, REPORTING)]
     with open_dict(cfg):
         cfg.trainer.enable_checkpointing = False

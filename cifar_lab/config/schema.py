@@ -201,6 +201,8 @@ RULES: dict[str, Check] = {
     "autotune.steps": integer(1),
     "autotune.give_up": number(1, lo_open=True),
     "module.compile": BOOL,
+    "module.distill.temperature": POSITIVE,
+    "module.distill.weight": number(0, 1),
     # trainer
     "trainer.max_epochs": Check(lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 for no limit"),
     "trainer.min_epochs": optional(integer(0)),
