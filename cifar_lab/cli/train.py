@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import autotune, builders
+from cifar_lab.callbacks import wandb_run
 from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
@@ -253,6 +254,8 @@ def _write_results(job: _Job, summary: dict[str, Any], module: Any, datamodule: 
     card_for_run(job.run_dir, job.cfg, module.net, datamodule, trainer, choices=_choices(),
                  overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
                  checkpoint=summary["best_ckpt"], tested=bool(job.cfg.get("test", True)), recorded=summary)
+    wandb_run.save_files(trainer.loggers, [job.run_dir / "metrics.json", job.run_dir / "MODEL_CARD.md"])
+    wandb_run.finish(trainer.loggers)
     print(f"Run directory: {job.run_dir}")
 
 
