@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from cifar_lab import checkpoints
 from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
 from cifar_lab.errors import ConfigError
-from cifar_lab.module import ClassifierModule
+from cifar_lab.module import ClassifierModule, Renormalize
 from cifar_lab.runs import tags
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ def build_teacher(cfg: DictConfig) -> torch.nn.Module | None:
     """``module.distill.teacher``: the trained network of a run directory or checkpoint (None when unset).
 
     Read as every checkpoint is (:mod:`cifar_lab.checkpoints`: weights only, its saved config's
-    targets checked before its model config is built); it must classify the same classes from
-    the same normalised images as this run.
+    targets checked before its model config is built); it must classify the same classes. A
+    teacher trained with another ``data.mean``/``data.std`` gets this run's batches renormalised
+    to its own (:class:`cifar_lab.module.Renormalize`).
     """
     path = OmegaConf.select(cfg, "module.distill.teacher", default=None)
     if not path:
@@ -111,21 +112,24 @@ def build_teacher(cfg: DictConfig) -> torch.nn.Module | None:
     checkpoint = checkpoints.load(ckpt_file, mmap=True)
     saved, origin = checkpoints.saved_config(ckpt_file, checkpoint)
     saved_data = saved.get("data") or {}
-    for key in ("num_classes", "mean", "std"):
-        if key in saved_data and list(_plain(saved_data[key])) != list(_plain(cfg.data[key])):
-            raise ConfigError(f"module.distill.teacher={path}: the teacher was trained with data.{key}="
-                              f"{_plain(saved_data[key])}, this run has {_plain(cfg.data[key])}; distil from a "
-                              f"teacher of the same data, or set data.{key} to match")
+    if "num_classes" in saved_data and saved_data["num_classes"] != cfg.data.num_classes:
+        raise ConfigError(f"module.distill.teacher={path}: the teacher classifies {saved_data['num_classes']} classes "
+                          f"(data.num_classes), this run {cfg.data.num_classes}; distil from a teacher of the same "
+                          "classes")
     with refused("module.distill.teacher", OmegaConf.create(saved["model"])):
         teacher = instantiate(saved["model"], _convert_="all")
     checkpoints.load_network_weights(teacher, checkpoint, ckpt_file)
     log.info("distilling from %s (%s)", ckpt_file, origin)
+    ours = [_floats(cfg.data.mean), _floats(cfg.data.std)]
+    theirs = [_floats(saved_data.get("mean", ours[0])), _floats(saved_data.get("std", ours[1]))]
+    if theirs != ours:
+        return torch.nn.Sequential(Renormalize(ours, theirs), teacher)
     return teacher
 
 
-def _plain(value: Any) -> Any:
+def _floats(value: Any) -> list[float]:
     value = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-    return value if isinstance(value, (list, tuple)) else [value]
+    return [float(v) for v in value]
 
 
 def _probe_scheduler(scheduler: Any, optimizer: Any, cfg: DictConfig) -> None:

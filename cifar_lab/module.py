@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -37,6 +37,19 @@ def split_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+class Renormalize(nn.Module):
+    """Batches normalised with one mean/std, renormalised to another: ``(x * std + mean - mean') / std'``."""
+
+    def __init__(self, stats: Sequence[Sequence[float]], target: Sequence[Sequence[float]]) -> None:
+        super().__init__()
+        (mean, std), (to_mean, to_std) = (torch.tensor(s).view(2, 1, -1, 1, 1) for s in (stats, target))
+        self.register_buffer("scale", std / to_std, persistent=False)
+        self.register_buffer("shift", (mean - to_mean) / to_std, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, hard_loss: Tensor, temperature: float,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar_lab.builders import build_teacher
 from cifar_lab.cli.train import train
-from cifar_lab.module import distillation_loss
+from cifar_lab.module import Renormalize, distillation_loss
 from conftest import SYNTH, compose_cfg, run_cli
 
 TINY = [*SYNTH, "trainer.max_epochs=1", "data.source.train_size=300", "data.source.test_size=60",
@@ -95,4 +96,21 @@ def test_a_teacher_of_other_classes_is_refused(teacher_run: Path, tmp_path: Path
     proc = run_cli([*TINY, "data.num_classes=5", f"module.distill.teacher={teacher_run}",
                     f"hydra.run.dir={tmp_path / 'student'}"], tmp_path)
     assert proc.returncode == 2
-    assert "the teacher was trained with data.num_classes=[10], this run has [5]" in proc.stderr
+    assert "the teacher classifies 10 classes (data.num_classes), this run 5" in proc.stderr
+
+
+def test_a_teacher_of_other_normalisation_sees_its_own_inputs(teacher_run: Path) -> None:
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    cfg = compose_cfg([*TINY, f"module.distill.teacher={teacher_run}", f"data.mean={mean}", f"data.std={std}"])
+    wrapped = build_teacher(cfg)
+    assert isinstance(wrapped[0], Renormalize)
+    teacher_cfg = compose_cfg(TINY)
+    raw = torch.rand(4, 3, 32, 32)
+    ours = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    theirs = ((raw - torch.tensor(list(teacher_cfg.data.mean)).view(1, 3, 1, 1))
+              / torch.tensor(list(teacher_cfg.data.std)).view(1, 3, 1, 1))
+    assert torch.allclose(wrapped[0](ours), theirs, atol=1e-5)
+    wrapped.eval()
+    assert torch.allclose(wrapped(ours), wrapped[1](theirs), atol=1e-4)
+    assert not isinstance(build_teacher(compose_cfg([*TINY, f"module.distill.teacher={teacher_run}"])),
+                          torch.nn.Sequential)  # same normalisation: the network as it is
