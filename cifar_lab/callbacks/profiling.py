@@ -20,7 +20,7 @@ __all__ = ["TorchProfiler", "top_operators"]
 
 def top_operators(events: Any, top: int, on_gpu: bool) -> str:
     """The ``top`` operators of a profiler's events by self time, as torch's table."""
-    key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     return events.key_averages().table(sort_by=key, row_limit=top)
 
 
