@@ -38,6 +38,10 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             yield record
 
 
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
 def test_offline_unless_an_api_key_is_configured(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
@@ -69,9 +73,9 @@ def test_offline_run_holds_metrics_config_and_report_files(tmp_path: Path) -> No
         kind = record.WhichOneof("record_type")
         if kind == "history":
             for item in record.history.item:
-                history[item.key or "/".join(item.nested_key)].append(json.loads(item.value_json))
+                history[_key(item)].append(json.loads(item.value_json))
         elif kind == "config":
-            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+            config.update({_key(item): json.loads(item.value_json)
                            for item in record.config.update})
         elif kind == "run":
             runs.append(record.run)
@@ -89,3 +93,22 @@ def test_offline_run_holds_metrics_config_and_report_files(tmp_path: Path) -> No
     assert {"confusion_matrix.png", "curves.png", "classification_report.txt", "metrics.json",
             "MODEL_CARD.md"} <= files
     assert (offline / "files" / "metrics.json").read_text() == (run_dir / "metrics.json").read_text()
+
+
+@pytest.mark.slow
+def test_each_sweep_job_gets_its_own_offline_run(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    env = {"WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"), "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
+           "WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_DATA_DIR": str(tmp_path / "data")}
+    fast = [o for o in SYNTH if not o.startswith("callbacks.")]
+    proc = run_cli(["-m", *fast, "callbacks=none", "trainer.max_epochs=1", "data.source.train_size=300",
+                    "data.val_size=60", "logger=wandb", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                    "hydra.callbacks.sweep_report.print_best_config=false"], tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        [offline] = (sweep / job / "wandb").glob("offline-run-*")
+        log = list(records(next(offline.glob("run-*.wandb"))))
+        names = [r.run.display_name for r in log if r.WhichOneof("record_type") == "run"]
+        val = [r for r in log if r.WhichOneof("record_type") == "history"
+               and any(_key(i) == "val/acc" for i in r.history.item)]
+        assert names == [job] and len(val) == 1  # its own run, its own epoch

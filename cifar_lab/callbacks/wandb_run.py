@@ -11,6 +11,7 @@ an API key, :func:`cifar_lab.config.resolvers`'s ``cifar_lab.wandb_offline``) li
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -45,10 +46,15 @@ def save_files(loggers: Iterable[Any], files: Sequence[Path]) -> None:
             log.warning("could not save the report files to W&B: %s", err)
 
 
-def finish(loggers: Iterable[Any]) -> None:
-    """End each W&B run (offline: its files are complete and ready for ``wandb sync``)."""
-    for logger in _wandb(loggers):
-        try:
-            logger.experiment.finish()
-        except Exception as err:  # noqa: BLE001
-            log.warning("could not finish the W&B run: %s", err)
+def finish() -> None:
+    """End this process's W&B run, if one is active (offline: its files are complete for ``wandb sync``).
+
+    Called when a training job ends, however it ends, so the next job of a sweep starts a run of its own.
+    """
+    wandb = sys.modules.get("wandb")  # never imported here: only when a WandbLogger started a run
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    try:
+        wandb.finish()
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not finish the W&B run: %s", err)

@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         return _train(_Job(cfg, run_dir, resume, start))
     finally:
+        wandb_run.finish()  # logger=wandb: the next job of a sweep gets a run of its own
         if lock is not None:
             lock.release()
 
@@ -255,7 +256,6 @@ def _write_results(job: _Job, summary: dict[str, Any], module: Any, datamodule: 
                  overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
                  checkpoint=summary["best_ckpt"], tested=bool(job.cfg.get("test", True)), recorded=summary)
     wandb_run.save_files(trainer.loggers, [job.run_dir / "metrics.json", job.run_dir / "MODEL_CARD.md"])
-    wandb_run.finish(trainer.loggers)
     print(f"Run directory: {job.run_dir}")
 
 
