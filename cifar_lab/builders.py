@@ -21,11 +21,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from cifar_lab import checkpoints
 from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
 from cifar_lab.errors import ConfigError
-from cifar_lab.module import ClassifierModule
+from cifar_lab.module import ClassifierModule, Renormalize
+from cifar_lab.runs import tags
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,42 @@ def build_module(cfg: DictConfig) -> ClassifierModule:
         )
 
 
+def build_teacher(cfg: DictConfig) -> torch.nn.Module | None:
+    """``module.distill.teacher``: the trained network of a run directory or checkpoint (None when unset).
+
+    Read as every checkpoint is (:mod:`cifar_lab.checkpoints`: weights only, its saved config's
+    targets checked before its model config is built); it must classify the same classes. A
+    teacher trained with another ``data.mean``/``data.std`` gets this run's batches renormalised
+    to its own (:class:`cifar_lab.module.Renormalize`).
+    """
+    path = OmegaConf.select(cfg, "module.distill.teacher", default=None)
+    if not path:
+        return None
+    ckpt_file = checkpoints.resolve(path, "use")
+    assert ckpt_file is not None
+    checkpoint = checkpoints.load(ckpt_file, mmap=True)
+    saved, origin = checkpoints.saved_config(ckpt_file, checkpoint)
+    saved_data = saved.get("data") or {}
+    if "num_classes" in saved_data and saved_data["num_classes"] != cfg.data.num_classes:
+        raise ConfigError(f"module.distill.teacher={path}: the teacher classifies {saved_data['num_classes']} classes "
+                          f"(data.num_classes), this run {cfg.data.num_classes}; distil from a teacher of the same "
+                          "classes")
+    with refused("module.distill.teacher", OmegaConf.create(saved["model"])):
+        teacher = instantiate(saved["model"], _convert_="all")
+    checkpoints.load_network_weights(teacher, checkpoint, ckpt_file)
+    log.info("distilling from %s (%s)", ckpt_file, origin)
+    ours = [_floats(cfg.data.mean), _floats(cfg.data.std)]
+    theirs = [_floats(saved_data.get("mean", ours[0])), _floats(saved_data.get("std", ours[1]))]
+    if theirs != ours:
+        return torch.nn.Sequential(Renormalize(ours, theirs), teacher)
+    return teacher
+
+
+def _floats(value: Any) -> list[float]:
+    value = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    return [float(v) for v in value]
+
+
 def _probe_scheduler(scheduler: Any, optimizer: Any, cfg: DictConfig) -> None:
     """Build the scheduler once on a throw-away optimizer (lengths the module fills in are guessed)."""
     accepted = inspect.signature(scheduler.func).parameters
@@ -120,7 +159,11 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return _instantiate_group(cfg.get("logger"), "logger")
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):  # the run's tags and notes (its run is created lazily)
+            logger.tags = {**(logger.tags or {}), **tags.mlflow_tags(cfg)}
+    return loggers
 
 
 def check_trainer(cfg: DictConfig) -> None:

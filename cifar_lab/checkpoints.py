@@ -63,7 +63,8 @@ RESUME_RESTORED = ("optimizer", "scheduler")
 # Keys earlier versions kept in the model config (runtime options, now module.*): ignored when
 # comparing a checkpoint's network with the current one.
 LEGACY_MODEL_KEYS = ("channels_last", "compile", "compile_mode")
-RESUME_CHANGES_RESULT = ("seed", "data.batch_size", "data.augment", "data.mixing", "data.val_size", "data.source",
+RESUME_CHANGES_RESULT = ("seed", "data.batch_size", "data.augment", "data.mixing", "data.val_size", "data.folds", "data.fold",
+                         "data.source",
                          "data.pipeline", "module.label_smoothing", "trainer.precision",
                          "trainer.accumulate_grad_batches", "trainer.gradient_clip_val")
 

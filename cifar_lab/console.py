@@ -62,6 +62,13 @@ def _choices_without_none(choices: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in choices.items() if v not in ("None", "null", "")}
 
 
+def _validation(data: Any) -> str:
+    """What the run validates on: a fold of k-fold cross-validation, held-out images or the test set."""
+    if data.get("folds"):
+        return f"validation fold {data.fold} of {data.folds}"
+    return "validation on the test set" if data.val_size == 0 else f"validation {data.val_size} images"
+
+
 def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str], overrides: list[str],
            tuned: Any) -> str:
     """The run's header: about a dozen lines saying what was chosen and where it goes."""
@@ -82,7 +89,7 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
         f"model         : {_choice(choices, 'model', cfg.model.get('_target_', ''))} "
         f"({params:,} trainable parameters)",
         f"data          : {_choice(choices, 'data', source)}, batch {data.batch_size}, "
-        f"{'validation on the test set' if data.val_size == 0 else f'validation {data.val_size} images'}, "
+        f"{_validation(data)}, "
         f"augment {choices.get('augment', 'custom')}",
         f"optimizer     : {_choice(choices, 'optimizer', cfg.optimizer.get('_target_', ''))} "
         f"lr {OmegaConf.select(cfg, 'optimizer.lr', default='-')}, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -39,6 +39,32 @@ def split_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+class Renormalize(nn.Module):
+    """Batches normalised with one mean/std, renormalised to another: ``(x * std + mean - mean') / std'``."""
+
+    def __init__(self, stats: Sequence[Sequence[float]], target: Sequence[Sequence[float]]) -> None:
+        super().__init__()
+        (mean, std), (to_mean, to_std) = (torch.tensor(s).view(2, 1, -1, 1, 1) for s in (stats, target))
+        self.register_buffer("scale", std / to_std, persistent=False)
+        self.register_buffer("shift", (mean - to_mean) / to_std, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, hard_loss: Tensor, temperature: float,
+                      weight: float) -> Tensor:
+    """Knowledge distillation (Hinton et al. 2015): ``(1 - weight) * hard_loss + weight * T^2 * KL``.
+
+    ``KL`` is the batch mean of ``KL(softmax(teacher / T) || softmax(student / T))``; the ``T^2``
+    keeps its gradients on the scale of the hard loss's as ``T`` changes.
+    """
+    t = float(temperature)
+    soft = F.kl_div(F.log_softmax(student.float() / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1.0 - weight) * hard_loss + weight * t * t * soft
+
+
 class ClassifierModule(L.LightningModule):
     """Cross-entropy classification with torchmetrics accuracy under ``train/``, ``val/``, ``test/``.
 
@@ -62,6 +88,7 @@ class ClassifierModule(L.LightningModule):
         compile_mode: str | None = None,
         hparams: dict[str, Any] | None = None,
         run_overrides: list[str] | None = None,
+        distill: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in SCHEDULER_INTERVALS:
@@ -90,6 +117,10 @@ class ClassifierModule(L.LightningModule):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.no_decay_norm_and_bias = no_decay_norm_and_bias
+        # knowledge distillation: {teacher, temperature, weight}; the teacher network is attached by
+        # set_teacher (cifar_lab.builders.build_teacher) and is not part of this module's state
+        self.distill = dict(distill or {})
+        self._teacher: tuple[nn.Module, ...] = ()
 
         top5 = min(5, num_classes)
         for stage in ("train", "val", "test"):
@@ -107,6 +138,17 @@ class ClassifierModule(L.LightningModule):
         # any number of times (even after being killed) knows its total training time.
         self.elapsed_s = 0.0
         self._fit_started: float | None = None
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen network this module distils from (None: no distillation)."""
+        return self._teacher[0] if self._teacher else None
+
+    def set_teacher(self, teacher: nn.Module | None) -> None:
+        """Distil from ``teacher`` (kept out of the state_dict: checkpoints hold the student only)."""
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self._teacher = (teacher,) if teacher is not None else ()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
@@ -129,6 +171,10 @@ class ClassifierModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
+        if self.distill.get("teacher") and self.teacher is None:
+            raise RuntimeError("module.distill.teacher is set but no teacher network was attached (set_teacher)")
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
 
     def training_elapsed_s(self) -> float:
         """Training time so far: earlier segments (restored on resume) plus this fit's."""
@@ -153,6 +199,11 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         smoothing = self.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+        if stage == "train" and self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+            loss = distillation_loss(logits, teacher_logits, loss, self.distill.get("temperature", 4.0),
+                                     self.distill.get("weight", 0.9))
         labels = target.argmax(dim=1) if target.ndim == 2 else target
         preds = logits.detach().float()
         loss_mean, acc, acc_top5 = (getattr(self, f"{stage}_{name}") for name in ("loss", "acc", "acc_top5"))

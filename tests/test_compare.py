@@ -266,7 +266,7 @@ def test_runs_differing_only_by_seed_get_mean_std_and_interval(tmp_path: Path, c
     groups = compare.seed_stats.group_by_seed(compare.collect([sweep]))
     assert len(groups) == 1
     group = groups[0]
-    assert sorted(group.seeds) == [0, 1, 2] and group.runs == ["seeds/0", "seeds/1", "seeds/2"]
+    assert sorted(group.values) == [0, 1, 2] and group.runs == ["seeds/0", "seeds/1", "seeds/2"]
     acc = group.stats["test/acc"]
     # by hand: mean 0.92, sample std 0.02, t(0.975, 2) = 4.303 -> half width 4.303 * 0.02 / sqrt(3) = 0.049687
     assert acc["n"] == 3

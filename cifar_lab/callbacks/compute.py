@@ -4,6 +4,8 @@
   the batch's shape (after augmentation, so progressive resizing counts at its real size),
   ``x`` the images in the batch, on every process. ``3``: forward and backward
   (:data:`cifar_lab.models.flops.TRAIN_STEP_FORWARDS`).
+* Distillation (``module.distill.teacher``): one forward of the teacher per training image, added
+  to the training FLOPs.
 * Test: the forward FLOPs of the module's forward as the test calls it, so test-time
   augmentation counts all its views, ``x`` the test images.
 
@@ -48,6 +50,7 @@ class TrainingCompute(L.Callback):
         # forward FLOPs of one image, per image shape "CxHxW"
         self.train_forward: dict[str, int] = {}
         self.test_forward: dict[str, int] = {}
+        self.teacher_forward: dict[str, int] = {}  # a distillation teacher's, counted in train_flops
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -59,6 +62,11 @@ class TrainingCompute(L.Callback):
         n = int(x.shape[0]) * trainer.world_size
         self.train_images += n
         self.train_flops += TRAIN_STEP_FORWARDS * self.train_forward[key] * n
+        teacher = getattr(pl_module, "teacher", None)
+        if teacher is not None:  # distillation: one forward of the teacher per image
+            if key not in self.teacher_forward:
+                self.teacher_forward[key] = forward_flops_per_image(teacher, tuple(x.shape[1:]), x.device)
+            self.train_flops += self.teacher_forward[key] * n
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.test_flops = self.test_images = 0  # the last test of the run is the one reported
@@ -80,6 +88,8 @@ class TrainingCompute(L.Callback):
             "train_pflop": self.train_flops / PETA,
             "train_images": self.train_images,
             "train_forward_gflop_per_image": {k: v / 1e9 for k, v in self.train_forward.items()},
+            **({"teacher_forward_gflop_per_image": {k: v / 1e9 for k, v in self.teacher_forward.items()}}
+               if self.teacher_forward else {}),
             "test_pflop": self.test_flops / PETA,
             "test_images": self.test_images,
             "test_forward_gflop_per_image": {k: v / 1e9 for k, v in self.test_forward.items()},

@@ -29,7 +29,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from cifar_lab.callbacks import plots
+from cifar_lab.callbacks import plots, wandb_run
 from cifar_lab.runs.summary import scalars
 from cifar_lab.fileio import atomic_write_text
 
@@ -196,6 +196,7 @@ class ClassificationReport(L.Callback):
         self._wrong: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._wrong_count = 0
         self._mlflow_runs_with_params: set[str] = set()
+        self._wandb_config_logged = False
 
     # ------------------------------------------------------------------ helpers
     def _build_metrics(self, num_classes: int) -> nn.ModuleDict:
@@ -322,6 +323,9 @@ class ClassificationReport(L.Callback):
         """
         if not (self.log_hparams and trainer.is_global_zero):
             return
+        if not self._wandb_config_logged:
+            wandb_run.log_config(trainer.loggers, lambda: flatten_params(dict(pl_module.hparams)))
+            self._wandb_config_logged = True
         for logger in trainer.loggers:
             if not isinstance(logger, MLFlowLogger):
                 continue
@@ -339,6 +343,7 @@ class ClassificationReport(L.Callback):
         if not (self.write_files and trainer.is_global_zero):
             return
         files = [path for name in REPORT_FILES if (path := self._run_dir(trainer) / name).is_file()]
+        wandb_run.save_files(trainer.loggers, files)
         for logger in trainer.loggers if files else []:
             if not isinstance(logger, MLFlowLogger):
                 continue

@@ -10,7 +10,11 @@ parameter count and against wall time.
 
 Runs whose configs differ only by the seed (e.g. the jobs of ``python train.py -m seed=0,1,2``) are
 also summarised under "Over seeds": each metric's n, mean, standard deviation and 95% t interval
-(:mod:`cifar_lab.runs.seed_stats`).
+(:mod:`cifar_lab.runs.seed_stats`). The folds of a k-fold cross-validation (``python train.py -m
+data.folds=5 data.fold=0,1,2,3,4``: runs that differ only by ``data.fold``) are summarised the same
+way under "Over folds".
+
+``--tag X`` (repeatable) keeps the runs trained with ``tags=[X,...]``.
 
 The wall time of a resumed run is its total over all segments (``wall_time_total_s``), marked
 "(resumed)". A failed sweep job (``"status": "failed"``) shows "failed" in its accuracy cells,
@@ -33,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cifar_lab.config.saved import load_yaml, plain_config
 from cifar_lab.runs import seed_stats
+from cifar_lab.runs.tags import has_tags, tags_of
 from cifar_lab.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,7 @@ class Run:
     partial_time: bool = False
     status: str = ""  # "ok" or "failed" for sweep jobs, "" otherwise
     error: str = ""  # first line of a failed job's error
+    tags: list[str] = field(default_factory=list)  # the run's tags (tags=[...])
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,6 +183,7 @@ def read_run(metrics_file: Path, label: str) -> Run:
         partial_time=resumed and total is None,
         status=status,
         error=error,
+        tags=tags_of(summary) if "tags" in summary else tags_of(mapping),
         extra={"config": seed_stats.config_leaves(mapping), "seed": summary.get("seed", mapping.get("seed")),
                "metrics": numbers},
     )
@@ -212,6 +219,14 @@ def collect(paths: Sequence[str | Path]) -> list[Run]:
     if not runs:
         raise InputError(f"no readable metrics.json under {', '.join(str(p) for p in paths)}")
     return runs
+
+
+def filter_tags(runs: list[Run], wanted: Sequence[str]) -> list[Run]:
+    """The runs that carry every tag in ``wanted`` (all runs when none is wanted)."""
+    kept = [run for run in runs if has_tags(run.tags, wanted)]
+    if not kept:
+        raise InputError(f"no run is tagged {' and '.join(wanted)} among {len(runs)} runs; drop --tag to see them all")
+    return kept
 
 
 # ----------------------------------------------------------------------------- table
@@ -375,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dirs", nargs="+", help="run directories, sweep directories or any folder above them")
     parser.add_argument("--out", help="write the table as Markdown to this file (e.g. compare.md)")
     parser.add_argument("--plot", help="write accuracy vs parameters / wall time to this PNG (e.g. compare.png)")
+    parser.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="keep only runs tagged TAG (tags=[...] when trained); repeat to require several")
     parser.add_argument("--sort", default="test_acc", choices=SORT_KEYS, help="column to sort by (default: test_acc)")
     return parser
 
@@ -382,14 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        runs = sort_runs(collect(args.dirs), args.sort)
+        runs = sort_runs(filter_tags(collect(args.dirs), args.tag), args.sort)
     except UserError as err:  # the same one-line report as every command, returned as the exit code
         print(f"Error: {err}", file=sys.stderr)
         return err.exit_code
     table = markdown_table(runs)
-    groups = seed_stats.group_by_seed(runs)
-    if groups:  # runs that differ only by seed
-        table += "\n## Over seeds\n\n" + seed_stats.markdown(groups)
+    for factor in seed_stats.FACTORS:  # runs that differ only by seed; folds of a cross-validation
+        groups = seed_stats.group_runs(runs, factor)
+        if groups:
+            table += f"\n## Over {factor}s\n\n" + seed_stats.markdown(groups)
     print(table, end="")
     if args.out:
         out = Path(args.out)

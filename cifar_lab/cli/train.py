@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import autotune, builders
+from cifar_lab.callbacks import wandb_run
 from cifar_lab.callbacks.checkpoint_state import CheckpointStateGuard
 from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
@@ -35,6 +36,7 @@ from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
 from cifar_lab import console
 from cifar_lab.runs.summary import scalars, write_summary
+from cifar_lab.runs.tags import notes_of, tags_of
 from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
@@ -92,6 +94,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         return _train(_Job(cfg, run_dir, resume, start))
     finally:
+        wandb_run.finish()  # logger=wandb: the next job of a sweep gets a run of its own
         if lock is not None:
             lock.release()
 
@@ -170,6 +173,7 @@ def _tune(job: _Job, module: Any) -> autotune.Decision:
         module.hparams["trainer"]["precision"] = tuned.precision  # the checkpoint records the choice
     if cfg.get("init_from"):
         load_weights_from(cfg.init_from, module.net, cfg)
+    module.set_teacher(builders.build_teacher(cfg))
     return tuned
 
 
@@ -244,6 +248,8 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
         "best_ckpt": relative_to_run(best_ckpt, job.run_dir),
         "resumed_from": job.resume.path if job.resume else None,
         "seed": job.cfg.seed,
+        "tags": tags_of(job.cfg),
+        "notes": notes_of(job.cfg),
         "precision": tuned.precision,
         "memory_format": tuned.memory_format,
         "autotune": tuned.record(),
@@ -264,6 +270,7 @@ def _write_results(job: _Job, summary: dict[str, Any], module: Any, datamodule: 
     card_for_run(job.run_dir, job.cfg, module.net, datamodule, trainer, choices=_choices(),
                  overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
                  checkpoint=summary["best_ckpt"], tested=bool(job.cfg.get("test", True)), recorded=summary)
+    wandb_run.save_files(trainer.loggers, [job.run_dir / "metrics.json", job.run_dir / "MODEL_CARD.md"])
     print(f"Run directory: {job.run_dir}")
 
 

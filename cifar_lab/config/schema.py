@@ -141,11 +141,16 @@ RULES: dict[str, Check] = {
     "seed": integer(0, 2**32 - 1),
     "test": BOOL,
     "reuse_host_memory": BOOL,
+    "tags": Check(lambda v: _is_seq(v) and all(isinstance(t, str) and t for t in v),
+                  "a list of names, e.g. tags=[baseline,cv]"),
+    "notes": optional(Check(lambda v: isinstance(v, str), 'a text, e.g. notes="first try"'), "(no notes)"),
     "optimized_metric": optional(one_of(*FIT_METRICS), "(return nothing)"),
     # data
     "data.batch_size": integer(1),
     "data.eval_batch_size": optional(integer(1), "(same as data.batch_size)"),
     "data.val_size": integer(0),
+    "data.folds": Check(lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (no cross-validation) or a number of folds >= 2"),
+    "data.fold": integer(0),
     "data.num_workers": integer(0),
     "data.num_classes": integer(2),
     "data.pipeline": one_of(*PIPELINES),
@@ -196,6 +201,8 @@ RULES: dict[str, Check] = {
     "autotune.steps": integer(1),
     "autotune.give_up": number(1, lo_open=True),
     "module.compile": BOOL,
+    "module.distill.temperature": POSITIVE,
+    "module.distill.weight": number(0, 1),
     # trainer
     "trainer.max_epochs": Check(lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 for no limit"),
     "trainer.min_epochs": optional(integer(0)),
@@ -347,6 +354,15 @@ def _check_split(cfg: dict) -> Iterator[str]:
                        "with data.drop_last=true, or no batch is ever trained")
 
 
+def _check_folds(cfg: dict) -> Iterator[str]:
+    folds, fold = _get(cfg, "data.folds"), _get(cfg, "data.fold", 0)
+    if _is_int(folds) and folds >= 2 and _is_int(fold) and fold >= folds:
+        yield _problem("data.fold", fold, f"a fold in [0, {folds - 1}] for data.folds={folds}")
+    known = _training_set(cfg)
+    if known is not None and _is_int(folds) and folds > known[0]:
+        yield _problem("data.folds", folds, f"at most {known[0]} ({known[1]} has {known[0]} images)")
+
+
 def _check_classes(cfg: dict) -> Iterator[str]:
     variant = _get(cfg, "data.source.variant")
     num_classes = _get(cfg, "data.num_classes")
@@ -405,7 +421,7 @@ def _check_resize(cfg: dict) -> Iterator[str]:
 
 
 CROSS_CHECKS: tuple[Callable[[dict], Iterator[str]], ...] = (
-    _check_crops, _check_split, _check_classes, _check_trainer, _check_resize,
+    _check_crops, _check_split, _check_folds, _check_classes, _check_trainer, _check_resize,
 )
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from cifar_lab.data.augment import BatchAugment
+from cifar_lab.data.folds import fold_split
 from cifar_lab.data.mixing import BatchMixer
 from cifar_lab.data.sampling import PerImageDataset, ShardedBatchSampler, TensorBatches
 from cifar_lab.data.splits import DataError, ImageSplits
@@ -99,6 +100,8 @@ class CIFARDataModule(L.LightningDataModule):
         seed: int = 0,
         drop_last: bool = False,
         pin_memory: bool = False,
+        folds: int = 0,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -117,6 +120,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.pin_memory = pin_memory
+        self.folds, self.fold = folds, fold  # k-fold cross-validation (folds=0: off, val_size applies)
         self.classes: list[str] = []
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._aug_epoch: int | None = None
@@ -152,18 +156,19 @@ class CIFARDataModule(L.LightningDataModule):
                 f"{self.source.describe()} has {data.num_classes} classes but data.num_classes={self.num_classes}; "
                 f"set data.num_classes={data.num_classes}"
             )
-        if self.val_size < 0 or self.val_size >= len(data.train_x):
+        if not self.folds and (self.val_size < 0 or self.val_size >= len(data.train_x)):
             raise DataError(
                 f"data.val_size={self.val_size} must lie in [0, {len(data.train_x) - 1}] "
                 f"(the training set has {len(data.train_x)} images); 0 validates on the test set"
             )
         self.classes = data.classes
-        if self.val_size == 0:
+        if not self.folds and self.val_size == 0:
             # The reports validated on the test set; kept as an explicit option.
             train = (data.train_x, data.train_y)
             val = (data.test_x, data.test_y)
         else:
-            keep, held = balanced_split(data.train_y, self.val_size, self.num_classes, self.seed)
+            keep, held = (fold_split(data.train_y, self.folds, self.fold, self.seed) if self.folds
+                          else balanced_split(data.train_y, self.val_size, self.num_classes, self.seed))
             (train_x, val_x), (train_y, val_y) = (partition_rows_(t, keep, held) for t in (data.train_x, data.train_y))
             train, val = (train_x, train_y), (val_x, val_y)
         self.splits = {"train": train, "val": val, "test": (data.test_x, data.test_y)}

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from cifar_lab.models import trainable_params
 from cifar_lab.fileio import atomic_write_text
+from cifar_lab.runs.tags import notes_of, tags_of
 
 __all__ = ["wilson_interval", "calibration", "reliability_figure", "test_predictions", "render", "write_model_card",
            "command_line", "card_for_run"]
@@ -152,6 +153,10 @@ def render(facts: Mapping[str, Any], probs: Tensor | None, labels: Tensor | None
     lines += ["## Recipe", "", f"- experiment: {experiment if experiment not in (None, 'None') else 'none'}",
               "- overrides: " + (" ".join(f"`{o}`" for o in facts.get("overrides") or []) or "none"),
               f"- seed: {facts.get('seed')}", f"- wall time: {_duration(facts.get('wall_time_s'))}"]
+    if facts.get("tags"):
+        lines.append("- tags: " + ", ".join(f"`{t}`" for t in facts["tags"]))
+    if facts.get("notes"):
+        lines.append(f"- notes: {facts['notes']}")
     compute = facts.get("compute") or {}
     if compute.get("train_pflop"):
         lines.append(f"- training compute: {compute['train_pflop']:.4g} PFLOP ({compute['train_images']:,} images "
@@ -247,6 +252,8 @@ def card_for_run(run_dir: Path, cfg: Any, net: nn.Module, datamodule: Any, train
         "experiment": choices.get("experiment"),
         "overrides": list(overrides),
         "seed": cfg.get("seed"),
+        "tags": tags_of(cfg),
+        "notes": notes_of(cfg),
         "wall_time_s": wall_time_s,
         "checkpoint": checkpoint,
         "command": command or command_line("python train.py", overrides),

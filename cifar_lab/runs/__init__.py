@@ -1,2 +1,2 @@
 """Run directories: the lock and accepted .hydra files (:mod:`.directory`), metrics.json (:mod:`.summary`),
-and statistics over runs that differ only by seed (:mod:`.seed_stats`)."""
+statistics over runs that differ only by seed or fold (:mod:`.seed_stats`), tags and notes (:mod:`.tags`)."""

@@ -1,0 +1,6 @@
+"""``python -m cifar_lab.tune``: see :mod:`cifar_lab.cli.tune`."""
+
+from cifar_lab.cli.tune import main
+
+if __name__ == "__main__":
+    main()
