@@ -22,7 +22,13 @@ precision is never chosen silently). The decision is cached per (device, torch v
 network config, optimizer, batch size, image size, threads) in
 ``$CIFAR_LAB_CACHE_DIR`` (default ``~/.cache/cifar_lab``)/``autotune.json``, so the next run
 with the same setup decides at once; an explicit value always wins and is never measured.
-A resumed run keeps the values its checkpoint was trained with. Under DDP, rank 0 decides
+A resumed run keeps the values its checkpoint was trained with.
+
+``module.compile=auto`` adds compilation (``torch.compile``, inductor) to the decision: the
+chosen pair is timed compiled too, its first step's extra time taken as the compile cost, and
+the network is compiled only when the steps the run will take (epochs x batches of its
+training set) save more than that cost, so one cached measurement decides a 4-minute run and a
+10-hour run differently. Under DDP, rank 0 decides
 and leaves the decision in the run directory (``.autotune.json``), where the other ranks
 (started by rank 0's Trainer, so after it decided) read it.
 """
@@ -76,15 +82,19 @@ class Decision:
     source: str  # measured | cache | explicit | checkpoint | rank 0
     table: list[Candidate] = field(default_factory=list)
     seconds: float = 0.0
+    compile: bool | None = None  # None: module.compile was not auto
+    compile_timing: dict[str, Any] = field(default_factory=dict)  # eager_s, compiled_s, compile_s, steps, saved_s
 
     def record(self) -> dict[str, Any]:
         return {"precision": self.precision, "memory_format": self.memory_format, "source": self.source,
-                "seconds": round(self.seconds, 2), "table": [asdict(c) for c in self.table]}
+                "seconds": round(self.seconds, 2), "table": [asdict(c) for c in self.table],
+                "compile": self.compile, "compile_timing": self.compile_timing}
 
     @staticmethod
     def from_record(record: dict[str, Any], source: str) -> "Decision":
         return Decision(str(record["precision"]), str(record["memory_format"]), source,
-                        [Candidate(**c) for c in record.get("table", [])])
+                        [Candidate(**c) for c in record.get("table", [])], compile=record.get("compile"),
+                        compile_timing=dict(record.get("compile_timing") or {}))
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -136,11 +146,13 @@ def _wall_timer(step: Callable[[], float]) -> float:
     return time.perf_counter() - start
 
 
-def _step_fn(cfg: DictConfig, precision: str, memory_format: str, device: torch.device, batch_size: int
-             ) -> Callable[[], float]:
-    """One real training step of a fresh copy of the run's network; returns the loss."""
+def _step_fn(cfg: DictConfig, precision: str, memory_format: str, device: torch.device, batch_size: int,
+             compile: bool = False) -> Callable[[], float]:
+    """One real training step of a fresh copy of the run's network (compiled when asked); returns the loss."""
     net = instantiate(cfg.model, _convert_="all").to(device).train()
     net = net.to(memory_format=MEMORY_FORMATS[memory_format])
+    if compile:
+        net.compile(mode=OmegaConf.select(cfg, "module.compile_mode", default=None))
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
     size = _image_size(cfg)
     num_classes = int(OmegaConf.select(cfg, "data.num_classes", default=10))
@@ -271,8 +283,10 @@ def _saved_choice(resume_config: dict[str, Any] | None) -> tuple[str | None, str
 
 def decide(cfg: DictConfig, run_dir: Path | None = None, resume_config: dict[str, Any] | None = None,
            rank: int = 0, timer: StepTimer = _wall_timer,
-           step_factory: Callable[..., Callable[[], float]] = _step_fn) -> Decision:
-    """Resolve ``auto`` in ``trainer.precision`` and ``module.memory_format``, writing the choice into ``cfg``."""
+           step_factory: Callable[..., Callable[[], float]] = _step_fn, train_images: int | None = None) -> Decision:
+    """Resolve ``auto`` in ``trainer.precision``, ``module.memory_format`` and ``module.compile``, writing the
+    choice into ``cfg``. ``train_images`` (the training set's size) gives the run's length for the compile
+    decision."""
     start = time.perf_counter()
     precision = str(OmegaConf.select(cfg, "trainer.precision", default=AUTO))
     memory_format = str(OmegaConf.select(cfg, "module.memory_format", default=AUTO))
@@ -288,10 +302,17 @@ def decide(cfg: DictConfig, run_dir: Path | None = None, resume_config: dict[str
         decision = _from_rank_zero(run_dir)
     else:
         decision = _measured_or_cached(cfg, precision, memory_format, timer, step_factory)
+    if str(OmegaConf.select(cfg, "module.compile", default=False)) == AUTO and decision.compile is None:
+        if rank != 0 and decision.source == "rank 0":
+            decision.compile = False
+        else:
+            _decide_compile(cfg, decision, expected_steps(cfg, train_images), timer, step_factory)
     decision.seconds = time.perf_counter() - start
     with open_dict(cfg):
         cfg.trainer.precision = decision.precision
         cfg.module.memory_format = decision.memory_format
+        if decision.compile is not None:
+            cfg.module.compile = decision.compile
     if rank == 0 and run_dir is not None and decision.source in ("measured", "cache"):
         _write_json(Path(run_dir) / RANK_FILE, decision.record())
     return decision
@@ -336,6 +357,61 @@ def _measured_or_cached(cfg: DictConfig, precision: str, memory_format: str, tim
     return decision
 
 
+def expected_steps(cfg: DictConfig, train_images: int | None) -> int | None:
+    """Training steps the run will take (epochs x batches, or max_steps); None when unknown."""
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    if isinstance(max_steps, int) and max_steps > 0:
+        return max_steps
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    batch = int(OmegaConf.select(cfg, "data.batch_size", default=128))
+    if not isinstance(epochs, int) or epochs < 0 or not train_images:
+        return None
+    return epochs * -(-int(train_images) // batch)
+
+
+def compile_timing(cfg: DictConfig, decision: Decision, timer: StepTimer,
+                   step_factory: Callable[..., Callable[[], float]], steps: int = 3) -> dict[str, float]:
+    """The chosen pair's step, eager and compiled, and the compile cost (the compiled first step's extra time)."""
+    device = _device(cfg)
+    batch_size = int(OmegaConf.select(cfg, "data.batch_size", default=128))
+    timing: dict[str, float] = {}
+    for name, compiled in (("eager_s", False), ("compiled_s", True)):
+        step = step_factory(cfg, decision.precision, decision.memory_format, device, batch_size, compile=compiled)
+        first = timer(step)
+        times = [timer(step) for _ in range(steps)]
+        timing[name] = statistics.median(times)
+        if compiled:
+            timing["compile_s"] = max(0.0, first - timing[name])
+    return timing
+
+
+def _decide_compile(cfg: DictConfig, decision: Decision, steps: int | None, timer: StepTimer,
+                    step_factory: Callable[..., Callable[[], float]]) -> None:
+    """Compile when the run's steps save more than compiling costs (timing measured once, cached)."""
+    device = _device(cfg)
+    batch_size = int(OmegaConf.select(cfg, "data.batch_size", default=128))
+    key = cache_key(cfg, device, batch_size, [(decision.precision, decision.memory_format, "compile")])
+    path = cache_path()
+    timing = _read_json(path).get(key)
+    if not timing:
+        try:
+            with _isolated_rng(device):
+                timing = compile_timing(cfg, decision, timer, step_factory)
+        except Exception as err:  # noqa: BLE001 - a network or platform the compiler cannot handle
+            log.warning("autotune: compiling failed (%s: %s); training without compilation", type(err).__name__,
+                        str(err).splitlines()[0][:200] if str(err) else "")
+            decision.compile, decision.compile_timing = False, {"error": type(err).__name__}
+            return
+        everything = _read_json(path)
+        everything[key] = timing
+        _write_json(path, everything)
+    saved_per_step = timing["eager_s"] - timing["compiled_s"]
+    # an unknown length counts as long: compile whenever a step is faster
+    saved = saved_per_step * steps - timing["compile_s"] if steps is not None else saved_per_step
+    decision.compile = saved > 0
+    decision.compile_timing = {**timing, "steps": steps, "saved_s": round(saved, 2) if steps is not None else None}
+
+
 @contextlib.contextmanager
 def _isolated_rng(device: torch.device) -> Iterator[None]:
     """The timed steps draw random numbers; the run's own stream must not notice."""
@@ -348,6 +424,11 @@ def format_table(decision: Decision) -> str:
     """The measured table as Markdown (for the log and TensorBoard)."""
     lines = [f"autotune ({decision.source}, {decision.seconds:.1f} s): precision={decision.precision}, "
              f"memory_format={decision.memory_format}"]
+    if decision.compile is not None:
+        t = decision.compile_timing
+        detail = (f" (step {1000 * t['eager_s']:.0f} ms eager, {1000 * t['compiled_s']:.0f} ms compiled, compiling "
+                  f"{t['compile_s']:.0f} s, {t.get('steps')} steps)") if "eager_s" in t else ""
+        lines[0] += f", compile={str(decision.compile).lower()}{detail}"
     if decision.table:
         lines += ["", "| precision | memory format | images/s | note |", "|---|---|---:|---|"]
         for c in decision.table:

@@ -84,7 +84,7 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: float = 0.0,
         no_decay_norm_and_bias: bool = False,
         memory_format: str = "channels_last",
-        compile: bool = False,
+        compile: bool | str = False,
         compile_mode: str | None = None,
         hparams: dict[str, Any] | None = None,
         run_overrides: list[str] | None = None,
@@ -104,11 +104,11 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = False
         if memory_format != "auto":
             self.set_memory_format(memory_format)
-        if compile:
-            # nn.Module.compile compiles the module's forward in place: the state_dict keeps
-            # one copy of each parameter under net.* (torch.compile(net) would register a second
-            # module holding the same parameters).
-            self.net.compile(mode=compile_mode)
+        self.compile_mode = compile_mode
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"module.compile must be true, false or auto, got {compile!r}")
+        if compile is True:  # auto: decided by cifar_lab.autotune, then set_compile
+            self.set_compile(True)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -154,6 +154,12 @@ class ClassifierModule(L.LightningModule):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    def set_compile(self, compile: bool) -> None:
+        """Compile the network's forward in place (nn.Module.compile): the state_dict keeps one copy of
+        each parameter under net.* (torch.compile(net) would register a second module holding them)."""
+        if compile:
+            self.net.compile(mode=self.compile_mode)
 
     def set_memory_format(self, memory_format: str) -> None:
         """Lay the network (and, through the datamodule, its input batches) out as ``memory_format``."""

@@ -144,3 +144,91 @@ def test_a_resume_keeps_the_checkpoints_choice(tmp_path: Path) -> None:
     decision = autotune.decide(cfg, None, saved, timer=fake.timer, step_factory=fake.step_factory)
     assert (decision.precision, decision.memory_format, decision.source) == ("bf16-mixed", "contiguous", "checkpoint")
     assert fake.built == []
+
+
+class FakeCompiler:
+    """Eager and compiled steps on a fake clock: the compiled first step pays ``compile_s``."""
+
+    def __init__(self, eager_s: float, compiled_s: float, compile_s: float) -> None:
+        self.eager_s, self.compiled_s, self.compile_s = eager_s, compiled_s, compile_s
+        self.built: list[bool] = []
+        self.calls = {True: 0, False: 0}
+        self.current = False
+
+    def step_factory(self, cfg, precision, memory_format, device, batch_size, compile=False):
+        self.built.append(compile)
+
+        def step() -> float:
+            self.current = compile
+            self.calls[compile] += 1
+            return 1.0
+
+        return step
+
+    def timer(self, step) -> float:
+        step()
+        if self.current:
+            return self.compiled_s + (self.compile_s if self.calls[True] == 1 else 0.0)
+        return self.eager_s
+
+
+def _compile_cfg(tmp_path: Path, epochs: int, *extra: str):
+    # explicit precision and format: only the compile candidate is measured
+    return compose_cfg([*SYNTH, "module.compile=auto", f"trainer.max_epochs={epochs}", "data.batch_size=100",
+                        *extra], tmp_path / "run")
+
+
+@pytest.mark.parametrize("epochs, train_images, compiled", [
+    (1, 1000, False),    # 10 steps save 10 x 0.05 s = 0.5 s: compiling (30 s) does not pay
+    (100, 1000, True),   # 1000 steps save 50 s > 30 s
+    (59, 1000, False),   # 590 steps save 29.5 s < 30 s
+    (61, 1000, True),    # 610 steps save 30.5 s > 30 s
+    (5, None, True),     # the length unknown: counted as long, the faster step wins
+])
+def test_compile_is_chosen_only_when_the_run_pays_for_it(tmp_path: Path, monkeypatch, epochs, train_images,
+                                                        compiled) -> None:
+    monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _compile_cfg(tmp_path, epochs)
+    fake = FakeCompiler(eager_s=0.10, compiled_s=0.05, compile_s=30.0)
+    decision = autotune.decide(cfg, None, timer=fake.timer, step_factory=fake.step_factory,
+                               train_images=train_images)
+    assert decision.compile is compiled and cfg.module.compile is compiled
+    assert decision.compile_timing["compile_s"] == pytest.approx(30.0)
+    assert decision.record()["compile"] is compiled
+
+
+def test_a_slower_compiled_step_is_never_chosen(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
+    fake = FakeCompiler(eager_s=0.05, compiled_s=0.06, compile_s=1.0)
+    decision = autotune.decide(_compile_cfg(tmp_path, 1000), None, timer=fake.timer,
+                               step_factory=fake.step_factory, train_images=10_000)
+    assert decision.compile is False and decision.compile_timing["saved_s"] < 0
+
+
+def test_the_compile_timing_is_cached_and_reused_for_a_run_of_another_length(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
+    first = FakeCompiler(eager_s=0.10, compiled_s=0.05, compile_s=30.0)
+    short = autotune.decide(_compile_cfg(tmp_path, 1), None, timer=first.timer, step_factory=first.step_factory,
+                            train_images=1000)
+    assert short.compile is False and first.built == [False, True]
+    never = FakeCompiler(eager_s=9.0, compiled_s=9.0, compile_s=9.0)  # would decide otherwise if it were asked
+    long = autotune.decide(_compile_cfg(tmp_path, 100), None, timer=never.timer, step_factory=never.step_factory,
+                           train_images=1000)
+    assert long.compile is True and never.built == []  # the same timing, a longer run
+
+
+def test_a_run_records_the_compile_decision_in_metrics(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = compose_cfg([*SYNTH, "module.compile=auto", "trainer.max_epochs=1", "logger=none",
+                       "data.source.train_size=200", "data.source.test_size=50", "data.val_size=50"],
+                      tmp_path / "run")
+    # a cached timing where compiling never pays back in one short epoch: nothing is compiled here
+    key = autotune.cache_key(cfg, torch.device("cpu"), int(cfg.data.batch_size),
+                             [(str(cfg.trainer.precision), str(cfg.module.memory_format), "compile")])
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "autotune.json").write_text(json.dumps({key: {"eager_s": 0.02, "compiled_s": 0.01,
+                                                                        "compile_s": 60.0}}))
+    train(cfg)
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["autotune"]
+    assert recorded["compile"] is False and recorded["compile_timing"]["compile_s"] == 60.0
+    assert recorded["compile_timing"]["steps"] == -(-150 // int(cfg.data.batch_size))  # 1 epoch of 150 images

@@ -139,7 +139,7 @@ def _train(job: _Job) -> float | None:
     module = builders.build_module(job.cfg)  # cheap: a value torch or Lightning refuses stops the run in seconds
     builders.check_trainer(job.cfg)
     datamodule = _datamodule(job.cfg)  # missing data or a batch larger than the data stop it before any work
-    tuned = _tune(job, module)
+    tuned = _tune(job, module, datamodule)
     safety = safety_callbacks(checkpoint_dir_of(job.cfg))
     loggers = builders.build_loggers(job.cfg)
     # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose, and
@@ -164,13 +164,19 @@ def _train(job: _Job) -> float | None:
     return _objective(job.cfg, metrics)
 
 
-def _tune(job: _Job, module: Any) -> autotune.Decision:
-    """`auto` precision and memory format (measured or cached), applied to the module; init_from's weights."""
+def _tune(job: _Job, module: Any, datamodule: Any) -> autotune.Decision:
+    """`auto` precision, memory format and compilation (measured or cached), applied to the module;
+    init_from's weights; a distillation teacher."""
     cfg = job.cfg
-    tuned = autotune.decide(cfg, job.run_dir, job.resume.config if job.resume else None, rank=rank_zero_only.rank)
+    tuned = autotune.decide(cfg, job.run_dir, job.resume.config if job.resume else None, rank=rank_zero_only.rank,
+                            train_images=len(datamodule.splits["train"][0]) if datamodule.splits else None)
     module.set_memory_format(tuned.memory_format)
+    if tuned.compile is not None:
+        module.set_compile(tuned.compile)
     if isinstance(module.hparams.get("trainer"), dict):
         module.hparams["trainer"]["precision"] = tuned.precision  # the checkpoint records the choice
+    if tuned.compile is not None and isinstance(module.hparams.get("module"), dict):
+        module.hparams["module"]["compile"] = tuned.compile
     if cfg.get("init_from"):
         load_weights_from(cfg.init_from, module.net, cfg)
     module.set_teacher(builders.build_teacher(cfg))

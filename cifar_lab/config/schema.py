@@ -200,7 +200,7 @@ RULES: dict[str, Check] = {
     "autotune.warmup": integer(0),
     "autotune.steps": integer(1),
     "autotune.give_up": number(1, lo_open=True),
-    "module.compile": BOOL,
+    "module.compile": either(BOOL, one_of("auto")),
     "module.distill.temperature": POSITIVE,
     "module.distill.weight": number(0, 1),
     # trainer
