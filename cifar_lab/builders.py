@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
+from cifar_lab.callbacks.tta import check_single_layer
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
 
@@ -133,6 +134,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
             f"trainer.accelerator={accelerator}: no CUDA GPU is visible to this process (torch.cuda.is_available() "
             "is false). Train on the CPU with trainer=cpu, or trainer=default, which uses a GPU when there is one"
         )
+    check_single_layer(callbacks)  # two TTA layers on one stage: refused now, not after the test pass
     if not OmegaConf.select(cfg, "trainer.fast_dev_run", default=False):
         callbacks = [*callbacks, RunEstimate()]  # how long an epoch and the run will take, said early
     if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not interactive():

@@ -38,7 +38,7 @@ from cifar_lab import autotune, builders, checkpoints
 from cifar_lab.deploy import robustness
 from cifar_lab.deploy.corruptions import SEVERITIES, check_corruptions
 from cifar_lab.deploy.robustness import corruption_accuracy
-from cifar_lab.callbacks.tta import TTACallback
+from cifar_lab.callbacks.tta import TTACallback, replace_run_tta
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.models import trainable_params
 from cifar_lab.runs.summary import scalars, write_summary
@@ -107,11 +107,8 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
     tuned = autotune.decide(cfg, None, checkpoint.get("hyper_parameters"), rank=rank_zero_only.rank)
     module.set_memory_format(tuned.memory_format)
     checkpoints.load_network_weights(module.net, checkpoint, ckpt_file)
-    callbacks = builders.build_callbacks(cfg)
+    callbacks = _with_requested_tta(cfg, builders.build_callbacks(cfg))
     tta = cfg.get("tta") or {}
-    if tta.get("enabled", False):
-        callbacks.append(TTACallback(flip=bool(tta.get("flip", True)), translate=int(tta.get("translate", 0)),
-                                     padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",)))
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)
     trainer.test(module, datamodule=datamodule)
@@ -148,6 +145,20 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
                      + command_line("python -m cifar_lab.evaluate", evaluation))
         print(f"Run directory: {run_dir}")
     return summary
+
+
+def _with_requested_tta(cfg: DictConfig, callbacks: list) -> list:
+    """``tta.enabled=true`` adds evaluate's TTA; it replaces the run's own TTA layer (one layer, never stacked)."""
+    tta = cfg.get("tta") or {}
+    if not tta.get("enabled", False):
+        return callbacks
+    requested = TTACallback(flip=bool(tta.get("flip", True)), translate=int(tta.get("translate", 0)),
+                            padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",))
+    callbacks, replaced = replace_run_tta(callbacks, requested)
+    if replaced and rank_zero_only.rank == 0:
+        print(f"tta: evaluate's {len(requested.views)} views (tta.*) replace the run's own test-time augmentation "
+              f"({'; '.join(c.describe() for c in replaced)}): one layer, never stacked", flush=True)
+    return callbacks
 
 
 def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,95 @@
+"""Every follow-up command on the kind of run the speedrun makes: TTA inside the run, progressive
+resizing, no validation split (a tiny synthetic run shared by the tests of this file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cifar_lab.builders import build_trainer
+from cifar_lab.callbacks.tta import TTACallback, replace_run_tta
+from cifar_lab.cli import evaluate
+from cifar_lab.cli.train import train
+from cifar_lab.errors import ConfigError
+from conftest import compose_cfg, run_cli
+
+SPEEDRUN_TINY = [
+    "experiment=speedrun",
+    "data=synthetic",
+    "data.source.train_size=256",
+    "data.source.test_size=64",
+    "data.batch_size=64",
+    "data.eval_batch_size=64",
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=2",
+    "data.augment.resize.schedule=[[0,24],[1,null]]",
+    "trainer.precision=32",
+    "module.memory_format=contiguous",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "model.widths=[16,32,32]",
+    "callbacks.whitening.num_images=64",
+]
+
+
+@pytest.fixture(scope="module")
+def speedrun(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished speedrun-like run (its own 10-view TTA at test), as the command line leaves it."""
+    tmp = tmp_path_factory.mktemp("speedrun")
+    run_dir = tmp / "run"
+    proc = run_cli([*SPEEDRUN_TINY, f"hydra.run.dir={run_dir}"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir / "stdout.txt").write_text(proc.stdout)
+    return run_dir
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())["metrics"]
+
+
+def test_evaluate_tta_on_a_run_with_its_own_tta_keeps_one_layer(speedrun: Path, tmp_path: Path, capsys) -> None:
+    own = evaluate.run([f"ckpt_path={speedrun}", "trainer.enable_progress_bar=false"], tmp_path / "own")
+    assert own["metrics"]["test/loss"] == pytest.approx(_metrics(speedrun)["test/loss"], abs=1e-5)
+    capsys.readouterr()
+    # the same 10 views asked for again: the result is the run's own one-layer TTA, not views of views
+    same = evaluate.run([f"ckpt_path={speedrun}", "trainer.enable_progress_bar=false", "tta.enabled=true",
+                         "tta.translate=1"], tmp_path / "same")
+    assert "replace the run's own test-time augmentation (10 views (test))" in capsys.readouterr().out
+    assert same["metrics"]["test/loss"] == pytest.approx(own["metrics"]["test/loss"], abs=1e-5)
+    assert same["tta"]["translate"] == 1
+    # other views replace the run's: one layer of 2 views (flip only) differs from the run's 10
+    flip = evaluate.run([f"ckpt_path={speedrun}", "trainer.enable_progress_bar=false", "tta.enabled=true",
+                         "tta.translate=0"], tmp_path / "flip")
+    assert flip["metrics"]["test/loss"] != pytest.approx(own["metrics"]["test/loss"], abs=1e-5)
+
+
+def test_two_tta_layers_on_one_stage_are_refused_before_the_trainer_exists() -> None:
+    cfg = compose_cfg(SPEEDRUN_TINY)
+    run_layer, second = TTACallback(translate=1, stages=["test"]), TTACallback(translate=2, stages=["test"])
+    with pytest.raises(ConfigError, match="2 test-time augmentation callbacks apply in test"):
+        build_trainer(cfg, [run_layer, second], [])
+    # one on test and one on predict, or a disabled one, is fine; replacing keeps exactly one on test
+    build_trainer(cfg, [run_layer, TTACallback(stages=["predict"], translate=1)], [])
+    build_trainer(cfg, [run_layer, TTACallback(translate=2, stages=["test"], enabled=False)], [])
+    kept, replaced = replace_run_tta([run_layer, "other"], second)
+    assert kept == ["other", second] and replaced == [run_layer]
+
+
+def test_a_tta_layer_never_patches_a_forward_another_layer_patched() -> None:
+    import torch
+
+    from cifar_lab.module import ClassifierModule
+
+    module = ClassifierModule(net=torch.nn.Linear(3, 2), optimizer=None)
+    first, second = TTACallback(flip=True, stages=["test"]), TTACallback(flip=True, stages=["test"])
+    first.on_test_start(None, module)
+    with pytest.raises(ConfigError, match="applied twice in test"):
+        second.on_test_start(None, module)
+    second.on_test_end(None, module)  # nothing installed, nothing removed
+    assert "forward" in vars(module)
+    first.on_test_end(None, module)
+    first.on_test_end(None, module)  # a second removal is harmless
+    assert "forward" not in vars(module)
