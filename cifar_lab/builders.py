@@ -23,7 +23,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
+from cifar_lab.callbacks.estimate import RunEstimate
+from cifar_lab.callbacks.progress import EpochLines, interactive
 from cifar_lab.callbacks.tta import check_single_layer
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
@@ -136,7 +137,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         )
     check_single_layer(callbacks)  # two TTA layers on one stage: refused now, not after the test pass
     if not OmegaConf.select(cfg, "trainer.fast_dev_run", default=False):
-        callbacks = [*callbacks, RunEstimate()]  # how long an epoch and the run will take, said early
+        # how long an epoch and the run will take, said early
+        callbacks = [*callbacks, RunEstimate(test=bool(cfg.get("test", True)))]
     if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not interactive():
         # not a terminal (a log file, CI, a cluster job): one plain line per epoch instead of a bar
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + [EpochLines()]

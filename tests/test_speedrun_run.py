@@ -93,3 +93,12 @@ def test_a_tta_layer_never_patches_a_forward_another_layer_patched() -> None:
     first.on_test_end(None, module)
     first.on_test_end(None, module)  # a second removal is harmless
     assert "forward" not in vars(module)
+
+
+def test_the_estimate_names_the_scheduled_sizes_and_the_tta_test(speedrun: Path) -> None:
+    out = (speedrun / "stdout.txt").read_text()
+    line = next(line for line in out.splitlines() if line.startswith("time: about "))
+    assert " per epoch at 32 px (" in line and " at 24 px), " in line, line
+    assert "for 2 epochs and a 10-view test (measured on the first 2 steps)" in line, line
+    record = json.loads((speedrun / "metrics.json").read_text())["time_estimate"]
+    assert record["predicted_s"] > 0 and record["measured_s"] > 0

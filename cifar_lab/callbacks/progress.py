@@ -7,7 +7,8 @@
 
       epoch 3/30  12.4 s  train loss 1.234 acc 0.562  val loss 1.101 acc 0.611  ETA 5m 34s
 
-* :class:`RunEstimate`: early in the first epoch, how long an epoch and the run will take.
+* :class:`cifar_lab.callbacks.estimate.RunEstimate` (its own module): early in the first epoch, how
+  long an epoch and the run will take.
 * :class:`CompactModelSummary`: the network's layers and size, without the metric objects
   and without a FLOPs column that would read 0 (Lightning counts FLOPs only from an
   ``example_input_array``, which would go through the datamodule's uint8 batch path).
@@ -28,7 +29,7 @@ from lightning.pytorch.callbacks.progress.rich_progress import (
 )
 from rich.progress import TextColumn
 
-__all__ = ["CompactModelSummary", "CompactRichProgressBar", "EpochLines", "RunEstimate", "format_duration",
+__all__ = ["CompactModelSummary", "CompactRichProgressBar", "EpochLines", "format_duration",
            "interactive"]
 
 
@@ -86,41 +87,6 @@ class EpochLines(L.Callback):
                 f"val loss {_value(metrics, 'val/loss')} acc {_value(metrics, 'val/acc')}  "
                 f"ETA {format_duration(left * per_epoch)}")
         print(line, file=self.stream or sys.stdout, flush=True)
-
-
-class RunEstimate(L.Callback):
-    """Early in the first epoch, say how long an epoch and the whole run will take.
-
-    Measured on the first ``min_steps`` training steps (at least ``fraction`` of the epoch), so
-    nobody waits blind: ``time: about 1m 32s per epoch, 13m 50s for 9 epochs (measured on the
-    first 20 steps)``.
-    """
-
-    def __init__(self, min_steps: int = 10, fraction: float = 0.02, stream: TextIO | None = None) -> None:
-        self.min_steps, self.fraction, self.stream = min_steps, fraction, stream
-        self._start: float | None = None
-        self._done = False
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._done:
-            self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._done or self._start is None or not trainer.is_global_zero:
-            return
-        batches = trainer.num_training_batches
-        if not isinstance(batches, int) or batches <= 0:
-            return
-        steps = batch_idx + 1
-        if steps < max(self.min_steps, int(self.fraction * batches)) and steps < batches:
-            return
-        self._done = True
-        per_epoch = (time.perf_counter() - self._start) / steps * batches
-        epochs_left = max(1, (trainer.max_epochs or 1) - trainer.current_epoch)
-        print(f"time: about {format_duration(per_epoch)} per epoch, {format_duration(per_epoch * epochs_left)} "
-              f"for {epochs_left} epoch{'s' if epochs_left != 1 else ''} (measured on the first {steps} steps)",
-              file=self.stream or sys.stdout, flush=True)
 
 
 class CompactRichProgressBar(RichProgressBar):

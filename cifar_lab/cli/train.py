@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import autotune, builders
 from cifar_lab.callbacks.compute import TrainingCompute
+from cifar_lab.callbacks.estimate import RunEstimate
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
@@ -235,6 +236,8 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
         "metrics": metrics,
         # training FLOPs (all segments of a resumed run) and test FLOPs (TTA views included)
         "compute": _compute_record(trainer),
+        # the early time estimate (to the end of the test) against the time it took
+        "time_estimate": next((c.record() for c in trainer.callbacks if isinstance(c, RunEstimate)), None),
         "wall_time_s": round(wall_time, 2),  # this process only
         # Across all segments of a resumed run: the training time stored in the checkpoint it
         # resumed from (0 for a new run) plus this process's time.
