@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_lab.callbacks.estimate import RunEstimate
-from cifar_lab.callbacks.progress import EpochLines, interactive
+from cifar_lab.callbacks.progress import EpochLines, TestLines, interactive
 from cifar_lab.callbacks.tta import check_single_layer
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
@@ -141,7 +141,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         callbacks = [*callbacks, RunEstimate(test=bool(cfg.get("test", True)))]
     if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not interactive():
         # not a terminal (a log file, CI, a cluster job): one plain line per epoch instead of a bar
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + [EpochLines()]
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + [EpochLines(), TestLines()]
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.trainer.enable_progress_bar = False

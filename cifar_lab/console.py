@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["quiet_third_party", "header"]
+__all__ = ["quiet_third_party", "header", "format_duration", "PassProgress"]
 
 # (logger name, start of the message) of Lightning info lines that offer nothing to act on
 _QUIET_LINES = (
@@ -95,3 +97,46 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
     if os.environ.get("CIFAR_LAB_DATA"):
         lines.insert(5, f"data root     : {os.environ['CIFAR_LAB_DATA']} (CIFAR_LAB_DATA)")
     return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+class PassProgress:
+    """Plain progress lines for a long pass outside the training loop (robustness, test, export parity)::
+
+        robustness: 12/51 passes (fog s2), 1m 02s, about 3m 25s left
+
+    A line every ``every_s`` seconds (default ``$CIFAR_LAB_PROGRESS_S``, else 10), and a last one
+    when a pass that printed any ends; a pass shorter than ``every_s`` prints nothing.
+    """
+
+    def __init__(self, label: str, total: int, unit: str = "batches", every_s: float | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.label, self.total, self.unit, self.stream = label, max(1, int(total)), unit, stream
+        self.every_s = float(os.environ.get("CIFAR_LAB_PROGRESS_S", 10)) if every_s is None else float(every_s)
+        self.done = 0
+        self.start = self._last = time.perf_counter()
+        self.printed = 0
+
+    def advance(self, n: int = 1, detail: str = "") -> None:
+        self.done = min(self.total, self.done + n)
+        now = time.perf_counter()
+        finished = self.done >= self.total
+        if (finished and not self.printed and now - self.start < self.every_s) or \
+                (not finished and now - self._last < self.every_s):
+            return
+        self._last = now
+        self.printed += 1
+        elapsed = now - self.start
+        where = f" ({detail})" if detail else ""
+        tail = (f"done in {format_duration(elapsed)}" if finished else
+                f"{format_duration(elapsed)}, about {format_duration(elapsed / self.done * (self.total - self.done))} left")
+        print(f"{self.label}: {self.done}/{self.total} {self.unit}{where}, {tail}", file=self.stream or sys.stdout,
+              flush=True)

@@ -102,3 +102,24 @@ def test_the_estimate_names_the_scheduled_sizes_and_the_tta_test(speedrun: Path)
     assert "for 2 epochs and a 10-view test (measured on the first 2 steps)" in line, line
     record = json.loads((speedrun / "metrics.json").read_text())["time_estimate"]
     assert record["predicted_s"] > 0 and record["measured_s"] > 0
+
+
+def test_evaluate_shows_test_and_robustness_progress_on_fewer_images(speedrun: Path, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    monkeypatch.setenv("CIFAR_LAB_PROGRESS_S", "0")
+    out = tmp_path / "eval"
+    evaluate.run([f"ckpt_path={speedrun}", "data.eval_batch_size=32", "robustness=true", "corruption.names=[fog]",
+                  "corruption.severities=[1,3]", "corruption.max_images=20", "corruption.batch_size=8"], out)
+    lines = capsys.readouterr().out.splitlines()
+    # the run's own 10-view TTA test: 64 images in 2 batches; robustness: 3 batches x (clean + fog s1, s3)
+    assert [line.split(",")[0] for line in lines if line.startswith("test (10 views per image): ")] == [
+        "test (10 views per image): 1/2 batches", "test (10 views per image): 2/2 batches"]
+    robust = [line for line in lines if line.startswith("robustness: ")]
+    assert len(robust) == 9 and robust[-1].startswith("robustness: 9/9 batches (fog s3), done in")
+    assert json.loads((out / "robustness.json").read_text())["images"] == 20
+
+
+def test_a_bad_max_images_is_refused_before_the_test(speedrun: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="corruption.max_images must be a whole number >= 1"):
+        evaluate.run([f"ckpt_path={speedrun}", "robustness=true", "corruption.max_images=0"], tmp_path / "eval")
+    assert not (tmp_path / "eval" / "metrics.json").exists()

@@ -29,7 +29,9 @@ from lightning.pytorch.callbacks.progress.rich_progress import (
 )
 from rich.progress import TextColumn
 
-__all__ = ["CompactModelSummary", "CompactRichProgressBar", "EpochLines", "format_duration",
+from cifar_lab.console import PassProgress, format_duration
+
+__all__ = ["CompactModelSummary", "CompactRichProgressBar", "EpochLines", "TestLines", "format_duration",
            "interactive"]
 
 
@@ -40,15 +42,6 @@ def interactive(stream: TextIO | None = None) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # closed or replaced streams
         return False
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def _value(metrics: dict[str, Any], key: str) -> str:
@@ -87,6 +80,28 @@ class EpochLines(L.Callback):
                 f"val loss {_value(metrics, 'val/loss')} acc {_value(metrics, 'val/acc')}  "
                 f"ETA {format_duration(left * per_epoch)}")
         print(line, file=self.stream or sys.stdout, flush=True)
+
+
+class TestLines(L.Callback):
+    """Without a progress bar, the test pass (``N`` views per image with TTA) says how far it is
+    (:class:`cifar_lab.console.PassProgress`), so a long evaluation is never silent."""
+
+    def __init__(self, every_s: float | None = None, stream: TextIO | None = None) -> None:
+        self.every_s, self.stream = every_s, stream
+        self._progress: PassProgress | None = None
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(int(n) for n in trainer.num_test_batches if n != float("inf")) or 1
+        views = max([len(getattr(c, "views", ())) for c in trainer.callbacks
+                     if callable(getattr(c, "applies_to", None)) and c.applies_to("test")] or [1])
+        label = f"test ({views} views per image)" if views > 1 else "test"
+        self._progress = PassProgress(label, total, "batches", self.every_s, self.stream) \
+            if trainer.is_global_zero else None
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._progress is not None:
+            self._progress.advance()
 
 
 class CompactRichProgressBar(RichProgressBar):

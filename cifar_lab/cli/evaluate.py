@@ -98,6 +98,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
     if cfg.get("robustness"):  # a bad corruption name stops the job before the test runs
         check_corruptions((cfg.get("corruption") or {}).get("names", "all"),
                           list((cfg.get("corruption") or {}).get("severities", SEVERITIES)))
+        robustness.check_max_images((cfg.get("corruption") or {}).get("max_images"))
 
     datamodule = builders.build_datamodule(cfg)
     if rank_zero_only.rank == 0:
@@ -170,7 +171,8 @@ def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: An
         module.net, datamodule.normalize, images, labels, names, severities,
         batch_size=int(options.get("batch_size") or datamodule.eval_batch_size),
         device=trainer.strategy.root_device, seed=int(options.get("seed", 0)),
-        autocast=trainer.strategy.precision_plugin.forward_context)
+        autocast=trainer.strategy.precision_plugin.forward_context,
+        max_images=robustness.check_max_images(options.get("max_images")))
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(robustness.scalars(result), step=trainer.global_step)
