@@ -64,6 +64,15 @@ def _choices_without_none(choices: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in choices.items() if v not in ("None", "null", "")}
 
 
+def _validation(cfg: DictConfig) -> str:
+    """What the run validates on: nothing, the test set, or a held-out split of the training images."""
+    limit = OmegaConf.select(cfg, "trainer.limit_val_batches", default=None)
+    if limit is not None and float(limit) == 0:
+        return "no validation (trainer.limit_val_batches=0; the final weights are tested)"
+    val_size = OmegaConf.select(cfg, "data.val_size", default=None)
+    return "validation on the test set" if val_size == 0 else f"validation {val_size} images"
+
+
 def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str], overrides: list[str],
            tuned: Any) -> str:
     """The run's header: about a dozen lines saying what was chosen and where it goes."""
@@ -84,7 +93,7 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
         f"model         : {_choice(choices, 'model', cfg.model.get('_target_', ''))} "
         f"({params:,} trainable parameters)",
         f"data          : {_choice(choices, 'data', source)}, batch {data.batch_size}, "
-        f"{'validation on the test set' if data.val_size == 0 else f'validation {data.val_size} images'}, "
+        f"{_validation(cfg)}, "
         f"augment {choices.get('augment', 'custom')}",
         f"optimizer     : {_choice(choices, 'optimizer', cfg.optimizer.get('_target_', ''))} "
         f"lr {OmegaConf.select(cfg, 'optimizer.lr', default='-')}, "

@@ -32,6 +32,7 @@ SPEEDRUN_TINY = [
     "callbacks.model_summary=null",
     "model.widths=[16,32,32]",
     "callbacks.whitening.num_images=64",
+    "trainer.log_every_n_steps=1",
 ]
 
 
@@ -123,3 +124,24 @@ def test_a_bad_max_images_is_refused_before_the_test(speedrun: Path, tmp_path: P
     with pytest.raises(ConfigError, match="corruption.max_images must be a whole number >= 1"):
         evaluate.run([f"ckpt_path={speedrun}", "robustness=true", "corruption.max_images=0"], tmp_path / "eval")
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_a_run_without_validation_says_so_and_writes_tensorboard(speedrun: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = (speedrun / "stdout.txt").read_text().splitlines()
+    data = next(line for line in lines if line.startswith("data          : "))
+    assert "no validation (trainer.limit_val_batches=0" in data and "test set" not in data
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2, epochs
+    for line in epochs:
+        assert "no validation" in line and " - " not in line and "val loss" not in line, line
+        assert "train loss " in line and " acc " in line, line
+    # the dashboards every run has: training curves and the learning rate (no val/* without validation)
+    events = EventAccumulator(str(speedrun / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "test/acc"} <= scalars and any(s.startswith("lr-") for s in scalars)
+    assert not any(s.startswith("val/") for s in scalars)
+    assert (speedrun / "csv").is_dir() or any(speedrun.rglob("metrics.csv"))
+    card = (speedrun / "MODEL_CARD.md").read_text()
+    assert "val none (no validation)" in card

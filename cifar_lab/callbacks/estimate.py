@@ -13,8 +13,8 @@ views of a test-time augmentation callback active at test::
     time: about 1m 32s per epoch at 32 px (52s at 24 px), 9m 38s for 7 epochs and a 10-view test
     (measured on the first 20 steps)
 
-When the first epoch (with its validation) then takes more than 25% longer or shorter than
-estimated (a busy machine, a network whose cost is not in its convolutions), one line says so
+When the first epoch (with its validation) then takes more than 25% (and a second) longer or
+shorter than estimated (a busy machine, a network whose cost is not in its convolutions), one line says so
 and gives the corrected time left.
 """
 
@@ -222,7 +222,7 @@ class RunEstimate(L.Callback):
             return
         self.corrected = True  # once
         took, estimated = time.perf_counter() - self._epoch_start, self.plan.epoch_s(trainer.current_epoch)
-        if estimated <= 0 or abs(took / estimated - 1) <= self.tolerance:
+        if estimated <= 0 or abs(took / estimated - 1) <= self.tolerance or abs(took - estimated) < 1.0:
             return
         later = [e for e in self.plan.epoch_sizes if e > trainer.current_epoch]
         left = (sum(self.plan.epoch_s(e) for e in later) + self.plan.test_s()) * took / estimated

@@ -44,15 +44,18 @@ def interactive(stream: TextIO | None = None) -> bool:
         return False
 
 
-def _value(metrics: dict[str, Any], key: str) -> str:
-    value = metrics.get(key)
-    if value is None:
-        return "-"
-    return f"{float(value):.3f}"
+def _pair(metrics: dict[str, Any], stage: str) -> str:
+    """``train loss 1.234 acc 0.562``, only the values the stage logged ("" when none)."""
+    values = [f"{name} {float(metrics[f'{stage}/{name}']):.3f}" for name in ("loss", "acc")
+              if metrics.get(f"{stage}/{name}") is not None]
+    return f"{stage} {' '.join(values)}" if values else ""
 
 
 class EpochLines(L.Callback):
-    """One line per finished epoch: time, train and val loss/accuracy, and the ETA of the run."""
+    """One line per finished epoch: time, train and val loss/accuracy, and the ETA of the run.
+
+    Only values the epoch logged are shown; a run without validation says ``no validation``.
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
@@ -75,10 +78,10 @@ class EpochLines(L.Callback):
         epoch, total = trainer.current_epoch + 1, trainer.max_epochs
         left = max(0, (total or epoch) - epoch)
         per_epoch = sum(self._durations[-3:]) / len(self._durations[-3:])
-        line = (f"epoch {epoch}/{total}  {elapsed:.1f} s  "
-                f"train loss {_value(metrics, 'train/loss')} acc {_value(metrics, 'train/acc')}  "
-                f"val loss {_value(metrics, 'val/loss')} acc {_value(metrics, 'val/acc')}  "
-                f"ETA {format_duration(left * per_epoch)}")
+        validated = _pair(metrics, "val") or ("no validation" if trainer.limit_val_batches == 0 else "")
+        parts = [f"epoch {epoch}/{total}", f"{elapsed:.1f} s", _pair(metrics, "train"), validated,
+                 f"ETA {format_duration(left * per_epoch)}"]
+        line = "  ".join(part for part in parts if part)
         print(line, file=self.stream or sys.stdout, flush=True)
 
 
