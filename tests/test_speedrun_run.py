@@ -101,6 +101,8 @@ def test_the_estimate_names_the_scheduled_sizes_and_the_tta_test(speedrun: Path)
     line = next(line for line in out.splitlines() if line.startswith("time: about "))
     assert " per epoch at 32 px (" in line and " at 24 px), " in line, line
     assert "for 2 epochs and a 10-view test (measured on the first 2 steps)" in line, line
+    assert json.loads((speedrun / "metrics.json").read_text())["data"] == {
+        "source": "synthetic", "splits": {"train": 256, "val": 0, "test": 64}}
     record = json.loads((speedrun / "metrics.json").read_text())["time_estimate"]
     assert record["predicted_s"] > 0 and record["measured_s"] > 0
 

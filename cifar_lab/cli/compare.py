@@ -3,7 +3,10 @@
     python -m cifar_lab.compare logs/train/runs/A logs/train/multiruns/B [--out compare.md] [--plot compare.png]
 
 Every ``metrics.json`` found under the given folders (recursively, so a run directory, a
-multirun sweep directory or all of ``logs/`` work) is one row. Hyperparameters come from the
+multirun sweep directory or all of ``logs/`` work) is one row. A run directory without one (a run
+still going, stopped early, or refused before it started) is listed on stderr with the reason.
+The data column is the data option and the train/val/test sizes (``val`` ``test``: validated on the
+test set; ``0``: no validation), from ``metrics.json`` (else the config). Hyperparameters come from the
 run's ``config.yaml`` (the resolved config saved next to ``metrics.json``). The table is
 printed as Markdown and, with ``--out``, written to a file; ``--plot`` draws accuracy against
 parameter count and against wall time.
@@ -32,6 +35,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_lab.runs import seed_stats
+from cifar_lab.runs.directory import LOCK_FILE
 from cifar_lab.errors import InputError, UserError
 
 COLUMNS: list[tuple[str, str]] = [
@@ -46,6 +50,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("val_acc_best", "best val acc"),
     ("test_acc", "test acc"),
     ("wall_time_s", "wall time"),
+    ("data", "data (train/val/test)"),
 ]
 SORT_KEYS = [key for key, _ in COLUMNS]
 
@@ -68,12 +73,56 @@ class Run:
     resumed: bool = False
     # True when wall_time_s covers the last segment only (a resumed run without a recorded total)
     partial_time: bool = False
+    data: str = ""  # data option and split sizes, e.g. "cifar10 45000/5000/10000"
     status: str = ""  # "ok" or "failed" for sweep jobs, "" otherwise
     error: str = ""  # first line of a failed job's error
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def _why_no_metrics(run_dir: Path) -> str:
+    """Why a run directory has no metrics.json (the likeliest reason its files show)."""
+    if (run_dir / "error.txt").is_file():
+        return f"stopped with an error: {_first_line((run_dir / 'error.txt').read_text(errors='replace'))}"
+    if (run_dir / LOCK_FILE).is_file() and _locked(run_dir / LOCK_FILE):
+        return "still running (its lock is held)"
+    if (run_dir / "checkpoints").is_dir():
+        return ("stopped before the end (checkpoints, no metrics.json); resume it with "
+                f"python train.py hydra.run.dir={run_dir} ckpt_path=last")
+    return "no metrics.json: the run did not finish (or never started)"
+
+
+def _locked(lock_file: Path) -> bool:
+    import fcntl
+
+    try:
+        with open(lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+
+
+def skipped_dirs(paths: Sequence[str | Path]) -> dict[Path, str]:
+    """Run directories under (or given as) ``paths`` that have no metrics.json, with the reason."""
+    skipped: dict[Path, str] = {}
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            continue
+        candidates = [path] + [p.parent for p in path.rglob(".hydra")] + [p.parent for p in path.rglob("config.yaml")]
+        for run_dir in candidates:
+            if run_dir in skipped or (run_dir / "metrics.json").is_file():
+                continue
+            if run_dir == path and any(path.rglob("metrics.json")):
+                continue  # a folder above runs, not a run
+            if run_dir != path and not ((run_dir / ".hydra").is_dir() or (run_dir / "config.yaml").is_file()):
+                continue
+            skipped[run_dir] = _why_no_metrics(run_dir)
+    return skipped
 
 
 def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
@@ -169,6 +218,7 @@ def read_run(metrics_file: Path, label: str) -> Run:
         val_acc_best=_number(metrics.get("val/acc_best"), float),
         test_acc=_number(metrics.get("test/acc"), float),
         wall_time_s=wall_time,
+        data=_data_cell(summary.get("data"), str(choices.get("data") or ""), select),
         resumed=resumed,
         partial_time=resumed and total is None,
         status=status,
@@ -176,6 +226,19 @@ def read_run(metrics_file: Path, label: str) -> Run:
         extra={"config": seed_stats.config_leaves(mapping), "seed": summary.get("seed", mapping.get("seed")),
                "metrics": numbers},
     )
+
+
+def _data_cell(recorded: Any, choice: str, select: Any) -> str:
+    """``cifar10 45000/5000/10000`` from metrics.json's ``data``, else what the config says."""
+    if isinstance(recorded, dict) and isinstance(recorded.get("splits"), dict):
+        sizes = recorded["splits"]
+        parts = [str(sizes[name]) for name in ("train", "val", "test") if name in sizes]
+        return f"{recorded.get('source') or choice} {'/'.join(parts)}".strip()
+    train, test = select("data.source.train_size"), select("data.source.test_size")
+    if train is not None and test is not None:  # a generated source states its sizes
+        val = select("data.val_size") or 0
+        return f"{choice} {int(train) - int(val)}/{int(val) if val else 'test'}/{test}".strip()
+    return choice
 
 
 def _labels(files: Sequence[Path], roots: Sequence[str | Path]) -> list[str]:
@@ -199,6 +262,12 @@ def _labels(files: Sequence[Path], roots: Sequence[str | Path]) -> list[str]:
 
 def collect(paths: Sequence[str | Path]) -> list[Run]:
     files = find_metrics(paths)
+    skipped = skipped_dirs(paths)
+    if skipped:
+        print(f"skipped {len(skipped)} director{'y' if len(skipped) == 1 else 'ies'} without metrics.json:",
+              file=sys.stderr)
+        for run_dir, why in skipped.items():
+            print(f"  {run_dir}: {why}", file=sys.stderr)
     runs = []
     for file, label in zip(files, _labels(files, paths)):
         try:

@@ -41,7 +41,7 @@ from cifar_lab.deploy.robustness import corruption_accuracy
 from cifar_lab.callbacks.tta import TTACallback, replace_run_tta
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.models import trainable_params
-from cifar_lab.runs.summary import scalars, write_summary
+from cifar_lab.runs.summary import data_record, scalars, write_summary
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, run_command
 from cifar_lab.deploy.model_card import card_for_run, command_line
@@ -125,6 +125,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
         "model": trained.get("model") or str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1],
         "choices": trained.get("choices", {}),
         "params": trainable_params(module.net),
+        "data": data_record(_data_choice(cfg), {"test": datamodule.splits["test"]}),
         "epochs": int(checkpoint.get("epoch", -1)) + 1,
         "global_step": int(checkpoint.get("global_step", 0)),
         "seed": cfg.seed,
@@ -146,6 +147,17 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
                      + command_line("python -m cifar_lab.evaluate", evaluation))
         print(f"Run directory: {run_dir}")
     return summary
+
+
+def _data_choice(cfg: DictConfig) -> str:
+    """The data option this evaluation composed (e.g. ``cifar10_1``), else the source class."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get("data")
+    except ValueError:
+        choice = None
+    return str(choice or str(OmegaConf.select(cfg, "data.source._target_", default="")).rsplit(".", 1)[-1])
 
 
 def _with_requested_tta(cfg: DictConfig, callbacks: list) -> list:
