@@ -44,6 +44,7 @@ def speedrun(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli([*SPEEDRUN_TINY, f"hydra.run.dir={run_dir}"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir / "stdout.txt").write_text(proc.stdout)
+    (run_dir / "stderr.txt").write_text(proc.stderr)
     return run_dir
 
 
@@ -147,3 +148,34 @@ def test_a_run_without_validation_says_so_and_writes_tensorboard(speedrun: Path)
     assert (speedrun / "csv").is_dir() or any(speedrun.rglob("metrics.csv"))
     card = (speedrun / "MODEL_CARD.md").read_text()
     assert "val none (no validation)" in card
+
+
+@pytest.mark.parametrize("steps, warned", [(8, True), (10, False)])
+def test_a_run_whose_averaged_weights_miss_its_last_steps_says_so(steps: int, warned: bool, tmp_path: Path,
+                                                                   caplog) -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cifar_lab.callbacks.averaging import Lookahead
+    from conftest import NetModule
+
+    data = TensorDataset(torch.randn(steps * 4, 8), torch.randint(0, 2, (steps * 4,)))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Lookahead(every_n_steps=5)])
+    with caplog.at_level("WARNING", logger="cifar_lab"):
+        trainer.fit(NetModule(torch.nn.Linear(8, 2)), DataLoader(data, batch_size=4))
+    messages = [r.getMessage() for r in caplog.records if "averaged weights" in r.getMessage()]
+    if warned:
+        assert messages == ["the averaged weights this run keeps (and tests) were last updated at step 5 of 8 "
+                            "(every 5 steps): its last 3 steps (38%) are not in them, so the test accuracy of a run "
+                            "this short can lie far below its training accuracy; train more steps (more images or a "
+                            "smaller data.batch_size)"]
+    else:
+        assert messages == []
+
+
+def test_the_tiny_speedrun_explains_its_test_accuracy(speedrun: Path) -> None:
+    out = (speedrun / "stdout.txt").read_text() + (speedrun / "stderr.txt").read_text()
+    assert "last updated at step 0 of 4" in out
