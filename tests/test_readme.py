@@ -69,7 +69,7 @@ CANNOT_RUN: list[tuple[str, str]] = [
 PROJECT = re.compile(r"^(python3? (train\.py|-m cifar_lab\.\w+)|make (train|test|test-fast|bench))\b")
 SMALL_DATA = {"smallest": ["data.source.train_size=64", "data.source.test_size=32", "data.val_size=16",
                            "data.batch_size=16", "data.eval_batch_size=32"],
-              "as_written": ["data.val_size=200"]}
+              "as_written": []}
 FIXED = ["trainer.precision=32", "module.memory_format=contiguous"]
 VARIANTS = ["smallest", pytest.param("as_written", marks=pytest.mark.slow)]
 
@@ -235,6 +235,32 @@ def test_the_readme_shows_commands_of_every_kind() -> None:
                   "python -m cifar_lab.export", "python -m cifar_lab.compare", "make train"):
         assert any(t.startswith(start) for t in texts), start
     assert any(c.skip_reason() for c in COMMANDS) and any(not c.skip_reason() for c in COMMANDS)
+
+
+def test_the_rule_changes_only_data_epochs_and_paths(tmp_path: Path) -> None:
+    run, logs = tmp_path / "run dir", tmp_path / "logs"
+    (logs / "speedrun" / "runs" / "a").mkdir(parents=True)
+    train = Command("README.md", 1, "python train.py experiment=speedrun data=imagefolder data.root=/x "
+                                    "trainer.max_epochs=9 optimizer.lr=0.1  # a comment")
+    assert substitute(train, "smallest", run, tmp_path, logs) == [
+        sys.executable, "train.py", "experiment=speedrun", "optimizer.lr=0.1", "data=synthetic",
+        *SMALL_DATA["smallest"], "trainer.max_epochs=2", "+trainer.limit_train_batches=2", SPEEDRUN_SCHEDULE, *FIXED]
+    assert substitute(train, "as_written", run, tmp_path, logs)[-5:] == [
+        "data=synthetic", "trainer.max_epochs=2", SPEEDRUN_SCHEDULE, *FIXED]
+    sweep = Command("README.md", 1, "python train.py hparams_search=optuna hydra.sweeper.n_trials=20")
+    assert "hydra.sweeper.n_trials=2" in substitute(sweep, "smallest", run, tmp_path, logs)
+    assert "hydra.sweeper.n_trials=20" in substitute(sweep, "as_written", run, tmp_path, logs)
+    evaluate = Command("README.md", 1, "python -m cifar_lab.evaluate ckpt_path=<run dir> output=x/model.onnx")
+    assert substitute(evaluate, "smallest", run, tmp_path, logs)[1:] == [
+        "-m", "cifar_lab.evaluate", f"ckpt_path={run}", f"output={tmp_path / 'model.onnx'}"]
+    compare = Command("README.md", 1, "python -m cifar_lab.compare logs/*/runs/* --out compare.md")
+    assert substitute(compare, "smallest", run, tmp_path, logs)[1:] == [
+        "-m", "cifar_lab.compare", str(logs / "speedrun" / "runs" / "a"), "--out", str(tmp_path / "compare.md")]
+    make = Command("README.md", 1, 'make train ARGS="model=simple_cnn trainer.max_epochs=5"')
+    assert substitute(make, "smallest", run, tmp_path, logs) == [
+        "make", "-s", "-o", "install", "train", f"PY={sys.executable}",
+        "ARGS=" + shlex.join(["model=simple_cnn", "data=synthetic", *SMALL_DATA["smallest"], "trainer.max_epochs=1",
+                              "+trainer.limit_train_batches=2", *FIXED])]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
