@@ -26,6 +26,11 @@ paths: ``input=``, ``output=``,     files in the test's temporary folder (``inpu
 ``parity.images=``, ``logs/``       ``logs/`` is the module's log folder (``CIFAR_LAB_LOGS``)
 ==================================  =================================================================
 
+``make train`` runs the Makefile's own recipe (its no-GPU default included) with this interpreter
+(``PY=``) and without its install step (``-o install``); ``ARGS`` get the same rule. Commands run in
+document order and share the module's files, so ``predict ckpt_path=model.onnx`` reads the file the
+``export`` before it wrote.
+
 Variants (``VARIANTS``): ``smallest`` (the default suite, every command): 64 training and 32 test
 images, 1 epoch (2 with a size schedule), at most 2 training batches, sweeps cut to 2 jobs or trials
 (``hydra.sweeper.n_trials``, ``hydra.sweeper.n_workers``); ``as_written`` (``slow``): the synthetic
