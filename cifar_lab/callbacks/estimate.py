@@ -241,6 +241,14 @@ class RunEstimate(L.Callback):
         if self.plan is not None and self.measured_s is None:
             self.measured_s = self.clock() - self._printed_at
 
+    def eta_after(self, epoch: int, took: float) -> float | None:
+        """Training time left after ``epoch``, which took ``took`` seconds: the plan's later epochs (at
+        their scheduled sizes), scaled by how the finished epoch compared with its plan."""
+        plan = self.plan
+        if plan is None or epoch not in plan.epoch_sizes or plan.epoch_s(epoch) <= 0:
+            return None
+        return sum(plan.epoch_s(e) for e in plan.epoch_sizes if e > epoch) * took / plan.epoch_s(epoch)
+
     def record(self) -> dict[str, Any] | None:
         """From the estimate to the end of the test: estimated and measured seconds (metrics.json)."""
         if self.predicted_s is None:

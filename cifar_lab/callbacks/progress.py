@@ -54,7 +54,9 @@ def _pair(metrics: dict[str, Any], stage: str) -> str:
 class EpochLines(L.Callback):
     """One line per finished epoch: time, train and val loss/accuracy, and the ETA of the run.
 
-    Only values the epoch logged are shown; a run without validation says ``no validation``.
+    Only values the epoch logged are shown; a run without validation says ``no validation``. The
+    ETA follows :class:`~cifar_lab.callbacks.estimate.RunEstimate`'s plan when the run has one (so
+    epochs a schedule trains at a larger image size count as such).
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -78,9 +80,12 @@ class EpochLines(L.Callback):
         epoch, total = trainer.current_epoch + 1, trainer.max_epochs
         left = max(0, (total or epoch) - epoch)
         per_epoch = sum(self._durations[-3:]) / len(self._durations[-3:])
+        # the run-time estimate knows the epochs' scheduled image sizes; else the mean of the last epochs
+        planned = [c.eta_after(trainer.current_epoch, elapsed) for c in trainer.callbacks if hasattr(c, "eta_after")]
+        eta = next((t for t in planned if t is not None), left * per_epoch)
         validated = _pair(metrics, "val") or ("no validation" if trainer.limit_val_batches == 0 else "")
         parts = [f"epoch {epoch}/{total}", f"{elapsed:.1f} s", _pair(metrics, "train"), validated,
-                 f"ETA {format_duration(left * per_epoch)}"]
+                 f"ETA {format_duration(eta)}"]
         line = "  ".join(part for part in parts if part)
         print(line, file=self.stream or sys.stdout, flush=True)
 

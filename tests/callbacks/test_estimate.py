@@ -41,6 +41,15 @@ def test_validation_and_test_are_full_size_forward_passes_times_the_views() -> N
     assert plan.remaining_s(2, 0) == pytest.approx(50 * forward + 200 * 10 * forward)
 
 
+def test_the_eta_after_an_epoch_follows_the_schedule_scaled_by_that_epoch() -> None:
+    estimate = RunEstimate()
+    assert estimate.eta_after(0, 1.0) is None  # no plan yet
+    estimate.plan = _plan()
+    # epoch 0 took twice its plan: epochs 1 (24 px) and 2 (32 px) are expected to as well
+    assert estimate.eta_after(0, 2 * 4.0) == pytest.approx(2 * (4.0 + 10 * estimate.plan.step_s(32)))
+    assert estimate.eta_after(2, 1.0) == 0.0
+
+
 class _SlowFirstValidation(L.Callback):
     """The first epoch's validation takes far longer than its forward passes (a busy machine)."""
 
