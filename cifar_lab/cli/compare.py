@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_lab.runs import seed_stats
-from cifar_lab.runs.directory import LOCK_FILE
+from cifar_lab.runs.unfinished import skipped_dirs
 from cifar_lab.errors import InputError, UserError
 
 COLUMNS: list[tuple[str, str]] = [
@@ -80,49 +80,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _why_no_metrics(run_dir: Path) -> str:
-    """Why a run directory has no metrics.json (the likeliest reason its files show)."""
-    if (run_dir / "error.txt").is_file():
-        return f"stopped with an error: {_first_line((run_dir / 'error.txt').read_text(errors='replace'))}"
-    if (run_dir / LOCK_FILE).is_file() and _locked(run_dir / LOCK_FILE):
-        return "still running (its lock is held)"
-    if (run_dir / "checkpoints").is_dir():
-        return ("stopped before the end (checkpoints, no metrics.json); resume it with "
-                f"python train.py hydra.run.dir={run_dir} ckpt_path=last")
-    return "no metrics.json: the run did not finish (or never started)"
-
-
-def _locked(lock_file: Path) -> bool:
-    import fcntl
-
-    try:
-        with open(lock_file, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-    except OSError:
-        return True
-
-
-def skipped_dirs(paths: Sequence[str | Path]) -> dict[Path, str]:
-    """Run directories under (or given as) ``paths`` that have no metrics.json, with the reason."""
-    skipped: dict[Path, str] = {}
-    for given in paths:
-        path = Path(given).expanduser()
-        if not path.is_dir():
-            continue
-        candidates = [path] + [p.parent for p in path.rglob(".hydra")] + [p.parent for p in path.rglob("config.yaml")]
-        for run_dir in candidates:
-            if run_dir in skipped or (run_dir / "metrics.json").is_file():
-                continue
-            if run_dir == path and any(path.rglob("metrics.json")):
-                continue  # a folder above runs, not a run
-            if run_dir != path and not ((run_dir / ".hydra").is_dir() or (run_dir / "config.yaml").is_file()):
-                continue
-            skipped[run_dir] = _why_no_metrics(run_dir)
-    return skipped
 
 
 def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
