@@ -25,7 +25,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from cifar_lab import checkpoints
-from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
+from cifar_lab.callbacks.estimate import RunEstimate
+from cifar_lab.callbacks.progress import EpochLines, TestLines, interactive
+from cifar_lab.callbacks.tta import check_single_layer
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule, Renormalize
 from cifar_lab.runs import tags
@@ -192,11 +194,13 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
             f"trainer.accelerator={accelerator}: no CUDA GPU is visible to this process (torch.cuda.is_available() "
             "is false). Train on the CPU with trainer=cpu, or trainer=default, which uses a GPU when there is one"
         )
+    check_single_layer(callbacks)  # two TTA layers on one stage: refused now, not after the test pass
     if not OmegaConf.select(cfg, "trainer.fast_dev_run", default=False):
-        callbacks = [*callbacks, RunEstimate()]  # how long an epoch and the run will take, said early
+        # how long an epoch and the run will take, said early
+        callbacks = [*callbacks, RunEstimate(test=bool(cfg.get("test", True)))]
     if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not interactive():
         # not a terminal (a log file, CI, a cluster job): one plain line per epoch instead of a bar
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + [EpochLines()]
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + [EpochLines(), TestLines()]
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.trainer.enable_progress_bar = False

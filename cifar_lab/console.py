@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["quiet_third_party", "header"]
+__all__ = ["quiet_third_party", "header", "format_duration", "PassProgress"]
 
 # (logger name, start of the message) of Lightning info lines that offer nothing to act on
 _QUIET_LINES = (
@@ -62,11 +64,16 @@ def _choices_without_none(choices: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in choices.items() if v not in ("None", "null", "")}
 
 
-def _validation(data: Any) -> str:
-    """What the run validates on: a fold of k-fold cross-validation, held-out images or the test set."""
-    if data.get("folds"):
-        return f"validation fold {data.fold} of {data.folds}"
-    return "validation on the test set" if data.val_size == 0 else f"validation {data.val_size} images"
+def _validation(cfg: DictConfig) -> str:
+    """What the run validates on: nothing, a fold of k-fold cross-validation, the test set, or a held-out
+    split of the training images."""
+    limit = OmegaConf.select(cfg, "trainer.limit_val_batches", default=None)
+    if limit is not None and float(limit) == 0:
+        return "no validation (trainer.limit_val_batches=0; the final weights are tested)"
+    if OmegaConf.select(cfg, "data.folds", default=None):
+        return f"validation fold {cfg.data.fold} of {cfg.data.folds}"
+    val_size = OmegaConf.select(cfg, "data.val_size", default=None)
+    return "validation on the test set" if val_size == 0 else f"validation {val_size} images"
 
 
 def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str], overrides: list[str],
@@ -89,7 +96,7 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
         f"model         : {_choice(choices, 'model', cfg.model.get('_target_', ''))} "
         f"({params:,} trainable parameters)",
         f"data          : {_choice(choices, 'data', source)}, batch {data.batch_size}, "
-        f"{_validation(data)}, "
+        f"{_validation(cfg)}, "
         f"augment {choices.get('augment', 'custom')}",
         f"optimizer     : {_choice(choices, 'optimizer', cfg.optimizer.get('_target_', ''))} "
         f"lr {OmegaConf.select(cfg, 'optimizer.lr', default='-')}, "
@@ -102,3 +109,46 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
     if os.environ.get("CIFAR_LAB_DATA"):
         lines.insert(5, f"data root     : {os.environ['CIFAR_LAB_DATA']} (CIFAR_LAB_DATA)")
     return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+class PassProgress:
+    """Plain progress lines for a long pass outside the training loop (robustness, test, export parity)::
+
+        robustness: 12/51 passes (fog s2), 1m 02s, about 3m 25s left
+
+    A line every ``every_s`` seconds (default ``$CIFAR_LAB_PROGRESS_S``, else 10), and a last one
+    when a pass that printed any ends; a pass shorter than ``every_s`` prints nothing.
+    """
+
+    def __init__(self, label: str, total: int, unit: str = "batches", every_s: float | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.label, self.total, self.unit, self.stream = label, max(1, int(total)), unit, stream
+        self.every_s = float(os.environ.get("CIFAR_LAB_PROGRESS_S", 10)) if every_s is None else float(every_s)
+        self.done = 0
+        self.start = self._last = time.perf_counter()
+        self.printed = 0
+
+    def advance(self, n: int = 1, detail: str = "") -> None:
+        self.done = min(self.total, self.done + n)
+        now = time.perf_counter()
+        finished = self.done >= self.total
+        if (finished and not self.printed and now - self.start < self.every_s) or \
+                (not finished and now - self._last < self.every_s):
+            return
+        self._last = now
+        self.printed += 1
+        elapsed = now - self.start
+        where = f" ({detail})" if detail else ""
+        tail = (f"done in {format_duration(elapsed)}" if finished else
+                f"{format_duration(elapsed)}, about {format_duration(elapsed / self.done * (self.total - self.done))} left")
+        print(f"{self.label}: {self.done}/{self.total} {self.unit}{where}, {tail}", file=self.stream or sys.stdout,
+              flush=True)

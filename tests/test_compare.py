@@ -55,12 +55,12 @@ def test_table_and_plot_for_a_run_and_a_sweep(runs: tuple[Path, Path], tmp_path:
     assert len(lines) == 2 + 3
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["run", "model", "params", "optimizer", "lr", "batch size", "scheduler", "epochs",
-                      "best val acc", "test acc", "wall time"]
+                      "best val acc", "test acc", "wall time", "data (train/val/test)"]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     # best test accuracy first; the run without a test accuracy last
     assert rows[0] == ["sweep/0", "resnet_se", "11.20M", "adamw", "0.001", "256", "cosine", "30", "90.00%",
-                       "89.50%", "1h02m05s"]
-    assert rows[1] == ["a", "simple_cnn", "2.12M", "sgd", "0.05", "128", "cosine", "3", "71.00%", "70.00%", "1m35s"]
+                       "89.50%", "1h02m05s", "-"]
+    assert rows[1] == ["a", "simple_cnn", "2.12M", "sgd", "0.05", "128", "cosine", "3", "71.00%", "70.00%", "1m35s", "-"]
     assert rows[2][:2] == ["sweep/1", "squeezenet"] and rows[2][9] == "-" and rows[2][2] == "730.00k"
     text = out.read_text()
     assert text.startswith("# Run comparison") and "\n".join(lines) in text
@@ -291,3 +291,57 @@ def test_t_quantiles() -> None:
     assert compare.seed_stats.t_quantile(1) == 12.706 and compare.seed_stats.t_quantile(30) == 2.042
     assert compare.seed_stats.t_quantile(60) == pytest.approx(2.000, abs=1e-3)
     assert compare.seed_stats.t_quantile(1000) == pytest.approx(1.962, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- data column, skipped directories
+def test_the_data_column_shows_the_source_and_split_sizes(tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "runs" / "smoke", "speedrun_net", 1000, "muon_sgd", 0.2, 64, None, 0.4, 60.0,
+              data={"source": "synthetic", "splits": {"train": 400, "val": 0, "test": 200}})
+    write_run(tmp_path / "runs" / "cifar", "speedrun_net", 1000, "muon_sgd", 0.2, 1024, None, 0.9, 900.0,
+              data={"source": "imagefolder", "splits": {"train": 50000, "val": "test", "test": 10000}})
+    # an older run without the record: the config's generated sizes (validation on the test set)
+    old = write_run(tmp_path / "runs" / "old", "simple_cnn", 1000, "sgd", 0.1, 64, 0.5, 0.5, 10.0)
+    (old / "config.yaml").write_text(yaml.safe_dump({"data": {"val_size": 0, "source": {
+        "train_size": 300, "test_size": 100}}}))
+    summary = json.loads((old / "metrics.json").read_text())
+    summary["choices"]["data"] = "synthetic"
+    (old / "metrics.json").write_text(json.dumps(summary))
+    assert compare.main([str(tmp_path / "runs")]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["runs/smoke"][-1] == "synthetic 400/0/200"
+    assert rows["runs/cifar"][-1] == "imagefolder 50000/test/10000"
+    assert rows["runs/old"][-1] == "synthetic 300/test/100"
+
+
+def test_directories_without_metrics_are_named_with_the_reason(runs: tuple[Path, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    stopped = tmp_path / "runs" / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / ".hydra").mkdir()
+    refused = tmp_path / "runs" / "refused"
+    refused.mkdir()
+    (refused / "config.yaml").write_text("{}")
+    (refused / "error.txt").write_text("Error: data.root=/nope: no CIFAR-10 here\n")
+    running = tmp_path / "runs" / "running"
+    (running / ".hydra").mkdir(parents=True)
+    from cifar_lab.runs.directory import RunDirLock
+
+    code = ("import sys, time; from pathlib import Path; from cifar_lab.runs.directory import RunDirLock; "
+            "RunDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)")
+    lock_proc = subprocess.Popen([sys.executable, "-c", code, str(running)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert lock_proc.stdout.readline().strip() == "locked"
+        found = compare.collect([tmp_path / "runs"])
+    finally:
+        lock_proc.kill()
+        lock_proc.wait()
+    assert [r.run for r in found] == ["runs/a"]
+    err = capsys.readouterr().err
+    assert "skipped 3 directories without metrics.json:" in err
+    assert f"  {stopped}: stopped before the end (checkpoints, no metrics.json); resume it with " \
+           f"python train.py hydra.run.dir={stopped} ckpt_path=last" in err
+    assert f"  {refused}: stopped with an error: Error: data.root=/nope: no CIFAR-10 here" in err
+    assert f"  {running}: still running (its lock is held)" in err
+    # a sweep directory above its jobs is not a run: nothing skipped there
+    compare.collect([runs[1]])
+    assert "skipped" not in capsys.readouterr().err

@@ -38,7 +38,8 @@ def test_a_tiny_run_prints_a_short_header_and_plain_epoch_lines(tmp_path: Path) 
     assert epochs[-1].endswith("ETA 0s")
     # the run's expected time, said before the first epoch ended
     estimate = next(i for i, line in enumerate(lines) if line.startswith("time: about "))
-    assert re.fullmatch(r"time: about .+? per epoch, .+? for 2 epochs \(measured on the first \d+ steps\)",
+    assert re.fullmatch(r"time: about .+? per epoch, .+? for 2 epochs with validation and the test "
+                        r"\(measured on the first \d+ steps\)",
                         lines[estimate])
     assert estimate < lines.index(epochs[0])
     assert (run_dir / "config.yaml").is_file()  # the whole config is kept with the run

@@ -149,3 +149,11 @@ def test_predict_from_onnx_needs_no_lightning(small_ckpt: Path, tmp_path: Path) 
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 4
+
+
+def test_parity_check_prints_progress(small_ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("CIFAR_LAB_PROGRESS_S", "0")
+    export(small_ckpt, "torchscript", tmp_path / "model.pt", batch_size=16)
+    out = capsys.readouterr().out
+    assert [line.split(",")[0] for line in out.splitlines() if line.startswith("parity (torchscript): ")][:4] == [
+        f"parity (torchscript): {i}/4 batches" for i in range(1, 5)]

@@ -324,9 +324,9 @@ def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:
     assert summary["global_step"] == 2
     # the final (Lookahead-averaged) weights are saved, tested, and usable like any run's
     assert summary["best_ckpt"].startswith("checkpoints/") and (run_dir / summary["best_ckpt"]).is_file()
-    # the card says that the validation split is the test set, and gives the run's TTA accuracy
+    # the card says that there is no validation, and gives the run's TTA accuracy
     card = (run_dir / "MODEL_CARD.md").read_text()
-    assert "val (the test set), test 64" in card
+    assert "val none (no validation), test 64" in card
     assert f"{100 * summary['metrics']['test/acc']:.2f}%" in card  # the TTA accuracy, one view's or recorded
     again = evaluate.run([f"ckpt_path={run_dir}", "trainer.enable_progress_bar=false"], tmp_path / "eval")
     assert again["metrics"]["test/acc"] == pytest.approx(summary["metrics"]["test/acc"], abs=1e-6)

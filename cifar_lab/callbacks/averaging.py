@@ -25,6 +25,7 @@ integer buffers (``num_batches_tracked``) follow the training model.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -33,6 +34,8 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
 __all__ = ["ScheduledAveraging", "Lookahead", "EMA"]
+
+log = logging.getLogger(__name__)
 
 
 class ScheduledAveraging(WeightAveraging):
@@ -96,6 +99,21 @@ class ScheduledAveraging(WeightAveraging):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.write_back and self._latest_update_step != before:
             self._copy_average_to_current(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._warn_if_stale(trainer.global_step)
+        super().on_train_end(trainer, pl_module)
+
+    def _warn_if_stale(self, steps: int) -> None:
+        """A run so short that the averaged weights it keeps miss a large part of its training says so."""
+        updated = int(self._latest_update_step or 0)  # the optimizer steps the average has seen
+        missed = steps - updated
+        if steps <= 0 or missed <= 0.1 * steps:
+            return
+        log.warning("the averaged weights this run keeps (and tests) were last updated at step %d of %d (every %d "
+                    "steps): its last %d steps (%d%%) are not in them, so the test accuracy of a run this short can "
+                    "lie far below its training accuracy; train more steps (more images or a smaller "
+                    "data.batch_size)", updated, steps, self.every_n_steps, missed, round(100 * missed / steps))
 
     @torch.no_grad()
     def _copy_average_to_current(self, pl_module: L.LightningModule) -> None:

@@ -7,7 +7,8 @@
 
       epoch 3/30  12.4 s  train loss 1.234 acc 0.562  val loss 1.101 acc 0.611  ETA 5m 34s
 
-* :class:`RunEstimate`: early in the first epoch, how long an epoch and the run will take.
+* :class:`cifar_lab.callbacks.estimate.RunEstimate` (its own module): early in the first epoch, how
+  long an epoch and the run will take.
 * :class:`CompactModelSummary`: the network's layers and size, without the metric objects
   and without a FLOPs column that would read 0 (Lightning counts FLOPs only from an
   ``example_input_array``, which would go through the datamodule's uint8 batch path).
@@ -28,7 +29,9 @@ from lightning.pytorch.callbacks.progress.rich_progress import (
 )
 from rich.progress import TextColumn
 
-__all__ = ["CompactModelSummary", "CompactRichProgressBar", "EpochLines", "RunEstimate", "format_duration",
+from cifar_lab.console import PassProgress, format_duration
+
+__all__ = ["CompactModelSummary", "CompactRichProgressBar", "EpochLines", "TestLines", "format_duration",
            "interactive"]
 
 
@@ -41,24 +44,20 @@ def interactive(stream: TextIO | None = None) -> bool:
         return False
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
-
-
-def _value(metrics: dict[str, Any], key: str) -> str:
-    value = metrics.get(key)
-    if value is None:
-        return "-"
-    return f"{float(value):.3f}"
+def _pair(metrics: dict[str, Any], stage: str) -> str:
+    """``train loss 1.234 acc 0.562``, only the values the stage logged ("" when none)."""
+    values = [f"{name} {float(metrics[f'{stage}/{name}']):.3f}" for name in ("loss", "acc")
+              if metrics.get(f"{stage}/{name}") is not None]
+    return f"{stage} {' '.join(values)}" if values else ""
 
 
 class EpochLines(L.Callback):
-    """One line per finished epoch: time, train and val loss/accuracy, and the ETA of the run."""
+    """One line per finished epoch: time, train and val loss/accuracy, and the ETA of the run.
+
+    Only values the epoch logged are shown; a run without validation says ``no validation``. The
+    ETA follows :class:`~cifar_lab.callbacks.estimate.RunEstimate`'s plan when the run has one (so
+    epochs a schedule trains at a larger image size count as such).
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
@@ -81,46 +80,36 @@ class EpochLines(L.Callback):
         epoch, total = trainer.current_epoch + 1, trainer.max_epochs
         left = max(0, (total or epoch) - epoch)
         per_epoch = sum(self._durations[-3:]) / len(self._durations[-3:])
-        line = (f"epoch {epoch}/{total}  {elapsed:.1f} s  "
-                f"train loss {_value(metrics, 'train/loss')} acc {_value(metrics, 'train/acc')}  "
-                f"val loss {_value(metrics, 'val/loss')} acc {_value(metrics, 'val/acc')}  "
-                f"ETA {format_duration(left * per_epoch)}")
+        # the run-time estimate knows the epochs' scheduled image sizes; else the mean of the last epochs
+        planned = [c.eta_after(trainer.current_epoch, elapsed) for c in trainer.callbacks if hasattr(c, "eta_after")]
+        eta = next((t for t in planned if t is not None), left * per_epoch)
+        validated = _pair(metrics, "val") or ("no validation" if trainer.limit_val_batches == 0 else "")
+        parts = [f"epoch {epoch}/{total}", f"{elapsed:.1f} s", _pair(metrics, "train"), validated,
+                 f"ETA {format_duration(eta)}"]
+        line = "  ".join(part for part in parts if part)
         print(line, file=self.stream or sys.stdout, flush=True)
 
 
-class RunEstimate(L.Callback):
-    """Early in the first epoch, say how long an epoch and the whole run will take.
+class TestLines(L.Callback):
+    """Without a progress bar, the test pass (``N`` views per image with TTA) says how far it is
+    (:class:`cifar_lab.console.PassProgress`), so a long evaluation is never silent."""
 
-    Measured on the first ``min_steps`` training steps (at least ``fraction`` of the epoch), so
-    nobody waits blind: ``time: about 1m 32s per epoch, 13m 50s for 9 epochs (measured on the
-    first 20 steps)``.
-    """
+    def __init__(self, every_s: float | None = None, stream: TextIO | None = None) -> None:
+        self.every_s, self.stream = every_s, stream
+        self._progress: PassProgress | None = None
 
-    def __init__(self, min_steps: int = 10, fraction: float = 0.02, stream: TextIO | None = None) -> None:
-        self.min_steps, self.fraction, self.stream = min_steps, fraction, stream
-        self._start: float | None = None
-        self._done = False
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(int(n) for n in trainer.num_test_batches if n != float("inf")) or 1
+        views = max([len(getattr(c, "views", ())) for c in trainer.callbacks
+                     if callable(getattr(c, "applies_to", None)) and c.applies_to("test")] or [1])
+        label = f"test ({views} views per image)" if views > 1 else "test"
+        self._progress = PassProgress(label, total, "batches", self.every_s, self.stream) \
+            if trainer.is_global_zero else None
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._done:
-            self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._done or self._start is None or not trainer.is_global_zero:
-            return
-        batches = trainer.num_training_batches
-        if not isinstance(batches, int) or batches <= 0:
-            return
-        steps = batch_idx + 1
-        if steps < max(self.min_steps, int(self.fraction * batches)) and steps < batches:
-            return
-        self._done = True
-        per_epoch = (time.perf_counter() - self._start) / steps * batches
-        epochs_left = max(1, (trainer.max_epochs or 1) - trainer.current_epoch)
-        print(f"time: about {format_duration(per_epoch)} per epoch, {format_duration(per_epoch * epochs_left)} "
-              f"for {epochs_left} epoch{'s' if epochs_left != 1 else ''} (measured on the first {steps} steps)",
-              file=self.stream or sys.stdout, flush=True)
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._progress is not None:
+            self._progress.advance()
 
 
 class CompactRichProgressBar(RichProgressBar):

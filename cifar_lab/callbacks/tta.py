@@ -9,6 +9,12 @@ Three layers, from general to specific:
 * :class:`TTACallback`: switches a LightningModule's ``forward`` to the TTA version for the
   chosen stages (test and predict by default) and back afterwards.
 
+One layer only: views of views would multiply the work (10 x 10 forward passes per image) for an
+average nobody asked for, so :func:`check_single_layer` refuses two enabled callbacks on one
+stage before the trainer is built, and a callback never patches a ``forward`` that another one
+already patched. ``python -m cifar_lab.evaluate tta.enabled=true`` on a run whose config already
+applies TTA at test replaces the run's layer with its own (:func:`replace_run_tta`).
+
 Views: the identity; with ``flip`` the mirror image; with ``translate=t > 0`` shifts by ``t``
 pixels left, right, up and down (edges filled by ``padding_mode``), each also mirrored when
 ``flip`` is on. ``flip=true, translate=2`` gives 10 views. ``shifts=[[dy, dx], ...]`` lists the
@@ -24,6 +30,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cifar_lab.errors import ConfigError
 
 PADDING_MODES = ("reflect", "replicate", "constant")
 View = tuple[bool, int, int]  # (mirror, shift down, shift right)
@@ -123,9 +131,19 @@ class TTACallback(L.Callback):
         self.enabled = enabled
         self._patched = False
 
+    def applies_to(self, stage: str) -> bool:
+        """Whether this callback averages views in ``stage`` (enabled, listed, more than one view)."""
+        return self.enabled and stage in self.stages and len(self.views) > 1
+
+    def describe(self) -> str:
+        return f"{len(self.views)} views ({', '.join(self.stages)})"
+
     def _install(self, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.enabled or stage not in self.stages or self._patched or len(self.views) == 1:
+        if not self.applies_to(stage) or self._patched:
             return
+        if "forward" in vars(pl_module):
+            raise ConfigError(f"test-time augmentation is applied twice in {stage}: the module's forward is "
+                              "already replaced by another TTA layer; keep one TTACallback per stage")
         plain_forward = pl_module.forward  # the bound method of the class
         views, padding_mode = self.views, self.padding_mode
 
@@ -138,7 +156,7 @@ class TTACallback(L.Callback):
 
     def _remove(self, pl_module: L.LightningModule) -> None:
         if self._patched:
-            del pl_module.forward
+            vars(pl_module).pop("forward", None)
             self._patched = False
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -158,3 +176,23 @@ class TTACallback(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove(pl_module)
+
+
+def check_single_layer(callbacks: Sequence[Any]) -> None:
+    """Refuse two enabled :class:`TTACallback` on one stage (one clear line, before any work)."""
+    for stage in ("test", "predict", "validate"):
+        layers = [c for c in callbacks if isinstance(c, TTACallback) and c.applies_to(stage)]
+        if len(layers) > 1:
+            raise ConfigError(f"{len(layers)} test-time augmentation callbacks apply in {stage} "
+                              f"({'; '.join(c.describe() for c in layers)}); views of views are never averaged: "
+                              "keep one (set enabled: false on the others)")
+
+
+def replace_run_tta(callbacks: list[Any], requested: TTACallback) -> tuple[list[Any], list[TTACallback]]:
+    """``callbacks`` with ``requested`` in place of every TTA layer that would also apply in test.
+
+    Returns the new list and the layers it removed (for a line saying so).
+    """
+    replaced = [c for c in callbacks if isinstance(c, TTACallback) and c.applies_to("test")]
+    kept = [c for c in callbacks if not any(c is r for r in replaced)]
+    return [*kept, requested], replaced

@@ -3,7 +3,10 @@
     python -m cifar_lab.compare logs/train/runs/A logs/train/multiruns/B [--out compare.md] [--plot compare.png]
 
 Every ``metrics.json`` found under the given folders (recursively, so a run directory, a
-multirun sweep directory or all of ``logs/`` work) is one row. Hyperparameters come from the
+multirun sweep directory or all of ``logs/`` work) is one row. A run directory without one (a run
+still going, stopped early, or refused before it started) is listed on stderr with the reason.
+The data column is the data option and the train/val/test sizes (``val`` ``test``: validated on the
+test set; ``0``: no validation), from ``metrics.json`` (else the config). Hyperparameters come from the
 run's ``config.yaml`` (the resolved config saved next to ``metrics.json``). The table is
 printed as Markdown and, with ``--out``, written to a file; ``--plot`` draws accuracy against
 parameter count and against wall time.
@@ -38,6 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cifar_lab.config.saved import load_yaml, plain_config
 from cifar_lab.runs import seed_stats
 from cifar_lab.runs.tags import has_tags, tags_of
+from cifar_lab.runs.unfinished import skipped_dirs
 from cifar_lab.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("val_acc_best", "best val acc"),
     ("test_acc", "test acc"),
     ("wall_time_s", "wall time"),
+    ("data", "data (train/val/test)"),
 ]
 SORT_KEYS = [key for key, _ in COLUMNS]
 
@@ -76,6 +81,7 @@ class Run:
     resumed: bool = False
     # True when wall_time_s covers the last segment only (a resumed run without a recorded total)
     partial_time: bool = False
+    data: str = ""  # data option and split sizes, e.g. "cifar10 45000/5000/10000"
     status: str = ""  # "ok" or "failed" for sweep jobs, "" otherwise
     error: str = ""  # first line of a failed job's error
     tags: list[str] = field(default_factory=list)  # the run's tags (tags=[...])
@@ -179,6 +185,7 @@ def read_run(metrics_file: Path, label: str) -> Run:
         val_acc_best=_number(metrics.get("val/acc_best"), float),
         test_acc=_number(metrics.get("test/acc"), float),
         wall_time_s=wall_time,
+        data=_data_cell(summary.get("data"), str(choices.get("data") or ""), select),
         resumed=resumed,
         partial_time=resumed and total is None,
         status=status,
@@ -187,6 +194,19 @@ def read_run(metrics_file: Path, label: str) -> Run:
         extra={"config": seed_stats.config_leaves(mapping), "seed": summary.get("seed", mapping.get("seed")),
                "metrics": numbers},
     )
+
+
+def _data_cell(recorded: Any, choice: str, select: Any) -> str:
+    """``cifar10 45000/5000/10000`` from metrics.json's ``data``, else what the config says."""
+    if isinstance(recorded, dict) and isinstance(recorded.get("splits"), dict):
+        sizes = recorded["splits"]
+        parts = [str(sizes[name]) for name in ("train", "val", "test") if name in sizes]
+        return f"{recorded.get('source') or choice} {'/'.join(parts)}".strip()
+    train, test = select("data.source.train_size"), select("data.source.test_size")
+    if train is not None and test is not None:  # a generated source states its sizes
+        val = select("data.val_size") or 0
+        return f"{choice} {int(train) - int(val)}/{int(val) if val else 'test'}/{test}".strip()
+    return choice
 
 
 def _labels(files: Sequence[Path], roots: Sequence[str | Path]) -> list[str]:
@@ -210,6 +230,12 @@ def _labels(files: Sequence[Path], roots: Sequence[str | Path]) -> list[str]:
 
 def collect(paths: Sequence[str | Path]) -> list[Run]:
     files = find_metrics(paths)
+    skipped = skipped_dirs(paths)
+    if skipped:
+        print(f"skipped {len(skipped)} director{'y' if len(skipped) == 1 else 'ies'} without metrics.json:",
+              file=sys.stderr)
+        for run_dir, why in skipped.items():
+            print(f"  {run_dir}: {why}", file=sys.stderr)
     runs = []
     for file, label in zip(files, _labels(files, paths)):
         try:

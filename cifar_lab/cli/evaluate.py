@@ -38,11 +38,11 @@ from cifar_lab import autotune, builders, checkpoints
 from cifar_lab.deploy import robustness
 from cifar_lab.deploy.corruptions import SEVERITIES, check_corruptions
 from cifar_lab.deploy.robustness import corruption_accuracy
-from cifar_lab.callbacks.tta import TTACallback
+from cifar_lab.callbacks.tta import TTACallback, replace_run_tta
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.config.schema import check_tta
 from cifar_lab.models import trainable_params
-from cifar_lab.runs.summary import scalars, write_summary
+from cifar_lab.runs.summary import data_record, scalars, write_summary
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, run_command
 from cifar_lab.deploy.model_card import card_for_run, command_line
@@ -101,6 +101,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
     if cfg.get("robustness"):  # a bad corruption name stops the job before the test runs
         check_corruptions((cfg.get("corruption") or {}).get("names", "all"),
                           list((cfg.get("corruption") or {}).get("severities", SEVERITIES)))
+        robustness.check_max_images((cfg.get("corruption") or {}).get("max_images"))
 
     datamodule = builders.build_datamodule(cfg)
     if rank_zero_only.rank == 0:
@@ -110,11 +111,8 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
     tuned = autotune.decide(cfg, None, checkpoint.get("hyper_parameters"), rank=rank_zero_only.rank)
     module.set_memory_format(tuned.memory_format)
     checkpoints.load_network_weights(module.net, checkpoint, ckpt_file)
-    callbacks = builders.build_callbacks(cfg)
+    callbacks = _with_requested_tta(cfg, builders.build_callbacks(cfg))
     tta = cfg.get("tta") or {}
-    if tta.get("enabled", False):
-        callbacks.append(TTACallback(flip=bool(tta.get("flip", True)), translate=int(tta.get("translate", 0)),
-                                     padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",)))
     loggers = builders.build_loggers(cfg)
     trainer = builders.build_trainer(cfg, callbacks, loggers)
     try:
@@ -135,6 +133,7 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
         "model": trained.get("model") or str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1],
         "choices": trained.get("choices", {}),
         "params": trainable_params(module.net),
+        "data": data_record(_data_choice(cfg), {"test": datamodule.splits["test"]}),
         "epochs": int(checkpoint.get("epoch", -1)) + 1,
         "global_step": int(checkpoint.get("global_step", 0)),
         "seed": cfg.seed,
@@ -158,6 +157,31 @@ def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], conf
     return summary
 
 
+def _data_choice(cfg: DictConfig) -> str:
+    """The data option this evaluation composed (e.g. ``cifar10_1``), else the source class."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get("data")
+    except ValueError:
+        choice = None
+    return str(choice or str(OmegaConf.select(cfg, "data.source._target_", default="")).rsplit(".", 1)[-1])
+
+
+def _with_requested_tta(cfg: DictConfig, callbacks: list) -> list:
+    """``tta.enabled=true`` adds evaluate's TTA; it replaces the run's own TTA layer (one layer, never stacked)."""
+    tta = cfg.get("tta") or {}
+    if not tta.get("enabled", False):
+        return callbacks
+    requested = TTACallback(flip=bool(tta.get("flip", True)), translate=int(tta.get("translate", 0)),
+                            padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",))
+    callbacks, replaced = replace_run_tta(callbacks, requested)
+    if replaced and rank_zero_only.rank == 0:
+        print(f"tta: evaluate's {len(requested.views)} views (tta.*) replace the run's own test-time augmentation "
+              f"({'; '.join(c.describe() for c in replaced)}): one layer, never stacked", flush=True)
+    return callbacks
+
+
 def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, run_dir: Path) -> dict[str, Any]:
     """Accuracy under corruption on the test set (:mod:`cifar_lab.deploy.robustness`): files, scalars, a table."""
     options = cfg.get("corruption") or {}
@@ -167,7 +191,8 @@ def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: An
         module.net, datamodule.normalize, images, labels, names, severities,
         batch_size=int(options.get("batch_size") or datamodule.eval_batch_size),
         device=trainer.strategy.root_device, seed=int(options.get("seed", 0)),
-        autocast=trainer.strategy.precision_plugin.forward_context)
+        autocast=trainer.strategy.precision_plugin.forward_context,
+        max_images=robustness.check_max_images(options.get("max_images")))
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(robustness.scalars(result), step=trainer.global_step)

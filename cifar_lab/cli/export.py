@@ -32,6 +32,7 @@ from cifar_lab import checkpoints
 from cifar_lab.cli.predict import class_names as predict_class_names
 from cifar_lab.cli.predict import fit_size, load_input
 from cifar_lab.config.compose import compose_training, hydra_job
+from cifar_lab.console import PassProgress
 from cifar_lab.errors import ConfigError, ExportError, InputError, run_command
 from cifar_lab.deploy.exported import (FORMATS, INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_METADATA, Deployable,
                                 ExportedModel, make_metadata, require_onnx)
@@ -103,11 +104,17 @@ def write_model(model: nn.Module, format: str, example: Tensor, output: Path, me
 
 
 @torch.inference_mode()
-def parity(model: nn.Module, exported: ExportedModel, images: Tensor, tolerance: float, batch_size: int = 256
-           ) -> dict[str, Any]:
+def parity(model: nn.Module, exported: ExportedModel, images: Tensor, tolerance: float, batch_size: int = 256,
+           progress_every_s: float | None = None) -> dict[str, Any]:
     """Top-1 agreement and probability differences of ``exported`` against ``model`` on ``images``."""
-    ref = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).float()
-    out = exported.predict(images, batch_size).float()
+    starts = range(0, len(images), batch_size)
+    progress = PassProgress(f"parity ({exported.format})", len(starts), "batches", progress_every_s)
+    refs, outs = [], []
+    for i in starts:
+        refs.append(model(images[i:i + batch_size]).float())
+        outs.append(exported.predict(images[i:i + batch_size], batch_size).float())
+        progress.advance()
+    ref, out = torch.cat(refs), torch.cat(outs)
     diff = (ref - out).abs()
     agree = ref.argmax(dim=1) == out.argmax(dim=1)
     top2 = ref.topk(min(2, ref.shape[1]), dim=1).values

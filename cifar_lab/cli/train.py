@@ -31,11 +31,12 @@ from cifar_lab import autotune, builders
 from cifar_lab.callbacks import wandb_run
 from cifar_lab.callbacks.checkpoint_state import CheckpointStateGuard
 from cifar_lab.callbacks.compute import TrainingCompute
+from cifar_lab.callbacks.estimate import RunEstimate
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
 from cifar_lab import console
-from cifar_lab.runs.summary import scalars, write_summary
+from cifar_lab.runs.summary import data_record, scalars, write_summary
 from cifar_lab.runs.tags import notes_of, tags_of
 from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
@@ -249,6 +250,7 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
         "model": _choices().get("model", str(job.cfg.model.get("_target_", ""))),
         "choices": _choices(),
         "params": trainable_params(module.net),
+        "data": _data(job.cfg, trainer),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "best_ckpt": relative_to_run(best_ckpt, job.run_dir),
@@ -262,6 +264,8 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
         "metrics": metrics,
         # training FLOPs (all segments of a resumed run) and test FLOPs (TTA views included)
         "compute": _compute_record(trainer),
+        # the early time estimate (to the end of the test) against the time it took
+        "time_estimate": next((c.record() for c in trainer.callbacks if isinstance(c, RunEstimate)), None),
         "wall_time_s": round(wall_time, 2),  # this process only
         # Across all segments of a resumed run: the training time stored in the checkpoint it
         # resumed from (0 for a new run) plus this process's time.
@@ -289,6 +293,15 @@ def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
         raise KeyError(f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}")
     value = metrics[name]
     return value if math.isfinite(value) else float("nan")
+
+
+def _data(cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any] | None:
+    """The data choice and split sizes (metrics.json ``data``; compare's data column)."""
+    splits = getattr(trainer.datamodule, "splits", None)
+    if not splits:
+        return None
+    source = _choices().get("data") or str(OmegaConf.select(cfg, "data.source._target_", default="")).rsplit(".", 1)[-1]
+    return data_record(source, splits, validated=trainer.limit_val_batches != 0)
 
 
 def _compute_record(trainer: L.Trainer) -> dict | None:

@@ -243,6 +243,8 @@ def card_for_run(run_dir: Path, cfg: Any, net: nn.Module, datamodule: Any, train
     test_images = datamodule.splits["test"][0]
     splits = {name: "(the test set)" if name != "test" and split[0] is test_images else len(split[0])
               for name, split in datamodule.splits.items()}
+    if "val" in splits and getattr(trainer, "limit_val_batches", None) == 0:
+        splits["val"] = "none (no validation)"
     facts = {
         "model": choices.get("model") or str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1],
         "target": str(cfg.model.get("_target_", "")),

@@ -4,7 +4,9 @@
 severity of :mod:`cifar_lab.deploy.corruptions` (generated batch by batch on the device). The
 summary has the clean accuracy, the accuracy per corruption and severity, the mean over
 severities per corruption, the mean corruption accuracy over all of them, and the relative
-drop ``(clean - corrupted) / clean`` of each.
+drop ``(clean - corrupted) / clean`` of each. ``max_images=N`` measures a seeded random subset of
+N test images (a quicker, noisier table); a long pass prints progress lines
+(:class:`cifar_lab.console.PassProgress`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 from torch import Tensor, nn
 
+from cifar_lab.console import PassProgress
 from cifar_lab.deploy.corruptions import corrupt
 from cifar_lab.errors import ConfigError
 from cifar_lab.fileio import atomic_write_text
 
-__all__ = ["corruption_accuracy", "write_report", "heatmap_figure", "format_table", "scalars"]
+__all__ = ["corruption_accuracy", "check_max_images", "subset", "write_report", "heatmap_figure", "format_table", "scalars"]
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -31,8 +34,9 @@ def _is_oom(err: BaseException) -> bool:
 @torch.inference_mode()
 def _accuracy(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
               batch_size: int, device: torch.device, corruption: tuple[str, int] | None, seed: int,
-              autocast: Callable[[], ContextManager]) -> float:
+              autocast: Callable[[], ContextManager], progress: PassProgress | None = None) -> float:
     correct = 0
+    detail = "clean" if corruption is None else f"{corruption[0]} s{corruption[1]}"
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device)
@@ -49,20 +53,46 @@ def _accuracy(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Te
                 f"lower corruption.batch_size (or data.eval_batch_size)"
             ) from None
         correct += int((logits.argmax(dim=1) == y).sum())
+        if progress is not None:
+            progress.advance(1, detail)
     return correct / len(images)
+
+
+def check_max_images(value: Any) -> int | None:
+    """``corruption.max_images``: null (all test images) or a count >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"corruption.max_images must be a whole number >= 1, or null for all test images; "
+                          f"got {value!r}")
+    return value
+
+
+def subset(images: Tensor, labels: Tensor, max_images: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A seeded random ``max_images`` of the images (in their order), or all of them."""
+    max_images = check_max_images(max_images)
+    if max_images is None or max_images >= len(images):
+        return images, labels
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+    return images[keep], labels[keep]
 
 
 def corruption_accuracy(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
                         corruptions: Sequence[str], severities: Sequence[int], batch_size: int,
                         device: torch.device | str = "cpu", seed: int = 0,
-                        autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, Any]:
+                        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                        max_images: int | None = None, progress_every_s: float | None = None) -> dict[str, Any]:
     """Clean and corrupted accuracy of ``net`` (eval mode) on uint8 ``images``; see the module docstring."""
     if batch_size < 1:
         raise ConfigError(f"corruption.batch_size must be >= 1, got {batch_size}")
+    images, labels = subset(images, labels, max_images, seed)
     device = torch.device(device)
     net = net.to(device).eval()
+    batches = -(-len(images) // batch_size)
+    progress = PassProgress("robustness", batches * (1 + len(corruptions) * len(severities)), "batches",
+                            progress_every_s)
     run = lambda corruption: _accuracy(net, preprocess, images, labels, batch_size, device,  # noqa: E731
-                                       corruption, seed, autocast)
+                                       corruption, seed, autocast, progress)
     clean = run(None)
     table = {name: {str(s): run((name, s)) for s in severities} for name in corruptions}
     means = {name: sum(row.values()) / len(row) for name, row in table.items()}

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_lab.errors import UserError
 from cifar_lab.fileio import atomic_write_text
 
-__all__ = ["RunDirBusy", "DiskFull", "UnsafeRunDir", "RunDirLock", "holds_run", "refuse_symlinks",
+__all__ = ["RunDirBusy", "DiskFull", "UnsafeRunDir", "RunDirLock", "is_locked", "holds_run", "refuse_symlinks",
            "save_hydra_files", "relative_to_run", "disk_full_error"]
 
 
@@ -89,6 +89,22 @@ class RunDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a process holds ``run_dir``'s lock (a run writing it now); takes nothing, writes nothing."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _lock_holder(fd: int) -> str:

@@ -1,0 +1,287 @@
+"""Every project command the README (and docs/*.md) shows in a shell block runs, on a tiny synthetic run.
+
+Which commands: each line (``\\``-continued lines joined, ``# comments`` dropped) of a fenced
+``bash``/``sh``/``shell`` block in README.md and docs/*.md whose words start with a project command:
+``python train.py``, ``python -m cifar_lab.<command>`` or ``make train``. Other lines (``pip install``,
+``pytest``, ``tensorboard``, variable assignments) are not project commands and are not run. A project
+command that cannot run here is skipped with its reason (:data:`CANNOT_RUN`, first match wins), so the
+skip list is visible in the test report; ``python tests/test_readme.py`` prints every command with what
+happens to it.
+
+The substitution rule, the only changes made to a command (:func:`substitute`):
+
+==================================  =================================================================
+in the README                       in the test
+==================================  =================================================================
+data: ``data=<any>``,               ``data=synthetic`` (generated; ``data.root`` and
+``data.root=...``                   ``data.source.*`` dropped) at the size of the variant below, with
+                                    ``data.batch_size`` / ``data.eval_batch_size`` to match
+epochs: ``trainer.max_epochs``      the variant's epochs; a per-epoch image-size schedule
+                                    (``experiment=speedrun*``) is compressed to fit
+                                    (``data.augment.resize.schedule=[[0,24],[1,null]]``)
+paths: ``<run dir>``, ``<run>``,    the module's shared tiny run (trained once, by
+``<... .ckpt ...>``                 ``python train.py experiment=speedrun`` at the smallest size)
+paths: ``input=``, ``output=``,     files in the test's temporary folder (``input=`` a folder of
+``--out``, ``--plot``,              generated PNGs, ``parity.images=`` a generated ``.npy``);
+``parity.images=``, ``logs/``       ``logs/`` is the module's log folder (``CIFAR_LAB_LOGS``)
+==================================  =================================================================
+
+``make train`` runs the Makefile's own recipe (its no-GPU default included) with this interpreter
+(``PY=``) and without its install step (``-o install``); ``ARGS`` get the same rule. Commands run in
+document order and share the module's files, so ``predict ckpt_path=model.onnx`` reads the file the
+``export`` before it wrote.
+
+Variants (``VARIANTS``): ``smallest`` (the default suite, every command): 64 training and 32 test
+images, 1 epoch (2 with a size schedule), at most 2 training batches, sweeps cut to 2 jobs or trials
+(``hydra.sweeper.n_trials``, ``hydra.sweeper.n_workers``); ``as_written`` (``slow``): the synthetic
+source at its default size (2,000 + 500 images) and the command's own epochs, jobs and trials, with
+epochs capped at 2 so a 420-epoch recipe stays a test. Measured speed settings are fixed in both
+(``trainer.precision=32 module.memory_format=contiguous``): measuring them per network is
+``tests/test_autotune.py``'s business.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```(?:bash|sh|shell)\s*\n(.*?)^```", re.S | re.M)
+
+# (pattern in the command, why it cannot run in a hermetic test); the first match wins
+CANNOT_RUN: list[tuple[str, str]] = [
+    (r"^make (test|test-fast)\b", "runs this test suite itself"),
+    (r"^make bench\b", "a timing benchmark (tests/test_bench.py runs it small)"),
+    (r"http://|tracking_uri=", "needs a tracking server"),
+    (r"hydra/launcher=slurm", "needs a SLURM cluster"),
+    (r"\$STORAGE|postgresql://", "needs a database every machine reaches (tests/sweeps start their own)"),
+    (r"trainer=(gpu|ddp)\b", "needs GPUs"),
+    (r"model.pretrained=true|experiment=finetune_pretrained", "downloads ImageNet weights"),
+    (r"cifar_lab\.(bench|zoo)\b", "a timing benchmark: measures the machine (tests/test_bench.py, "
+                                   "tests/models/test_zoo.py run it small)"),
+    (r"\.\.\.", "an elided command line (...)"),
+]
+PROJECT = re.compile(r"^(python3? (train\.py|-m cifar_lab\.\w+)|make (train|test|test-fast|bench))\b")
+SMALL_DATA = {"smallest": ["data.source.train_size=64", "data.source.test_size=32", "data.val_size=16",
+                           "data.batch_size=16", "data.eval_batch_size=32"],
+              "as_written": []}
+FIXED = ["trainer.precision=32", "module.memory_format=contiguous"]
+VARIANTS = ["smallest", pytest.param("as_written", marks=pytest.mark.slow)]
+
+
+@dataclass(frozen=True)
+class Command:
+    doc: str
+    line: int
+    text: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+    def skip_reason(self) -> str | None:
+        return next((why for pattern, why in CANNOT_RUN if re.search(pattern, self.text)), None)
+
+
+def project_commands() -> list[Command]:
+    """Every project command of a shell block, in document order."""
+    found = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for block in BLOCK.finditer(text):
+            first = text.count("\n", 0, block.start(1)) + 1
+            lines = block.group(1).splitlines()
+            i = 0
+            while i < len(lines):
+                start, line = i, lines[i]
+                while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    line = line.rstrip()[:-1] + " " + lines[i].strip()
+                i += 1
+                words = " ".join(shlex.split(line, comments=True))
+                if PROJECT.match(words):
+                    found.append(Command(doc.relative_to(ROOT).as_posix(), first + start, line.strip()))
+    return found
+
+
+COMMANDS = project_commands()
+
+
+DROP = ("data=", "data.root", "data.source.", "trainer.max_epochs", "hydra.sweeper.n_trials",
+        "hydra.sweeper.n_workers")
+PATH_FLAGS = ("--out", "--plot", "--onnx")
+PLACEHOLDERS = ("<run dir or .ckpt>", "<file.ckpt | run dir>", "<run dir>", "<run>")
+SPEEDRUN_SCHEDULE = "data.augment.resize.schedule=[[0,24],[1,null]]"
+
+
+def substitute(command: Command, variant: str, run_dir: Path, tmp: Path, logs: Path) -> list[str]:
+    """The command's words after the substitution rule of the module docstring."""
+    text = command.text
+    for placeholder in PLACEHOLDERS:  # before splitting: a placeholder may hold spaces
+        text = text.replace(placeholder, shlex.quote(str(run_dir)))
+    words = shlex.split(text, comments=True)
+    make = words[:2] == ["make", "train"]
+    if make:
+        head = ["make", "-s", "-o", "install", "train", f"PY={sys.executable}"]
+        given = shlex.split(next((w[len("ARGS="):] for w in words if w.startswith("ARGS=")), ""))
+    else:
+        head, given = [sys.executable], words[1:]
+    args: list[str] = []
+    for i, word in enumerate(given):
+        after_flag = i > 0 and given[i - 1] in PATH_FLAGS
+        args.extend([str(tmp / Path(word).name)] if after_flag else _word(word, tmp, logs))
+    trains = make or args[:1] == ["train.py"]
+    if not trains:
+        data = ["data=synthetic"] if any(w.startswith("data=") for w in args) else []
+        return [*head, *[w for w in args if not w.startswith(("data=", "data.root"))], *data]
+    # make train on a machine without a GPU trains the speedrun unless ARGS choose a model or experiment
+    cpu_speedrun = make and not any(w.startswith(("model=", "experiment=", "+experiment=")) for w in args)
+    speedrun = cpu_speedrun or any(re.match(r"\+?experiment=speedrun", w) for w in args)
+    added = ["data=synthetic", *SMALL_DATA[variant], *_length(variant, args, speedrun), *_counts(variant, args),
+             *FIXED]
+    kept = [w for w in args if not w.startswith(DROP)]
+    if make:
+        return [*head, "ARGS=" + shlex.join([*kept, *added])]
+    return [*head, *kept, *added]
+
+
+def _word(word: str, tmp: Path, logs: Path) -> list[str]:
+    key, sep, value = word.partition("=")
+    if sep and key == "input":
+        return [f"input={tmp / 'images'}"]
+    if sep and key in ("output", "parity.images"):
+        return [f"{key}={tmp / Path(value).name}"]
+    if sep and key == "ckpt_path" and value.endswith((".onnx", ".pt")) and "/" not in value:
+        return [f"ckpt_path={tmp / value}"]  # a file an earlier command exported
+    if word.startswith("logs/"):
+        pattern = str(logs / word[len("logs/"):])
+        return sorted(glob.glob(pattern)) or [pattern]
+    return [word]
+
+
+def _length(variant: str, words: list[str], speedrun: bool) -> list[str]:
+    schedule = [SPEEDRUN_SCHEDULE] if speedrun else []
+    if variant == "smallest":
+        return [f"trainer.max_epochs={2 if schedule else 1}", "+trainer.limit_train_batches=2", *schedule]
+    written = next((int(w.split("=", 1)[1]) for w in words if w.startswith("trainer.max_epochs=")), 2)
+    return [f"trainer.max_epochs={max(2 if schedule else 1, min(written, 2))}", *schedule]
+
+
+def _counts(variant: str, words: list[str]) -> list[str]:
+    counts = []
+    for key in ("hydra.sweeper.n_trials", "hydra.sweeper.n_workers"):
+        value = next((w.split("=", 1)[1] for w in words if w.startswith(key + "=")), None)
+        if value is not None:
+            counts.append(f"{key}={min(int(value), 2) if variant == 'smallest' else value}")
+    if variant == "smallest" and any(w.startswith("hparams_search=") for w in words) and not any(
+            c.startswith("hydra.sweeper.n_trials") for c in counts):
+        counts.append("hydra.sweeper.n_trials=2")
+    return counts
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("readme") / "logs"
+
+
+def _env(logs: Path) -> dict[str, str]:
+    return {**os.environ, "CIFAR_LAB_LOGS": str(logs), "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def shared_run(logs: Path) -> Path:
+    """The run `<run dir>` stands for: the speedrun (make train on a CPU), at the smallest size."""
+    command = Command("README.md", 0, "python train.py experiment=speedrun")
+    args = substitute(command, "smallest", Path("unused"), logs.parent, logs)
+    proc = subprocess.run(args, cwd=ROOT, env=_env(logs), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(re.findall(r"^Run directory: (.+)$", proc.stdout, re.M)[-1])
+
+
+@pytest.fixture(scope="module")
+def inputs(logs: Path) -> Path:
+    """The files commands read and write: a folder of images to predict, a .npy of images for
+    parity, and what commands write (shared: a file one command exports, a later one reads)."""
+    from torchvision.io import write_png
+    import torch
+
+    tmp_path = logs.parent / "files"
+    folder = tmp_path / "images"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    for i, image in enumerate(images):
+        write_png(image, str(folder / f"{i}.png"))
+    np.save(tmp_path / "extra.npy", images.permute(0, 2, 3, 1).numpy())
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+def test_the_readme_shows_commands_of_every_kind() -> None:
+    """The rule finds what the README documents (a regression in the extraction would run nothing)."""
+    texts = [c.text for c in COMMANDS]
+    for start in ("python train.py", "python -m cifar_lab.evaluate", "python -m cifar_lab.predict",
+                  "python -m cifar_lab.export", "python -m cifar_lab.compare", "make train"):
+        assert any(t.startswith(start) for t in texts), start
+    assert any(c.skip_reason() for c in COMMANDS) and any(not c.skip_reason() for c in COMMANDS)
+
+
+def test_the_rule_changes_only_data_epochs_and_paths(tmp_path: Path) -> None:
+    run, logs = tmp_path / "run dir", tmp_path / "logs"
+    (logs / "speedrun" / "runs" / "a").mkdir(parents=True)
+    train = Command("README.md", 1, "python train.py experiment=speedrun data=imagefolder data.root=/x "
+                                    "trainer.max_epochs=9 optimizer.lr=0.1  # a comment")
+    assert substitute(train, "smallest", run, tmp_path, logs) == [
+        sys.executable, "train.py", "experiment=speedrun", "optimizer.lr=0.1", "data=synthetic",
+        *SMALL_DATA["smallest"], "trainer.max_epochs=2", "+trainer.limit_train_batches=2", SPEEDRUN_SCHEDULE, *FIXED]
+    assert substitute(train, "as_written", run, tmp_path, logs)[-5:] == [
+        "data=synthetic", "trainer.max_epochs=2", SPEEDRUN_SCHEDULE, *FIXED]
+    sweep = Command("README.md", 1, "python train.py hparams_search=optuna hydra.sweeper.n_trials=20")
+    assert "hydra.sweeper.n_trials=2" in substitute(sweep, "smallest", run, tmp_path, logs)
+    assert "hydra.sweeper.n_trials=20" in substitute(sweep, "as_written", run, tmp_path, logs)
+    evaluate = Command("README.md", 1, "python -m cifar_lab.evaluate ckpt_path=<run dir> output=x/model.onnx")
+    assert substitute(evaluate, "smallest", run, tmp_path, logs)[1:] == [
+        "-m", "cifar_lab.evaluate", f"ckpt_path={run}", f"output={tmp_path / 'model.onnx'}"]
+    compare = Command("README.md", 1, "python -m cifar_lab.compare logs/*/runs/* --out compare.md")
+    assert substitute(compare, "smallest", run, tmp_path, logs)[1:] == [
+        "-m", "cifar_lab.compare", str(logs / "speedrun" / "runs" / "a"), "--out", str(tmp_path / "compare.md")]
+    make = Command("README.md", 1, 'make train ARGS="model=simple_cnn trainer.max_epochs=5"')
+    assert substitute(make, "smallest", run, tmp_path, logs) == [
+        "make", "-s", "-o", "install", "train", f"PY={sys.executable}",
+        "ARGS=" + shlex.join(["model=simple_cnn", "data=synthetic", *SMALL_DATA["smallest"], "trainer.max_epochs=1",
+                              "+trainer.limit_train_batches=2", *FIXED])]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
+def test_readme_command_runs(command: Command, variant: str, shared_run: Path, logs: Path, inputs: Path) -> None:
+    reason = command.skip_reason()
+    if reason:
+        pytest.skip(f"{command.text}: {reason}")
+    args = substitute(command, variant, shared_run, inputs, logs)
+    proc = subprocess.run(args, cwd=ROOT, env=_env(logs), capture_output=True, text=True, timeout=900)
+    shown = f"{command.id}: {command.text}\nran: {shlex.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, shown
+    assert "Traceback" not in proc.stderr and "Error:" not in proc.stderr, shown
+
+
+if __name__ == "__main__":  # the list of commands and what the test does with each
+    for c in COMMANDS:
+        reason = c.skip_reason()
+        print(f"{c.id:22} {'skipped: ' + reason if reason else 'runs'}\n    {c.text}")
