@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -145,4 +146,16 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     with refused("trainer", cfg.trainer):
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all",
+                           **_cluster_plugins(cfg))
+
+
+def _cluster_plugins(cfg: DictConfig) -> dict[str, Any]:
+    """One process of a SLURM job: its SIGUSR1 and SIGTERM are GracefulStop's (a checkpoint at a batch boundary,
+    then a requeue), not Lightning's auto-requeue, which saves hpc_ckpt_*.ckpt from inside the signal handler."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    srun = "SLURM_NTASKS" in os.environ and SLURMEnvironment.job_name() not in ("bash", "interactive")
+    if not srun or int(os.environ.get("SLURM_NTASKS", "1")) != 1 or "plugins" in cfg.trainer:
+        return {}
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_lab.errors import NonFiniteLossError, TrainingInterrupted
 from cifar_lab.fileio import atomic_torch_save
+from cifar_lab.runs import identity
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ __all__ = [
 ]
 
 LAST_NAME = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+# SIGUSR1 is SLURM's warning before a job's time limit (#SBATCH --signal=USR1@90): save, then requeue the job
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def last_checkpoint_path(trainer: L.Trainer, default_dir: Path) -> Path:
@@ -147,6 +150,7 @@ class GracefulStop(L.Callback):
         self.signum: int | None = None       # the signal that asked to stop
         self.saved: str | None = None        # checkpoint written on the way out
         self.aborted = False                 # a second signal: stopped at once, nothing saved
+        self.requeue: str | None = None      # what the requeue after SIGUSR1 did, in words
         self._requested = False
         self._forwarded = False
         self._lightning_sigterm: Any = None
@@ -159,7 +163,7 @@ class GracefulStop(L.Callback):
             return
         self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.getsignal(signum)
                 signal.signal(signum, self._on_signal)
         except ValueError:  # not the main thread: leave signals alone
@@ -217,6 +221,8 @@ class GracefulStop(L.Callback):
         if trainer.is_global_zero:
             log.info("saved a resumable checkpoint at epoch %d, global step %d: %s",
                      trainer.current_epoch, trainer.global_step, path)
+            if self.signum == signal.SIGUSR1:
+                self.requeue = identity.requeue_job()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
@@ -232,6 +238,10 @@ class GracefulStop(L.Callback):
             how = (f"resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir={run_dir} "
                    f"(or ckpt_path={checkpoint})")
             message = f"training stopped by {name}; resumable checkpoint: {checkpoint}\n{how}"
+            if self.requeue:
+                message += f"\n{self.requeue}"
+                # SLURM ends the requeued job next (SIGTERM): everything is saved; let this process say so and exit
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         else:
             message = f"training stopped by {name} before any checkpoint was written"
         return TrainingInterrupted(message, self.signum or signal.SIGTERM, checkpoint)

@@ -40,6 +40,7 @@ from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_er
 from cifar_lab.deploy.model_card import card_for_run
 from cifar_lab.host import keep_freed_memory
 from cifar_lab.models import trainable_params
+from cifar_lab.runs import identity
 from cifar_lab.runs.directory import RunDirLock, disk_full_error, holds_run, relative_to_run, save_hydra_files
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError("ckpt_path and init_from exclude each other: ckpt_path resumes a run (optimizer and "
                           "schedule included), init_from starts a new run from a checkpoint's weights only")
+    _continue_restarted_job(cfg)
     resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
     run_dir = run_dir_of(cfg)
     # Nothing in the run directory changes before this point: a refused command leaves it as it was.
@@ -86,6 +88,24 @@ def train(cfg: DictConfig) -> float | None:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _continue_restarted_job(cfg: DictConfig) -> None:
+    """A requeued SLURM job (or a torchrun restart) resumes its run directory's last.ckpt; a new job whose
+    launcher-named directory already holds a run is refused (it would overwrite it)."""
+    run_dir, last = run_dir_of(cfg), checkpoint_dir_of(cfg) / "last.ckpt"
+    if cfg.get("ckpt_path") or cfg.get("init_from") or run_dir.name != identity.launcher_run_name():
+        return
+    if identity.restart_count() > 0:
+        if last.is_file():
+            log.warning("%s (restart %d): resuming from %s", identity.launcher_run_name(), identity.restart_count(),
+                        last)
+            cfg.ckpt_path = "last"
+        return
+    if rank_zero_only.rank == 0 and holds_run(run_dir):
+        raise ConfigError(f"run directory {run_dir} (named after this job) already holds a run, and this job "
+                          "was not restarted: continue it with ckpt_path=last, or give this run its own "
+                          "directory with hydra.run.dir=<new directory>")
 
 
 @dataclass

@@ -6,11 +6,17 @@ import os
 
 from omegaconf import OmegaConf
 
+from cifar_lab.runs import identity
+
 
 def register() -> None:
     # The process id makes run directories unique even for runs started in the same microsecond.
     if not OmegaConf.has_resolver("cifar_lab.pid"):
         OmegaConf.register_new_resolver("cifar_lab.pid", lambda: str(os.getpid()), use_cache=True)
+    # A run directory's name: the launcher's job identity (SLURM job, torchrun run id), so every process of
+    # one job and a requeued job agree on it; else the start time and process id (cifar_lab/runs/identity.py).
+    if not OmegaConf.has_resolver("cifar_lab.run_name"):
+        OmegaConf.register_new_resolver("cifar_lab.run_name", lambda: identity.run_name(), use_cache=True)
     # The last part of a path: a run's name from its directory (logger=mlflow's run_name).
     if not OmegaConf.has_resolver("cifar_lab.basename"):
         OmegaConf.register_new_resolver("cifar_lab.basename", lambda path: os.path.basename(str(path).rstrip("/")))
