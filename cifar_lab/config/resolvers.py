@@ -17,6 +17,23 @@ def register() -> None:
     # one job and a requeued job agree on it; else the start time and process id (cifar_lab/runs/identity.py).
     if not OmegaConf.has_resolver("cifar_lab.run_name"):
         OmegaConf.register_new_resolver("cifar_lab.run_name", lambda: identity.run_name(), use_cache=True)
+    # SLURM tasks per node for a job (conf/hydra/launcher/slurm.yaml): one per device the trainer uses.
+    if not OmegaConf.has_resolver("cifar_lab.tasks_per_node"):
+        OmegaConf.register_new_resolver("cifar_lab.tasks_per_node", _tasks_per_node)
     # The last part of a path: a run's name from its directory (logger=mlflow's run_name).
     if not OmegaConf.has_resolver("cifar_lab.basename"):
         OmegaConf.register_new_resolver("cifar_lab.basename", lambda path: os.path.basename(str(path).rstrip("/")))
+
+
+def _tasks_per_node(devices: object, gpus_per_node: object) -> int:
+    """``trainer.devices`` when it is a count, else (``-1``, ``auto``) the node's GPUs, at least one."""
+    try:
+        count = int(str(devices))
+    except ValueError:
+        count = -1
+    if count > 0:
+        return count
+    try:
+        return max(int(str(gpus_per_node)), 1)
+    except ValueError:
+        return 1
