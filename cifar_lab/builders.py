@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_lab.callbacks.progress import EpochLines, RunEstimate, interactive
+from cifar_lab.callbacks.sync_batchnorm import CPUSyncBatchNorm
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule
 
@@ -147,15 +148,22 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     with refused("trainer", cfg.trainer):
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all",
-                           **_cluster_plugins(cfg))
+                           **_plugins(cfg))
 
 
-def _cluster_plugins(cfg: DictConfig) -> dict[str, Any]:
-    """One process of a SLURM job: its SIGUSR1 and SIGTERM are GracefulStop's (a checkpoint at a batch boundary,
-    then a requeue), not Lightning's auto-requeue, which saves hpc_ckpt_*.ckpt from inside the signal handler."""
+def _plugins(cfg: DictConfig) -> dict[str, Any]:
+    """Plugins the trainer config cannot name: synchronised BatchNorm for CPU processes, and for one process
+    of a SLURM job GracefulStop's SIGUSR1/SIGTERM handling (a checkpoint at a batch boundary, then a requeue)
+    instead of Lightning's auto-requeue, which saves hpc_ckpt_*.ckpt from inside the signal handler."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    srun = "SLURM_NTASKS" in os.environ and SLURMEnvironment.job_name() not in ("bash", "interactive")
-    if not srun or int(os.environ.get("SLURM_NTASKS", "1")) != 1 or "plugins" in cfg.trainer:
+    if "plugins" in cfg.trainer:
         return {}
-    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
+    plugins: list[Any] = []
+    on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu"
+    if on_cpu and OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
+        plugins.append(CPUSyncBatchNorm())  # torch's SyncBatchNorm runs on GPUs only
+    srun = "SLURM_NTASKS" in os.environ and SLURMEnvironment.job_name() not in ("bash", "interactive")
+    if srun and int(os.environ.get("SLURM_NTASKS", "1")) == 1:
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return {"plugins": plugins} if plugins else {}
