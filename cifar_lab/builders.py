@@ -146,9 +146,29 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    cfg, strategy = _strategy(cfg)
     with refused("trainer", cfg.trainer):
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all",
-                           **_plugins(cfg))
+                           **strategy, **_plugins(cfg))
+
+
+def _strategy(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """``trainer.process_group_timeout_s`` (not a Trainer argument): DDP's collective timeout, so a process that
+    stops answering ends the run within that time (cifar_lab/callbacks/peers.py) instead of torch's 30 minutes."""
+    timeout = OmegaConf.select(cfg, "trainer.process_group_timeout_s", default=None)
+    if "process_group_timeout_s" not in cfg.trainer:
+        return cfg, {}
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        del cfg.trainer["process_group_timeout_s"]
+        if timeout is None or cfg.trainer.get("strategy") != "ddp":
+            return cfg, {}
+        del cfg.trainer["strategy"]
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return cfg, {"strategy": DDPStrategy(timeout=timedelta(seconds=float(timeout)))}
 
 
 def _plugins(cfg: DictConfig) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import autotune, builders
 from cifar_lab.callbacks.compute import TrainingCompute
+from cifar_lab.callbacks.peers import peer_lost_error
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
@@ -140,6 +141,18 @@ class _Job:
                 raise
             raise full from None
 
+    @contextmanager
+    def peer_lost_as_error(self, trainer: L.Trainer) -> Iterator[None]:
+        """A DDP collective that failed because another process died becomes one message naming its rank and
+        the resume command (cifar_lab/callbacks/peers.py); every other error passes through."""
+        try:
+            yield
+        except RuntimeError as err:
+            lost = peer_lost_error(err, trainer, self.run_dir, self.last_good())
+            if lost is None:
+                raise
+            raise lost from None
+
 
 def _train(job: _Job) -> float | None:
     """The steps of a run: build (cheap, validated), record, read data, fit, test, summarise."""
@@ -207,7 +220,7 @@ def _datamodule(cfg: DictConfig) -> Any:
 def _fit(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: GracefulStop) -> None:
     """``trainer.fit``; a full disk, SIGTERM or a second Ctrl-C become one message naming the last checkpoint."""
     try:
-        with job.disk_full_as_error():
+        with job.disk_full_as_error(), job.peer_lost_as_error(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=job.resume.path if job.resume else None,
                         weights_only=True)
     except SIGTERMException:
@@ -226,7 +239,7 @@ def _test(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: 
         # a warning only where a checkpoint was expected (not in recipes that test the last weights)
         (log.warning if checkpoint else log.info)("no best checkpoint was saved; testing the current weights")
     try:
-        with job.disk_full_as_error():  # the reports written while testing
+        with job.disk_full_as_error(), job.peer_lost_as_error(trainer):  # the reports written while testing
             trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
     except SIGTERMException:
         raise TrainingInterrupted(f"stopped while testing; training had finished (checkpoints in "
