@@ -146,3 +146,25 @@ def test_a_requeued_job_continues_in_its_directory_to_the_uninterrupted_result(
     assert resumed["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == uninterrupted["global_step"]
     assert resumed["metrics"] == uninterrupted["metrics"]  # test/acc, test/loss, every val metric: exactly
+
+
+# ----------------------------------------------------------------------------- quiet on a login node
+@pytest.mark.slow
+def test_the_srun_hint_appears_only_inside_an_allocation(tmp_path: Path) -> None:
+    """A machine with srun on PATH (a cluster's login node): Lightning's hint to use srun only in a job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # only looked up on PATH, never run
+    (bin_dir / "srun").chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    hint = "The `srun` command is available on your system but is not used"
+    args = [*QUICK, "debug=fast_dev_run"]
+    login = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'login'}"], cwd=ROOT,
+                           env=_env(tmp_path, PATH=path), capture_output=True, text=True, timeout=300)
+    assert login.returncode == 0, login.stderr[-3000:]
+    assert hint not in login.stderr + login.stdout
+    # inside a job (an allocation) without srun: the hint applies
+    job = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'job'}"], cwd=ROOT,
+                         env=_env(tmp_path, PATH=path, SLURM_JOB_ID="31"), capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert (job.stderr + job.stdout).count(hint) == 1
