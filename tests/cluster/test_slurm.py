@@ -1,5 +1,5 @@
-"""train.py on a real one-node SLURM cluster (tests/cluster/slurm_cluster.py): a grid sweep through
-hydra/launcher=slurm, the sbatch templates of docs/slurm/ (single job, 2-task DDP), and requeued jobs
+"""train.py on a real one-node SLURM cluster (tests/cluster/slurm_cluster.py): a grid and an Optuna sweep
+through hydra/launcher=slurm, the sbatch templates of docs/slurm/ (single job, 2-task DDP), and requeued jobs
 (`scontrol requeue`, SIGUSR1 before the time limit) continuing in their one run directory to exactly the
 uninterrupted result.
 
@@ -92,6 +92,23 @@ def test_grid_sweep_through_the_slurm_launcher(cluster: Cluster, tmp_path: Path)
     assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2
     # no accounting on this cluster: at most one line about sacct, not one per poll
     assert (proc.stdout + proc.stderr).count("sacct") <= 1, proc.stderr[-3000:]
+
+
+def test_optuna_sweep_through_the_slurm_launcher(cluster: Cluster, tmp_path: Path) -> None:
+    sweep = tmp_path / "study"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "hparams_search=optuna", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=20",
+         "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *QUICK, "trainer.max_epochs=1",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, env=_env(cluster, tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    trials = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert trials == ["0", "1"]
+    assert all(_metrics(sweep / t)["status"] == "ok" for t in trials)
+    assert (sweep / "optimization_results.yaml").is_file() and (sweep / "optuna.db").is_file()
+    assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2  # both trials ran as SLURM jobs
+    assert (proc.stdout + proc.stderr).count("sacct") <= 1
 
 
 def test_ddp_template_two_tasks_write_one_run_directory(cluster: Cluster, tmp_path: Path) -> None:
