@@ -172,9 +172,9 @@ def _strategy(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
 
 
 def _plugins(cfg: DictConfig) -> dict[str, Any]:
-    """Plugins the trainer config cannot name: synchronised BatchNorm for CPU processes, and for one process
-    of a SLURM job GracefulStop's SIGUSR1/SIGTERM handling (a checkpoint at a batch boundary, then a requeue)
-    instead of Lightning's auto-requeue, which saves hpc_ckpt_*.ckpt from inside the signal handler."""
+    """Plugins the trainer config cannot name: synchronised BatchNorm for CPU processes, and in a SLURM job
+    GracefulStop's SIGUSR1/SIGTERM handling (a checkpoint at a batch boundary, then a requeue) instead of
+    Lightning's auto-requeue, which saves hpc_ckpt_*.ckpt from inside the signal handler."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     if "plugins" in cfg.trainer:
@@ -183,7 +183,6 @@ def _plugins(cfg: DictConfig) -> dict[str, Any]:
     on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu"
     if on_cpu and OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
         plugins.append(CPUSyncBatchNorm())  # torch's SyncBatchNorm runs on GPUs only
-    srun = "SLURM_NTASKS" in os.environ and SLURMEnvironment.job_name() not in ("bash", "interactive")
-    if srun and int(os.environ.get("SLURM_NTASKS", "1")) == 1:
+    if "SLURM_NTASKS" in os.environ and SLURMEnvironment.job_name() not in ("bash", "interactive"):
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return {"plugins": plugins} if plugins else {}

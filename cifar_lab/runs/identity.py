@@ -107,5 +107,6 @@ def requeue_job(env: Mapping[str, str] | None = None) -> str:
         return f"scontrol not found: SLURM job {job} was not requeued"
     done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
-        return f"`scontrol requeue {job}` failed: {(done.stderr or done.stdout).strip()}"
+        said = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        return f"`scontrol requeue {job}` failed: {said[-1] if said else f'exit code {done.returncode}'}"
     return f"requeued SLURM job {job}: it continues in this run directory"

@@ -167,6 +167,7 @@ def slurm_cluster() -> Iterator[Cluster]:
         cluster.started_in_s = time.monotonic() - start
         yield cluster
     finally:
+        _cancel_jobs(cluster)
         for daemon in reversed(cluster.daemons):  # slurmd, slurmctld, munged: ours only, by process id
             if daemon.poll() is None:
                 daemon.terminate()
@@ -176,7 +177,32 @@ def slurm_cluster() -> Iterator[Cluster]:
                     daemon.kill()
                     daemon.wait(timeout=30)
         log.close()
+        _kill_leftovers(conf)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _cancel_jobs(cluster: Cluster, timeout: float = 60) -> None:
+    """Cancel every job of this cluster (all are the tests') and wait until slurmctld lists none running."""
+    if not cluster.daemons or cluster.daemons[-1].poll() is not None:
+        return
+    jobs = cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+    if jobs:
+        cluster.run("scancel", "--full", *jobs, check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+        time.sleep(0.5)
+
+
+def _kill_leftovers(conf: Path) -> None:
+    """Job processes of this cluster still alive after its daemons stopped (slurmstepd and the job steps it
+    started inherit ``SLURM_CONF=<this cluster's slurm.conf>``): killed by process id."""
+    marker = f"SLURM_CONF={conf}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and int(environ.parent.name) != os.getpid():
+                os.kill(int(environ.parent.name), 9)
+        except (OSError, ValueError):
+            continue
 
 
 def _wait(ready, what: str, cluster: Cluster, timeout: float = START_TIMEOUT_S) -> None:

@@ -67,6 +67,15 @@ def _finished(cluster: Cluster, job: str, out: Path) -> None:
     assert state == "COMPLETED", f"job {job}: {state}\n{text[-4000:]}"
 
 
+def _signal_after_first_epoch(cluster: Cluster, job: str, out: Path, command: list[str]) -> None:
+    deadline = time.monotonic() + 300
+    while "epoch 1/4" not in (out.read_text(errors="replace") if out.exists() else ""):
+        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), \
+            out.read_text(errors="replace")[-3000:] if out.exists() else cluster.job_state(job)
+        time.sleep(0.2)
+    cluster.run(*command)
+
+
 def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
@@ -138,15 +147,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_a_requeued_job_continues_in_its_run_directory(cluster: Cluster, tmp_path: Path, uninterrupted: dict,
                                                         how: str) -> None:
     job, out = _sbatch(cluster, tmp_path, "train.sbatch", [*QUICK, "trainer.max_epochs=4"])
-    deadline = time.monotonic() + 300
-    while "epoch 1/4" not in (out.read_text(errors="replace") if out.exists() else ""):
-        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), \
-            out.read_text(errors="replace")[-3000:] if out.exists() else cluster.job_state(job)
-        time.sleep(0.2)
-    if how == "SIGUSR1":  # what --signal=USR1@90 sends before the time limit: train.py requeues the job itself
-        cluster.run("scancel", "--signal=USR1", job)
-    else:  # pre-emption or an administrator: SIGTERM to the job
-        cluster.run("scontrol", "requeue", job)
+    # SIGUSR1 is what --signal=USR1@90 sends before the time limit (train.py requeues the job itself);
+    # `scontrol requeue` is a pre-emption's or an administrator's (SIGTERM to the job)
+    command = ["scancel", "--signal=USR1", job] if how == "SIGUSR1" else ["scontrol", "requeue", job]
+    _signal_after_first_epoch(cluster, job, out, command)
     cluster.start_requeued_now(job)
     _finished(cluster, job, out)
     text = out.read_text()
@@ -160,3 +164,21 @@ def test_a_requeued_job_continues_in_its_run_directory(cluster: Cluster, tmp_pat
     assert resumed["resumed_from"].endswith(f"slurm-{job}/checkpoints/last.ckpt")
     assert resumed["global_step"] == uninterrupted["global_step"]
     assert resumed["metrics"] == uninterrupted["metrics"]  # test accuracy and every other metric, exactly
+
+
+def test_a_ddp_job_warned_by_sigusr1_saves_requeues_and_continues(cluster: Cluster, tmp_path: Path) -> None:
+    """Both processes stop after the same batch, save, and the requeued job finishes the run in its directory.
+    (Not bit-exact like a single process: the checkpoint holds rank 0's random state only.)"""
+    args = [a for a in QUICK if a != "trainer=cpu"] + ["trainer.max_epochs=4"]
+    job, out = _sbatch(cluster, tmp_path, "ddp.sbatch", args, ("--nodes=1", "--ntasks-per-node=2"),
+                       TRAINER="ddp_cpu")
+    _signal_after_first_epoch(cluster, job, out, ["scancel", "--signal=USR1", job])
+    cluster.start_requeued_now(job)
+    _finished(cluster, job, out)
+    text = out.read_text()
+    assert "training stopped by SIGUSR1; resumable checkpoint" in text, text[-4000:]
+    assert f"requeued SLURM job {job}" in text and f"slurm-{job} (restart 1): resuming from" in text, text[-4000:]
+    assert _runs(tmp_path) == [f"slurm-{job}"]
+    resumed = _metrics(tmp_path / "logs" / "train" / "runs" / f"slurm-{job}")
+    assert resumed["resumed_from"].endswith(f"slurm-{job}/checkpoints/last.ckpt") and resumed["epochs"] == 4
+    assert resumed["global_step"] == 4 * 3  # 300 training images, 2 x 64 per step: 3 steps an epoch, none lost
