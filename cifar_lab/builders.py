@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -28,6 +29,7 @@ from cifar_lab import checkpoints
 from cifar_lab.callbacks.estimate import RunEstimate
 from cifar_lab.callbacks.progress import EpochLines, TestLines, interactive
 from cifar_lab.callbacks.tta import check_single_layer
+from cifar_lab.callbacks.sync_batchnorm import CPUSyncBatchNorm
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule, Renormalize
 from cifar_lab.runs import tags
@@ -210,5 +212,43 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; with logger=none it has nowhere to write.
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    cfg, strategy = _strategy(cfg)
     with refused("trainer", cfg.trainer):
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all",
+                           **strategy, **_plugins(cfg))
+
+
+def _strategy(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """``trainer.process_group_timeout_s`` (not a Trainer argument): DDP's collective timeout, so a process that
+    stops answering ends the run within that time (cifar_lab/callbacks/peers.py) instead of torch's 30 minutes."""
+    timeout = OmegaConf.select(cfg, "trainer.process_group_timeout_s", default=None)
+    if "process_group_timeout_s" not in cfg.trainer:
+        return cfg, {}
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        del cfg.trainer["process_group_timeout_s"]
+        if timeout is None or cfg.trainer.get("strategy") != "ddp":
+            return cfg, {}
+        del cfg.trainer["strategy"]
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return cfg, {"strategy": DDPStrategy(timeout=timedelta(seconds=float(timeout)))}
+
+
+def _plugins(cfg: DictConfig) -> dict[str, Any]:
+    """Plugins the trainer config cannot name: synchronised BatchNorm for CPU processes, and in a SLURM job
+    GracefulStop's SIGUSR1/SIGTERM handling (a checkpoint at a batch boundary, then a requeue) instead of
+    Lightning's auto-requeue, which saves hpc_ckpt_*.ckpt from inside the signal handler."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if "plugins" in cfg.trainer:
+        return {}
+    plugins: list[Any] = []
+    on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu"
+    if on_cpu and OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
+        plugins.append(CPUSyncBatchNorm())  # torch's SyncBatchNorm runs on GPUs only
+    if "SLURM_NTASKS" in os.environ and SLURMEnvironment.job_name() not in ("bash", "interactive"):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return {"plugins": plugins} if plugins else {}

@@ -47,6 +47,10 @@ def quiet_third_party() -> None:
     # The model summary cannot size bf16 weights and says so; the count printed is still right.
     warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary",
                             module=r"lightning\.pytorch\.utilities\.model_summary")
+    # Lightning's hint to start a command with srun on every machine that has it (a cluster's login node) applies
+    # only inside an allocation (a job) where the command was started without srun.
+    if not os.environ.get("SLURM_JOB_ID"):
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     by_logger: dict[str, list[str]] = {}
     for name, start in _QUIET_LINES:
         by_logger.setdefault(name, []).append(start)

@@ -16,6 +16,8 @@ exit code  meaning
            disagrees with it beyond the tolerance
 3          :class:`NonFiniteLossError`: the loss diverged
 4          every job of a sweep failed (``python train.py -m``; each job's error.txt says why)
+5          :class:`PeerLost`: another process of a multi-process (DDP) run died or stopped
+           answering; the message names its rank and the resume command
 128 + N    :class:`TrainingInterrupted` by signal N (130: Ctrl-C, 143: SIGTERM),
            after saving a resumable checkpoint
 =========  ===================================================================
@@ -33,6 +35,7 @@ __all__ = [
     "EXIT_USER",
     "EXIT_DIVERGED",
     "EXIT_SWEEP_FAILED",
+    "EXIT_PEER_LOST",
     "UserError",
     "ConfigError",
     "UnsafeConfigError",
@@ -41,6 +44,7 @@ __all__ = [
     "InputError",
     "ExportError",
     "NonFiniteLossError",
+    "PeerLost",
     "TrainingInterrupted",
     "exit_on_user_error",
     "config_error",
@@ -51,6 +55,7 @@ __all__ = [
 EXIT_USER = 2
 EXIT_DIVERGED = 3
 EXIT_SWEEP_FAILED = 4
+EXIT_PEER_LOST = 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
@@ -88,6 +93,12 @@ class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a nan/inf loss or weights; the message names the step and likely causes."""
 
     exit_code = EXIT_DIVERGED
+
+
+class PeerLost(UserError, RuntimeError):
+    """Another process of a DDP run died or stopped answering; the message names its rank and how to resume."""
+
+    exit_code = EXIT_PEER_LOST
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -270,8 +270,9 @@ class ClassificationReport(L.Callback):
 
     def _log_scalars(self, trainer: L.Trainer, stage: str, result: Mapping[str, Any], names: Sequence[str],
                      pl_module: L.LightningModule) -> None:
-        # ECE goes through the module so it lands in callback_metrics (and metrics.json).
-        pl_module.log(f"{stage}/ece", result["ece"], sync_dist=False)
+        # ECE goes through the module so it lands in callback_metrics (and metrics.json). torchmetrics computed it
+        # over every rank's predictions, so each rank holds the same value and their mean is that value exactly.
+        pl_module.log(f"{stage}/ece", result["ece"], sync_dist=True)
         if not self.per_class_metrics or not trainer.is_global_zero:
             return
         # Per-class values go straight to the loggers: they would swamp the progress bar and

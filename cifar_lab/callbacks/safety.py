@@ -11,8 +11,10 @@ to every trainer; nothing here needs configuring.
 - :class:`GracefulStop` turns the first Ctrl-C or SIGTERM into a stop after the current
   training batch (after the epoch's validation on its last batch) and saves
   ``checkpoints/last.ckpt`` from which ``ckpt_path=last`` continues exactly; a second
-  Ctrl-C stops at once without saving. Single-process runs; under DDP Lightning's own
-  SIGTERM handling applies (a checkpoint is still saved on SIGTERM).
+  Ctrl-C stops at once without saving. SIGUSR1 (SLURM's warning before a job's time limit)
+  does the same and then requeues the job. Under DDP Lightning's own SIGTERM handling
+  applies (every process stops after the same batch and the checkpoint is saved), SIGUSR1
+  included.
 - :class:`LatestCheckpoint` keeps ``last.ckpt`` at the latest completed epoch (Lightning
   refreshes it only when the monitored metric improves).
 - :class:`ResumeRNG` saves the global torch/numpy/python RNG states with every checkpoint
@@ -43,6 +45,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_lab.errors import NonFiniteLossError, TrainingInterrupted
 from cifar_lab.fileio import atomic_torch_save
+from cifar_lab.runs import identity
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,9 @@ __all__ = [
 ]
 
 LAST_NAME = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
+# SIGUSR1 is SLURM's warning before a job's time limit (#SBATCH --signal=USR1@90): save, then requeue the job
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def last_checkpoint_path(trainer: L.Trainer, default_dir: Path) -> Path:
@@ -147,23 +152,51 @@ class GracefulStop(L.Callback):
         self.signum: int | None = None       # the signal that asked to stop
         self.saved: str | None = None        # checkpoint written on the way out
         self.aborted = False                 # a second signal: stopped at once, nothing saved
+        self.requeue: str | None = None      # what the requeue after SIGUSR1 did, in words
         self._requested = False
         self._forwarded = False
         self._lightning_sigterm: Any = None
         self._previous: dict[int, Any] = {}
+        self._agreeing = False               # DDP: processes agree on a SIGUSR1 after each batch
 
     # -------------------------------------------------------------- handlers
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning registered its SIGTERM handler (and after the sanity check).
-        if trainer.world_size > 1:
-            return
         self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
+        if trainer.world_size > 1:
+            self._usr1_as_sigterm()
+            return
         try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.getsignal(signum)
                 signal.signal(signum, self._on_signal)
         except ValueError:  # not the main thread: leave signals alone
             self._restore()
+
+    def _usr1_as_sigterm(self) -> None:
+        """DDP in a SLURM job: SIGUSR1 (the warning before the time limit, sent to every process) is noted here and
+        agreed on by all processes after a batch (:meth:`_agree`), so they stop after the same batch through
+        Lightning's SIGTERM path; on_exception saves, then rank 0 requeues. (Lightning's own SIGTERM handler
+        broadcasts from inside the handler, which can meet another collective and hang.)"""
+        if not os.environ.get("SLURM_JOB_ID"):
+            return
+
+        def on_usr1(signum: int, frame: Any) -> None:
+            self._requested = True
+
+        try:
+            self._previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, on_usr1)
+            self._agreeing = True
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+
+    def _agree(self, trainer: L.Trainer) -> None:
+        """DDP: stop when any process got SIGUSR1 (one all-reduce of a flag per batch, in SLURM jobs only)."""
+        if self._agreeing and trainer.strategy.reduce_boolean_decision(self._requested, all=False):
+            self._agreeing = False
+            self.signum = signal.SIGUSR1
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException on every rank
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._requested:
@@ -200,9 +233,11 @@ class GracefulStop(L.Callback):
         # The last batch of an epoch is followed by validation: wait for on_train_epoch_end.
         if batch_idx + 1 < trainer.num_training_batches:
             self._forward(trainer)
+            self._agree(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._forward(trainer)
+        self._agree(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
@@ -214,9 +249,17 @@ class GracefulStop(L.Callback):
         # safe: this writes (never reads) our own full, resumable checkpoint; every load is weights_only=True
         trainer.save_checkpoint(path, weights_only=False)
         self.saved = str(path)
+        if self.signum == signal.SIGUSR1:
+            # the requeue ends this job with SIGTERM: every process has saved, so each ignores it and exits
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            trainer.strategy.barrier("cifar_lab_requeue")
         if trainer.is_global_zero:
             log.info("saved a resumable checkpoint at epoch %d, global step %d: %s",
                      trainer.current_epoch, trainer.global_step, path)
+            if self.signum == signal.SIGUSR1:
+                self.requeue = identity.requeue_job()
+                # said now: SLURM's SIGTERM for the requeued job may end this process before its last message
+                print(self.requeue, file=sys.stderr, flush=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
@@ -232,6 +275,9 @@ class GracefulStop(L.Callback):
             how = (f"resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir={run_dir} "
                    f"(or ckpt_path={checkpoint})")
             message = f"training stopped by {name}; resumable checkpoint: {checkpoint}\n{how}"
+            if self.requeue:
+                # SLURM ends the requeued job next (SIGTERM): everything is saved; let this process say so and exit
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         else:
             message = f"training stopped by {name} before any checkpoint was written"
         return TrainingInterrupted(message, self.signum or signal.SIGTERM, checkpoint)

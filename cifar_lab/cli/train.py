@@ -32,6 +32,7 @@ from cifar_lab.callbacks import wandb_run
 from cifar_lab.callbacks.checkpoint_state import CheckpointStateGuard
 from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.estimate import RunEstimate
+from cifar_lab.callbacks.peers import peer_lost_error
 from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
@@ -44,6 +45,7 @@ from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_er
 from cifar_lab.deploy.model_card import card_for_run
 from cifar_lab.host import keep_freed_memory
 from cifar_lab.models import trainable_params
+from cifar_lab.runs import identity
 from cifar_lab.runs.directory import (RunDirLock, disk_full_error, holds_run, refuse_symlinks, relative_to_run,
                                      save_hydra_files)
 
@@ -82,6 +84,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError("ckpt_path and init_from exclude each other: ckpt_path resumes a run (optimizer and "
                           "schedule included), init_from starts a new run from a checkpoint's weights only")
+    _continue_restarted_job(cfg)
     run_dir = run_dir_of(cfg)
     refuse_symlinks(run_dir)
     resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
@@ -98,6 +101,24 @@ def train(cfg: DictConfig) -> float | None:
         wandb_run.finish()  # logger=wandb: the next job of a sweep gets a run of its own
         if lock is not None:
             lock.release()
+
+
+def _continue_restarted_job(cfg: DictConfig) -> None:
+    """A requeued SLURM job (or a torchrun restart) resumes its run directory's last.ckpt; a new job whose
+    launcher-named directory already holds a run is refused (it would overwrite it)."""
+    run_dir, last = run_dir_of(cfg), checkpoint_dir_of(cfg) / "last.ckpt"
+    if cfg.get("ckpt_path") or cfg.get("init_from") or run_dir.name != identity.launcher_run_name():
+        return
+    if identity.restart_count() > 0:
+        if last.is_file():
+            log.warning("%s (restart %d): resuming from %s", identity.launcher_run_name(), identity.restart_count(),
+                        last)
+            cfg.ckpt_path = "last"
+        return
+    if rank_zero_only.rank == 0 and holds_run(run_dir):
+        raise ConfigError(f"run directory {run_dir} (named after this job) already holds a run, and this job "
+                          "was not restarted: continue it with ckpt_path=last, or give this run its own "
+                          "directory with hydra.run.dir=<new directory>")
 
 
 @dataclass
@@ -131,6 +152,18 @@ class _Job:
             if full is None:
                 raise
             raise full from None
+
+    @contextmanager
+    def peer_lost_as_error(self, trainer: L.Trainer) -> Iterator[None]:
+        """A DDP collective that failed because another process died becomes one message naming its rank and
+        the resume command (cifar_lab/callbacks/peers.py); every other error passes through."""
+        try:
+            yield
+        except RuntimeError as err:
+            lost = peer_lost_error(err, trainer, self.run_dir, self.last_good())
+            if lost is None:
+                raise
+            raise lost from None
 
 
 def _train(job: _Job) -> float | None:
@@ -213,7 +246,7 @@ def _datamodule(cfg: DictConfig) -> Any:
 def _fit(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: GracefulStop) -> None:
     """``trainer.fit``; a full disk, SIGTERM or a second Ctrl-C become one message naming the last checkpoint."""
     try:
-        with job.disk_full_as_error():
+        with job.disk_full_as_error(), job.peer_lost_as_error(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=job.resume.path if job.resume else None,
                         weights_only=True)
     except SIGTERMException:
@@ -232,7 +265,7 @@ def _test(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: 
         # a warning only where a checkpoint was expected (not in recipes that test the last weights)
         (log.warning if checkpoint else log.info)("no best checkpoint was saved; testing the current weights")
     try:
-        with job.disk_full_as_error():  # the reports written while testing
+        with job.disk_full_as_error(), job.peer_lost_as_error(trainer):  # the reports written while testing
             trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
     except SIGTERMException:
         raise TrainingInterrupted(f"stopped while testing; training had finished (checkpoints in "

@@ -208,6 +208,7 @@ RULES: dict[str, Check] = {
     "trainer.min_epochs": optional(integer(0)),
     "trainer.check_val_every_n_epoch": optional(integer(1), "(validate on val_check_interval only)"),
     "trainer.log_every_n_steps": integer(1),
+    "trainer.process_group_timeout_s": optional(POSITIVE, "(torch's default: 30 minutes)"),
     "trainer.gradient_clip_val": optional(NON_NEGATIVE, "(no clipping)"),
     "trainer.accumulate_grad_batches": integer(1),
     "trainer.deterministic": either(BOOL, one_of("warn")),
@@ -438,6 +439,8 @@ _PASSED_BY_BUILDERS = {
     "optimizer": {"params"},
     "scheduler.scheduler": {"optimizer"},
 }
+# Keys the builders read and remove before building (cifar_lab.builders.build_trainer).
+_READ_BY_BUILDERS = {"trainer": {"process_group_timeout_s"}}
 
 
 def _locate(target: str) -> Any:
@@ -483,7 +486,7 @@ def _check_arguments(cfg: dict) -> Iterator[str]:
                 continue
             if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
                 continue
-            accepted = set(params) | _PASSED_BY_BUILDERS.get(path, set())
+            accepted = set(params) | _PASSED_BY_BUILDERS.get(path, set()) | _READ_BY_BUILDERS.get(path, set())
             for key in node:
                 if key in _HYDRA_KEYS or key in accepted:
                     continue
