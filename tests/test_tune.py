@@ -97,3 +97,12 @@ def test_a_budget_below_the_first_batch_is_one_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert re.search(r"^Error: data.batch_size=64 does not fit: batch 64 peaked at .* over the budget of 0.01 GiB",
                      proc.stderr, re.M), proc.stderr[-2000:]
+
+
+def test_overrides_may_follow_the_options() -> None:
+    from cifar_lab.cli.tune import parse
+
+    args = parse(["lr", "model=simple_cnn", "--steps", "20", "data=synthetic", "data.batch_size=8"])
+    assert args.steps == 20 and args.overrides == ["model=simple_cnn", "data=synthetic", "data.batch_size=8"]
+    with pytest.raises(SystemExit):
+        parse(["batch_size", "--memory-gb", "2", "--nonsense", "model=simple_cnn"])

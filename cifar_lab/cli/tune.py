@@ -211,8 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The finder, its options and the train overrides, in any order (``--steps 50 model=x data=y``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    unknown = [word for word in extra if "=" not in word or word.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def run(argv: Sequence[str]) -> dict[str, Any]:
-    args = build_parser().parse_args(list(argv))
+    args = parse(argv)
     if args.finder == "lr" and (args.steps < 2 or not 0 < args.min_lr < args.max_lr):
         raise InputError("--steps must be >= 2 and 0 < --min-lr < --max-lr")
     if args.finder == "batch_size" and (args.max_trials < 1 or (args.memory_gb is not None and args.memory_gb <= 0)):
