@@ -345,3 +345,18 @@ def test_directories_without_metrics_are_named_with_the_reason(runs: tuple[Path,
     # a sweep directory above its jobs is not a run: nothing skipped there
     compare.collect([runs[1]])
     assert "skipped" not in capsys.readouterr().err
+
+
+def test_skipped_directories_are_runs_not_their_parts_or_other_jobs(tmp_path: Path, capsys) -> None:
+    """A run's .hydra folder is not a run of its own; a predict or export job's folder is named as not a run."""
+    run = tmp_path / "logs" / "train" / "runs" / "stopped"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("{}")
+    (run / "checkpoints").mkdir()
+    job = tmp_path / "logs" / "predict" / "runs" / "job"
+    job.mkdir(parents=True)
+    from cifar_lab.runs.unfinished import skipped_dirs
+
+    found = skipped_dirs([run, job])
+    assert set(found) == {run, job}
+    assert "stopped before the end" in found[run] and "not a run directory" in found[job]

@@ -30,6 +30,10 @@ def _why_no_metrics(run_dir: Path) -> str:
     return "no metrics.json: the run did not finish (or never started)"
 
 
+def _looks_like_a_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in (".hydra", "config.yaml", "checkpoints", "error.txt"))
+
+
 def skipped_dirs(paths: Sequence[str | Path]) -> dict[Path, str]:
     """Run directories under (or given as) ``paths`` that have no metrics.json, with the reason."""
     skipped: dict[Path, str] = {}
@@ -37,11 +41,17 @@ def skipped_dirs(paths: Sequence[str | Path]) -> dict[Path, str]:
         path = Path(given).expanduser()
         if not path.is_dir():
             continue
-        candidates = [path] + [p.parent for p in path.rglob(".hydra")] + [p.parent for p in path.rglob("config.yaml")]
+        candidates = [path] + [p.parent for p in path.rglob(".hydra")] + [
+            p.parent for p in path.rglob("config.yaml") if p.parent.name != ".hydra"]
         for run_dir in candidates:
             if run_dir in skipped or (run_dir / "metrics.json").is_file():
                 continue
             if run_dir == path and any(path.rglob("metrics.json")):
                 continue  # a folder above runs, not a run
+            if not _looks_like_a_run(run_dir):
+                if run_dir == path:  # named on the command line: say what it is
+                    skipped[run_dir] = "not a run directory (no config, checkpoints or metrics.json: a predict or "\
+                                       "export job's folder, say)"
+                continue
             skipped[run_dir] = _why_no_metrics(run_dir)
     return skipped
