@@ -13,27 +13,14 @@ from cifar_lab.callbacks.tta import TTACallback, replace_run_tta
 from cifar_lab.cli import evaluate
 from cifar_lab.cli.train import train
 from cifar_lab.errors import ConfigError
+from test_speedrun import SPEEDRUN_SYNTH
 from conftest import compose_cfg, run_cli
 
-SPEEDRUN_TINY = [
-    "experiment=speedrun",
-    "data=synthetic",
-    "data.source.train_size=256",
-    "data.source.test_size=64",
-    "data.batch_size=64",
-    "data.eval_batch_size=64",
-    "trainer=cpu",
-    "trainer.max_epochs=2",
-    "+trainer.limit_train_batches=2",
-    "data.augment.resize.schedule=[[0,24],[1,null]]",
-    "trainer.precision=32",
-    "module.memory_format=contiguous",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "model.widths=[16,32,32]",
-    "callbacks.whitening.num_images=64",
-    "trainer.log_every_n_steps=1",
-]
+# test_speedrun's tiny speedrun, with two steps, epoch lines (no enable_progress_bar=false) and fixed speed settings
+SPEEDRUN_TINY = [*(o for o in SPEEDRUN_SYNTH if not o.startswith(("+trainer.limit_train_batches",
+                                                                   "trainer.enable_progress_bar"))),
+                 "+trainer.limit_train_batches=2", "trainer.precision=32", "module.memory_format=contiguous",
+                 "trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ def load_yaml(path: str | Path) -> Any:
         raise UnsafeConfigError(f"{path} is over {MAX_YAML_BYTES:,} bytes, far larger than any file cifar-lab "
                                 "writes; refusing to read it (use the run's own, unmodified files)")
     try:
+        # safe: _NoAliasLoader is yaml.SafeLoader (plain types only, no tags that build objects) without aliases
         return yaml.load(raw.decode("utf-8", errors="replace"), Loader=_NoAliasLoader)  # noqa: S506
     except yaml.YAMLError as err:
         first = " ".join(str(err).split())[:200]
