@@ -365,17 +365,27 @@ def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, com
 
     out = world.root / "model.pt"
     out.write_bytes(b"the previous export")
+    # a parity set big enough that the interrupt lands while the export is being checked, on any machine
+    many = world.root / "many.npy"
+    np.save(many, np.random.default_rng(0).integers(0, 256, (20_000, 32, 32, 3), dtype=np.uint8))
     args = ([f"ckpt_path={world.run}", "robustness=true", "corruption.severities=[1,2,3,4,5]"]
             if command == "evaluate" else
-            [f"ckpt_path={world.run}", "format=torchscript", f"output={out}", "parity.batch_size=1"])
+            [f"ckpt_path={world.run}", "format=torchscript", f"output={out}", f"parity.images={many}",
+             "parity.batch_size=1"])
     env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def working() -> bool:  # evaluate: its job has started; export: its temporary file is being checked
+        if command == "export":
+            return any(p.name.startswith(f".{out.name}.") for p in world.root.iterdir())
+        return world.job.is_dir()
+
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not world.job.is_dir():  # the job has started
-            time.sleep(0.05)
-        time.sleep(2.0)
+        while time.monotonic() < deadline and proc.poll() is None and not working():
+            time.sleep(0.01)
+        time.sleep(2.0 if command == "evaluate" else 0.5)
         os.kill(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:
