@@ -55,3 +55,49 @@ def test_resume_allowed_when_only_runtime_options_change(tmp_path: Path) -> None
     other = compose_cfg([*base, "model.fc_units=64"], tmp_path)
     with pytest.raises(CheckpointError, match="model.fc_units: 512 in the checkpoint, 64 now"):
         check_resume_compatible(saved, other, "run.ckpt")
+
+
+@pytest.mark.parametrize("num_classes", [10, 3])
+def test_epoch_totals_give_torchmetrics_figures(num_classes: int) -> None:
+    """The training step's in-place sums: the weighted mean loss and the top-1/top-k accuracy that
+    MeanMetric and MulticlassAccuracy give over the same batches (uneven sizes, bf16 logits with ties)."""
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from cifar_lab.module import EpochTotals
+
+    k = min(5, num_classes)
+    totals, mean = EpochTotals(k), MeanMetric()
+    top1, topk = (MulticlassAccuracy(num_classes, top_k=t, average="micro") for t in (1, k))
+    gen = torch.Generator().manual_seed(0)
+    for size in (7, 32, 1):
+        logits = torch.randn(size, num_classes, generator=gen).bfloat16().float()
+        labels = torch.randint(0, num_classes, (size,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        totals.update(loss, logits, labels)
+        mean.update(loss, size)
+        top1.update(logits, labels)
+        topk.update(logits, labels)
+    got = totals.values()
+    assert got["loss"].item() == pytest.approx(mean.compute().item(), rel=1e-6)
+    assert got["acc"].item() == pytest.approx(top1.compute().item(), abs=1e-7)
+    assert got["acc_top5"].item() == pytest.approx(topk.compute().item(), abs=1e-7)
+    totals.reset()
+    assert totals.values()["acc"].item() == 0.0
+
+
+def test_epoch_totals_reduce_over_ranks_gives_the_whole_epoch() -> None:
+    """Two ranks' sums, reduced, read as one process that saw both ranks' batches."""
+    from cifar_lab.module import EpochTotals
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 10, generator=gen), torch.randint(0, 10, (n,), generator=gen)) for n in (16, 5)]
+    ranks, whole = [EpochTotals(5), EpochTotals(5)], EpochTotals(5)
+    for totals, (logits, labels) in zip(ranks, batches):
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        totals.update(loss, logits, labels)
+        whole.update(loss, logits, labels)
+    reduced = ranks[0].values(reduce=lambda sums: sums + ranks[1].sums)
+    for name, value in whole.values().items():
+        assert reduced[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    assert reduced["acc"].item() != pytest.approx(ranks[0].values()["acc"].item())
