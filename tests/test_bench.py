@@ -118,10 +118,14 @@ def test_format_table_reports_every_part() -> None:
         "train_flops": 7.2e11, "median_step_s": 2.4, "achieved_gflops": 300.0, "peak_precision": "bf16",
         "peak_matmul": {"n": 2048, "gflops": {"bf16": 400.0, "fp32": 200.0}},
         "fraction_of_peak": 0.75, "fraction_of_bf16_peak": 0.75}
+    # autotune's compile decision (module.compile=auto): a faster compiled step that does not pay here
+    res["train"]["simple_cnn"]["autotune"] = {"source": "measured", "compile": False, "compile_timing": {
+        "eager_s": 0.05, "compiled_s": 0.04, "compile_s": 60.0, "steps": 3910, "saved_s": -20.9}}
     table = bench.format_table(res)
     for text in ("default / best simple_cnn", "0.800 ratio", "best 32 NCHW", "speedrun_net step GFLOP/s",
-                 "0.750 of peak", "bf16 400", "fp32 200", "720.0 GFLOP/step"):
-        assert text in table
+                 "0.750 of peak", "bf16 400", "fp32 200", "720.0 GFLOP/step",
+                 "compile simple_cnn: step ms eager vs compiled", "1.25x", "compiling 60 s, 3910 steps: eager"):
+        assert text in table, text
 
 
 def test_default_over_best_is_taken_from_the_ablation() -> None:
@@ -231,3 +235,24 @@ def test_ablation_and_speedrun_on_a_tiny_run(tmp_path: Path, monkeypatch) -> Non
     assert s["batch_size"] == 4 and s["train_flops"] == 3 * s["forward_flops"] > 0
     assert s["achieved_gflops"] > 0 and s["peak_matmul"]["gflops"]["bf16"] > 0 and s["peak_matmul"]["gflops"]["fp32"] > 0
     assert s["fraction_of_peak"] > 0 and res["speedrun_fraction_of_peak"] == s["fraction_of_peak"]
+
+
+@pytest.mark.slow
+def test_speedrun_with_data_path_counts_the_image_size_its_batches_had(tmp_path: Path, monkeypatch) -> None:
+    """The training measurement of the speedrun runs at epoch 0, where the recipe serves 24 px images:
+    its GFLOP/s is counted at 24 px, not at the 32 px of the step measurement."""
+    monkeypatch.setenv("CIFAR_LAB_DATA", str(tmp_path / "no_data_here"))
+    monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    code = bench.main(["--quick", "--steps", "1", "--repeats", "1", "--generated-size", "200", "--workers", "1",
+                       "--models", "speedrun_net", "--speedrun", "--speedrun-batch-size", "4",
+                       "--skip", "data", "memory", "overhead", "--out", str(out),
+                       "trainer.precision=32", "module.memory_format=contiguous"])
+    assert code == 0
+    res = json.loads(out.read_text())
+    s, train = res["speedrun"], res["train"]["speedrun_net"]
+    assert train["cifar_lab"]["image_size"] == 24 and s["image_size"] == 32
+    d = s["with_data_path"]
+    assert d["image_size"] == 24 and 0.5 < d["train_flops"] / s["train_flops"] < 0.6  # about (24/32)^2
+    assert d["achieved_gflops"] == pytest.approx(d["train_flops"] / 4 * train["cifar_lab"]["median"] / 1e9)
+    assert "at 24 px" in bench.format_table(res)

@@ -209,8 +209,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         res["overhead"] = bench_overhead(base, settings, device, log)
     if settings.speedrun:
         log("speedrun: training-step GFLOP/s against the matmul peaks")
-        res["speedrun"] = bench_speedrun(base, settings, device, log)
-        with_data_path(res["speedrun"], res["train"].get("speedrun_net"))
+        res["speedrun"] = bench_speedrun(base, settings, device, log, train=res["train"].get("speedrun_net"))
 
     with contextlib.suppress(OSError):
         res["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

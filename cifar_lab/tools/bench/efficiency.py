@@ -10,6 +10,12 @@ against the machine's matmul peak, measured in the same run on the same device a
 * Step time: the median of whole training steps (forward under the autotuned precision,
   loss, backward, optimizer step) on one batch resident on the device, in the autotuned
   memory format: the compute a training step does, without the data path.
+* With the data path: the training measurement's images/s of the same model and batch, at the
+  FLOPs of the image size its batches had. It once read 1.5x the step measurement on an AMX
+  Xeon (0.594 against 0.392 of the peak) because its FLOPs were counted at 32 px while its
+  batches, served at epoch 0, were the speedrun recipe's 24 px images (0.56 of the pixels).
+  The interleaved matmul samples were not the cause: steps timed back to back and steps
+  each followed by a peak sample took the same time (943 and 964 ms, medians of 5).
 * Peak: GFLOP/s of a square matmul (``n`` x ``n`` by ``n`` x ``n``, 2 n^3 FLOPs) in bf16 and fp32
   (and fp16 where the step ran in 16-mixed), the best sample. One sample of each peak is
   taken after each timed step, so a load change on a shared machine hits both alike.
@@ -94,9 +100,10 @@ def counted_forward_backward_flops(net: nn.Module, x: torch.Tensor, precision: s
 
 
 def bench_speedrun(base_overrides: list[str], settings: Settings, device: torch.device, log,
-                   model: str = "speedrun_net") -> dict[str, Any]:
+                   model: str = "speedrun_net", train: dict[str, Any] | None = None) -> dict[str, Any]:
     """GFLOP/s of ``model``'s training step (its experiment's config, the autotuned precision and
-    memory format) and the matmul peaks beside it."""
+    memory format) and the matmul peaks beside it; with ``train`` (the training measurement of
+    ``model``) also the GFLOP/s of that whole step, data path included."""
     from cifar_lab import builders
     from cifar_lab.module import MEMORY_FORMATS
 
@@ -133,31 +140,35 @@ def bench_speedrun(base_overrides: list[str], settings: Settings, device: torch.
         log(f"    step {i + 1}/{settings.speedrun_steps}: {1000 * step_s[-1]:8.1f} ms, "
             + ", ".join(f"{k} matmul {v[-1]:,.0f} GFLOP/s" for k, v in samples.items()))
     median_s = _median(step_s)
-    train = 3 * fwd
-    achieved = train / median_s / 1e9
+    step_flops = TRAIN_STEP_FORWARDS * fwd
+    achieved = step_flops / median_s / 1e9
     peak = {name: max(v) for name, v in samples.items()}
-    return {
+    result = {
         "model": model, "batch_size": bs, "overrides": model_overrides(model),
         "precision": precision, "memory_format": memory_format, "autotune": decision.record(),
         "threads": torch.get_num_threads(), "device": str(device),
-        "forward_flops": fwd, "train_flops": train, "counted_forward_backward_flops": counted,
+        "forward_flops": fwd, "train_flops": step_flops, "counted_forward_backward_flops": counted,
         "step_s": step_s, "median_step_s": median_s, "images_per_s": bs / median_s,
         "achieved_gflops": achieved,
         "peak_matmul": {"n": n, "samples_gflops": samples, "gflops": peak},
         "peak_precision": peak_name,
         "fraction_of_peak": achieved / peak[peak_name],
-        "fraction_of_bf16_peak": achieved / peak["bf16"],
+        "fraction_of_bf16_peak": achieved / peak["bf16"], "image_size": size,
     }
+    if train and train.get("batch_size") == bs:
+        train_size = int(train["cifar_lab"].get("image_size") or size)
+        x_train = x if train_size == size else F.interpolate(x, size=(train_size, train_size))
+        with_data_path(result, train, TRAIN_STEP_FORWARDS * forward_flops(module, x_train), train_size)
+    return result
 
 
-def with_data_path(speedrun: dict[str, Any], train: dict[str, Any] | None) -> None:
+def with_data_path(speedrun: dict[str, Any], train: dict[str, Any], train_flops: int, image_size: int) -> None:
     """Adds the GFLOP/s of the whole training step (data path included) from the training
-    measurement of the same model, batch size and autotuned variant, when there is one."""
-    if not train or train.get("batch_size") != speedrun["batch_size"]:
-        return
-    per_image = speedrun["train_flops"] / speedrun["batch_size"]
-    gflops = per_image * train["cifar_lab"]["median"] / 1e9
+    measurement of the same model, batch size and autotuned variant: ``train_flops`` a step at the
+    ``image_size`` its batches had."""
+    gflops = train_flops / speedrun["batch_size"] * train["cifar_lab"]["median"] / 1e9
     peak = speedrun["peak_matmul"]["gflops"]
     speedrun["with_data_path"] = {"images_per_s": train["cifar_lab"]["median"], "achieved_gflops": gflops,
+                                  "image_size": image_size, "train_flops": train_flops,
                                   "fraction_of_peak": gflops / peak[speedrun["peak_precision"]],
                                   "fraction_of_bf16_peak": gflops / peak["bf16"]}

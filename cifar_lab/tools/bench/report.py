@@ -19,6 +19,17 @@ def _default_over_best_row(model: str, r: dict[str, Any] | None) -> list[tuple[s
              _fmt(r["default_images_per_s"]), f"{r['ratio']:.3f} ratio", f"best {r['best']}; autotuned {r['default']}")]
 
 
+def _compile_row(model: str, decision: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    """autotune's compile decision (module.compile=auto): the step eager vs compiled, and its cost."""
+    t = (decision or {}).get("compile_timing") or {}
+    if (decision or {}).get("compile") is None or "eager_s" not in t:
+        return []
+    gain = t["eager_s"] / t["compiled_s"]
+    return [(f"compile {model}: step ms eager vs compiled", f"{1000 * t['eager_s']:.1f}", f"{1000 * t['compiled_s']:.1f}",
+             f"{gain:.2f}x", f"compiling {t['compile_s']:.0f} s, {t.get('steps')} steps: "
+             + ("compiled" if decision["compile"] else "eager"))]
+
+
 def _speedrun_rows(s: dict[str, Any] | None) -> list[tuple[str, ...]]:
     """The speedrun step's GFLOP/s (cifar-lab column) against the matmul peak of its precision."""
     if not s:
@@ -32,9 +43,10 @@ def _speedrun_rows(s: dict[str, Any] | None) -> list[tuple[str, ...]]:
              + ", ".join(f"{k} {_fmt(v)}" for k, v in peaks.items()) + f" GFLOP/s (n={s['peak_matmul']['n']})")]
     d = s.get("with_data_path")
     if d:
+        size = d.get("image_size", s.get("image_size", 32))
         rows.append(("same, whole step with the data path (train measurement)", _fmt(peaks[s["peak_precision"]]),
                      _fmt(d["achieved_gflops"]), f"{d['fraction_of_peak']:.3f} of peak",
-                     f"{_fmt(d['images_per_s'])} img/s, {d['fraction_of_bf16_peak']:.3f} of the bf16 peak"))
+                     f"{_fmt(d['images_per_s'])} img/s at {size} px, {d['fraction_of_bf16_peak']:.3f} of the bf16 peak"))
     return rows
 
 
@@ -57,6 +69,7 @@ def format_table(res: dict[str, Any]) -> str:
                      _fmt(t["cifar_lab"]["median"]), f"{t['speedup']:.2f}x", t["cifar_lab"]["settings"] + tuned))
     for model, t in res["train"].items():
         rows += _default_over_best_row(model, t.get("default_over_best"))
+        rows += _compile_row(model, t.get("autotune"))
     o = res.get("overhead")
     if o:
         m_ = o["model"]

@@ -22,6 +22,9 @@ from cifar_lab.tools.bench.settings import Settings
 from cifar_lab.tools.bench.timing import _interleaved, _median, _sync
 
 
+CIFAR_TRAIN_IMAGES = 50_000
+
+
 def _optimizer(cfg, params) -> torch.optim.Optimizer:
     from hydra.utils import instantiate
 
@@ -100,17 +103,23 @@ def _lab_runner(cfg, variant: LabVariant, bs: int, settings: Settings, device: t
     step = _train_step_fn(module, _optimizer(cfg, module.net.parameters()), variant.precision, device)
     warmup = _Warmup(settings.train_warmup)
 
+    def sized(batches: Iterator) -> Iterator:
+        for batch in batches:  # the image size the steps ran at (a recipe may resize by epoch)
+            run.image_size = int(batch[0].shape[-1])
+            yield batch
+
     def run() -> float:
         threads = torch.get_num_threads()
         if variant.threads:
             torch.set_num_threads(variant.threads)
-        it = lab_batches(dm, device)
+        it = sized(lab_batches(dm, device))
         try:
             return time_steps(it, step, warmup.take(), settings.train_steps, bs, device)
         finally:
             it.close()
             torch.set_num_threads(threads)
 
+    run.image_size = None  # type: ignore[attr-defined]
     return run
 
 
@@ -145,7 +154,9 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
     bs = settings.batch_for(model)
     overrides = [*base_overrides, *model_overrides(model)]
     cfg = compose(overrides)
-    decision = autotuned(cfg, bs)  # what a training run of this config uses
+    # what a training run of this config uses; compilation (module.compile=auto) is decided for a
+    # run over CIFAR-10's training set
+    decision = autotuned(cfg, bs, train_images=CIFAR_TRAIN_IMAGES)
     log(f"  autotune ({decision.source}, {decision.seconds:.1f} s): {decision.precision} {decision.memory_format}")
     default = LabVariant(decision.precision, decision.memory_format == "channels_last", bool(cfg.module.compile))
 
@@ -161,7 +172,8 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
         finally:
             it.close()
 
-    runners: dict[str, Callable[[], float]] = {"reference": reference, "cifar_lab": _lab_runner(cfg, default, bs, settings, device)}
+    lab = _lab_runner(cfg, default, bs, settings, device)
+    runners: dict[str, Callable[[], float]] = {"reference": reference, "cifar_lab": lab}
     runs = _interleaved(settings.repeats, runners, log)
     result: dict[str, Any] = {
         "batch_size": bs,
@@ -169,7 +181,7 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
         "reference": {"images_per_s": runs["reference"], "median": _median(runs["reference"]),
                       "settings": "PIL DataLoader (2 workers), float32, NCHW"},
         "cifar_lab": {"images_per_s": runs["cifar_lab"], "median": _median(runs["cifar_lab"]),
-                      "settings": default.name},
+                      "settings": default.name, "image_size": lab.image_size},
         "speedup": _median(runs["cifar_lab"]) / _median(runs["reference"]),
         "autotune": decision.record(),
     }
