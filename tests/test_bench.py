@@ -239,15 +239,15 @@ def test_ablation_and_speedrun_on_a_tiny_run(tmp_path: Path, monkeypatch) -> Non
 
 @pytest.mark.slow
 def test_speedrun_with_data_path_counts_the_image_size_its_batches_had(tmp_path: Path, monkeypatch) -> None:
-    """The training measurement of the speedrun runs at epoch 0, where the recipe serves 24 px images:
-    its GFLOP/s is counted at 24 px, not at the 32 px of the step measurement."""
+    """The training measurement serves the batches of the run's last epoch; with one epoch that is the
+    speedrun recipe's 24 px: its GFLOP/s is counted at 24 px, not at the 32 px of the step measurement."""
     monkeypatch.setenv("CIFAR_LAB_DATA", str(tmp_path / "no_data_here"))
     monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     code = bench.main(["--quick", "--steps", "1", "--repeats", "1", "--generated-size", "200", "--workers", "1",
                        "--models", "speedrun_net", "--speedrun", "--speedrun-batch-size", "4",
                        "--skip", "data", "memory", "overhead", "--out", str(out),
-                       "trainer.precision=32", "module.memory_format=contiguous"])
+                       "trainer.precision=32", "module.memory_format=contiguous", "trainer.max_epochs=1"])
     assert code == 0
     res = json.loads(out.read_text())
     s, train = res["speedrun"], res["train"]["speedrun_net"]
@@ -256,3 +256,13 @@ def test_speedrun_with_data_path_counts_the_image_size_its_batches_had(tmp_path:
     assert d["image_size"] == 24 and 0.5 < d["train_flops"] / s["train_flops"] < 0.6  # about (24/32)^2
     assert d["achieved_gflops"] == pytest.approx(d["train_flops"] / 4 * train["cifar_lab"]["median"] / 1e9)
     assert "at 24 px" in bench.format_table(res)
+
+
+def test_lab_batches_are_those_of_the_runs_last_epoch() -> None:
+    """The speedrun trains at 24 px in epochs 0-2 and at 32 px from epoch 3: the bench's batches are 32 px,
+    the size the reference trains at."""
+    cfg = bench.compose(["data=synthetic", *bench.model_overrides("speedrun_net")])
+    dm = bench.lab_datamodule(cfg, 8)
+    assert dm.trainer.current_epoch == cfg.trainer.max_epochs - 1 > 2
+    x, _ = next(bench.lab_batches(dm, torch.device("cpu")))
+    assert x.shape[-1] == 32

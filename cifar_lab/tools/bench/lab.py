@@ -67,13 +67,18 @@ def autotuned(cfg, batch_size: int, **decide_kwargs: Any):
 
 
 class _TrainingStub:
-    """What ``CIFARDataModule.on_after_batch_transfer`` reads from a Trainer while training."""
+    """What ``CIFARDataModule.on_after_batch_transfer`` reads from a Trainer while training, in
+    the run's last epoch: a recipe that resizes by epoch (the speedrun's 24 px first epochs)
+    trains at its final size there, the size the reference pipeline trains at and the step
+    measurement counts."""
 
     training = True
     sanity_checking = False
-    current_epoch = 0
     global_rank = 0
     world_size = 1
+
+    def __init__(self, current_epoch: int = 0) -> None:
+        self.current_epoch = current_epoch
 
 
 _LOADED: dict[str, Any] = {}  # source description -> ImageSplits, so repeats skip decoding
@@ -104,7 +109,7 @@ def lab_datamodule(cfg, batch_size: int, cached: bool = True):
         cfg.data.batch_size = batch_size
     dm = build_datamodule(cfg, cached)
     dm.setup("fit")
-    dm.trainer = _TrainingStub()
+    dm.trainer = _TrainingStub(max(0, int(cfg.trainer.get("max_epochs") or 1) - 1))
     # batches in the network's layout, as the training module's setup() arranges in a Trainer
     dm.channels_last = cfg.module.memory_format == "channels_last"
     return dm
