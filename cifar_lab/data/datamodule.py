@@ -248,6 +248,13 @@ class CIFARDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict) if state_dict else None
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A batch of tensors already on the device (CPU training) is returned as it is: Lightning's
+        # generic walk over the collection costs about 0.1 ms of every step for nothing.
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         x, y, *rest = batch
         indices = rest[0] if rest else None

@@ -166,3 +166,12 @@ def test_alternating_flip_gets_dataset_indices(cifar_root: Path) -> None:
         flipped.append(torch.isclose(out[order], dm.normalize(x.flip(-1))[order]).flatten(1).all(1))
     # every image is flipped in exactly one of two consecutive epochs
     assert torch.equal(flipped[0], ~flipped[1])
+
+
+def test_a_batch_already_on_the_device_is_passed_through_and_others_are_moved() -> None:
+    dm = make_dm(SyntheticSource(num_classes=10, train_size=40, test_size=10))
+    batch = (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+    assert dm.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [t.device.type for t in moved] == ["meta", "meta"]
+    assert dm.transfer_batch_to_device([batch[0], "x"], torch.device("cpu"), 0) == [batch[0], "x"]
