@@ -134,9 +134,23 @@ def test_a_lone_checkpoint_carries_its_training_overrides(trained: Path) -> None
 def test_evaluate_with_tta(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     summary = evaluate.run([f"ckpt_path={trained}", "tta.enabled=true", "tta.translate=1"], out)
-    assert summary["tta"] == {"enabled": True, "flip": True, "translate": 1, "padding_mode": "reflect"}
+    assert summary["tta"] == {"enabled": True, "flip": True, "translate": 1, "shifts": None, "padding_mode": "reflect"}
     assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
     assert _summary(out)["tta"]["translate"] == 1
+
+
+def test_evaluate_with_explicit_tta_shifts(trained: Path, tmp_path: Path) -> None:
+    """tta.shifts replaces translate's four moves: the 8 one-pixel neighbours make 18 views with flip."""
+    shifts = "[[1,0],[-1,0],[0,1],[0,-1],[1,1],[-1,-1],[1,-1],[-1,1]]"
+    summary = evaluate.run([f"ckpt_path={trained}", "tta.enabled=true", f"tta.shifts={shifts}"], tmp_path / "eval")
+    assert summary["tta"]["shifts"] == [[1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [-1, -1], [1, -1], [-1, 1]]
+    assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
+    from cifar_lab.callbacks.tta import TTACallback
+    from cifar_lab.cli.evaluate import _with_requested_tta
+
+    cfg = OmegaConf.create({"tta": {**summary["tta"]}})
+    (requested,) = [c for c in _with_requested_tta(cfg, []) if isinstance(c, TTACallback)]
+    assert len(requested.views) == 18 and (False, -1, 1) in requested.views
 
 
 def test_overrides_apply_on_top_of_the_training_config() -> None:

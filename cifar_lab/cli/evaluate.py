@@ -173,7 +173,9 @@ def _with_requested_tta(cfg: DictConfig, callbacks: list) -> list:
     tta = cfg.get("tta") or {}
     if not tta.get("enabled", False):
         return callbacks
+    shifts = tta.get("shifts")
     requested = TTACallback(flip=bool(tta.get("flip", True)), translate=int(tta.get("translate", 0)),
+                            shifts=OmegaConf.to_container(shifts) if shifts is not None else None,
                             padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",))
     callbacks, replaced = replace_run_tta(callbacks, requested)
     if replaced and rank_zero_only.rank == 0:

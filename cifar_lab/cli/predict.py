@@ -283,7 +283,8 @@ def _predict_checkpoint(ckpt_path: str | Path, input: str | Path, output: str | 
     checkpoints.load_network_weights(net, checkpoint, ckpt_file)
     dev = _device(device)
     net = net.to(dev).eval()
-    views = tta_views(bool(tta.get("flip", True)), int(tta.get("translate", 0))) if tta.get("enabled") else None
+    views = (tta_views(bool(tta.get("flip", True)), int(tta.get("translate", 0)), tta.get("shifts"))
+             if tta.get("enabled") else None)
 
     preds = []
     with torch.inference_mode():

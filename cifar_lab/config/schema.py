@@ -531,12 +531,26 @@ def validate_config(cfg: DictConfig | dict) -> None:
 TTA_PADDING_MODES = ("reflect", "replicate", "circular", "constant")
 
 
+TTA_KEYS = {"enabled", "flip", "translate", "shifts", "padding_mode"}
+
+
 def check_tta(tta: Any, image_size: int = 32, key: str = "tta") -> None:
     """Refuse test-time augmentation settings no view can be made from, before any work (one line)."""
     tta = _plain(tta) or {}
     if not isinstance(tta, dict) or not tta.get("enabled", False):
         return
+    unknown = sorted(set(tta) - TTA_KEYS)
+    if unknown:
+        raise ConfigError(_problem(f"{key}.{unknown[0]}", tta[unknown[0]], f"one of the keys {key}."
+                                   + f", {key}.".join(sorted(TTA_KEYS)) + " (it would be ignored)"))
     translate, mode = tta.get("translate", 0), tta.get("padding_mode", "reflect")
+    shifts = tta.get("shifts")
+    if shifts is not None:
+        limit = image_size // 2 if mode == "reflect" else image_size
+        if not isinstance(shifts, list) or not shifts or not all(
+                isinstance(p, list) and len(p) == 2 and all(_is_int(v) and abs(v) < limit for v in p) for p in shifts):
+            raise ConfigError(_problem(f"{key}.shifts", shifts, f"a list of [dy, dx] pairs of whole pixels under {limit} "
+                                       "in size, e.g. [[1,1],[-1,-1]], or null"))
     if not _is_int(translate) or not 0 <= translate < image_size:
         raise ConfigError(_problem(f"{key}.translate", translate, f"a whole number of pixels from 0 to {image_size - 1}"))
     if mode not in TTA_PADDING_MODES:
