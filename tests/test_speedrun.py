@@ -305,7 +305,7 @@ def test_speedrun_experiment_composes() -> None:
     assert cfg.model._target_ == "cifar_lab.models.speedrun_net.SpeedrunNet"
     assert cfg.optimizer._target_ == "cifar_lab.optim.muon.muon_sgd" and cfg.optimizer.bias_lr_scale == 64
     assert cfg.optimizer.lr == 0.24 and cfg.optimizer.sgd_lr == 1.5
-    assert "ProgressiveResize" in cfg.data.augment.resize._target_ and cfg.data.augment.resize.schedule == [[0, 24], [3, None]]
+    assert "ProgressiveResize" in cfg.data.augment.resize._target_ and cfg.data.augment.resize.schedule == [[0, 16], [2, 24], [4, None]]
     assert cfg.callbacks.tta.translate == 1 and cfg.callbacks.tta.shifts is None
     assert cfg.module.label_smoothing == 0.2 and cfg.data.batch_size == 1024 and cfg.data.val_size == 0
     assert cfg.data.augment.flip is None and "AlternatingFlip" in cfg.data.augment.alternating_flip._target_
@@ -314,6 +314,7 @@ def test_speedrun_experiment_composes() -> None:
     assert "precision" not in OmegaConf.load(Path(__file__).parents[1] / "conf/experiment/speedrun.yaml").trainer
     long = compose_cfg(["experiment=speedrun_long"], Path("/tmp/unused"))
     assert long.trainer.max_epochs > cfg.trainer.max_epochs and long.optimizer == cfg.optimizer
+    assert long.data.augment.resize.schedule == [[0, 24], [3, None]]  # its measured schedule, kept
 
 
 def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:
