@@ -46,9 +46,10 @@ def test_a_schedule_that_never_returns_to_full_size_is_refused_before_training(t
 
     from conftest import compose_cfg
 
-    short = find_problems(compose_cfg(["experiment=speedrun", "trainer.max_epochs=3"], tmp_path))
+    full = compose_cfg(["experiment=speedrun"], tmp_path).data.augment.resize.schedule[-1][0]  # first full-size epoch
+    short = find_problems(compose_cfg(["experiment=speedrun", f"trainer.max_epochs={full}"], tmp_path))
     assert len(short) == 1 and short[0].startswith("data.augment.resize.schedule=")
-    assert "trainer.max_epochs=3" in short[0] and "data.augment.resize=null" in short[0]
-    assert find_problems(compose_cfg(["experiment=speedrun", "trainer.max_epochs=4"], tmp_path)) == []
+    assert f"trainer.max_epochs={full}" in short[0] and "data.augment.resize=null" in short[0]
+    assert find_problems(compose_cfg(["experiment=speedrun", f"trainer.max_epochs={full + 1}"], tmp_path)) == []
     assert find_problems(compose_cfg(["experiment=speedrun", "trainer.max_epochs=2",
                                       "data.augment.resize=null"], tmp_path)) == []
