@@ -104,7 +104,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
     assert _job_dirs(sweep_dir) == [0, 1, 2]
     killed = _record(sweep_dir / "1")
     assert killed["status"] == "failed" and "worker stopped" in killed["error"]
-    assert "Sweep finished: 3 jobs, 2 ok, 1 failed" in proc.stdout
+    assert "Sweep finished: 3 jobs, 2 ok, 1 failed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.slow
