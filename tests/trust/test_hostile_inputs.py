@@ -258,28 +258,25 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_autotune(world: 
 
 
 # ----------------------------------------------------------------------------- settings no work can use
+def _evaluate_tta(*overrides: str) -> Callable[[World], None]:
+    return lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}", "tta.enabled=true", *overrides])
+
+
+def _predict_tta(*overrides: str) -> Callable[[World], None]:
+    return lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}", f"output={w.job / 'p.csv'}",
+                                   f"hydra.run.dir={w.job}", "tta.enabled=true", *overrides])
+
+
 IMPOSSIBLE = {
-    "evaluate_tta_translate_negative": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
-                                                                "tta.enabled=true", "tta.translate=-2"]),
-    "evaluate_tta_translate_past_the_image": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
-                                                                     "tta.enabled=true", "tta.translate=20"]),
-    "evaluate_tta_padding_mode": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
-                                                          "tta.enabled=true", "tta.padding_mode=mirror"]),
-    "predict_tta_translate": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}",
-                                                     f"output={w.job / 'p.csv'}", f"hydra.run.dir={w.job}",
-                                                     "tta.enabled=true", "tta.translate=40"]),
-    "evaluate_tta_unknown_key": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
-                                                         "tta.enabled=true", "+tta.shift=[[1,1]]"]),
-    "evaluate_tta_shifts_not_pairs": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
-                                                              "tta.enabled=true", "tta.shifts=[1,2]"]),
-    "evaluate_tta_shifts_past_half_the_image": lambda w: evaluate.main([f"ckpt_path={w.run}", f"hydra.run.dir={w.job}",
-                                                                        "tta.enabled=true", "tta.shifts=[[0,16]]"]),
-    "predict_tta_unknown_key": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}",
-                                                       f"output={w.job / 'p.csv'}", f"hydra.run.dir={w.job}",
-                                                       "tta.enabled=true", "+tta.views=18"]),
-    "predict_tta_shifts": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}",
-                                                  f"output={w.job / 'p.csv'}", f"hydra.run.dir={w.job}",
-                                                  "tta.enabled=true", "tta.shifts=[[1,x]]"]),
+    "evaluate_tta_translate_negative": _evaluate_tta("tta.translate=-2"),
+    "evaluate_tta_translate_past_the_image": _evaluate_tta("tta.translate=20"),
+    "evaluate_tta_padding_mode": _evaluate_tta("tta.padding_mode=mirror"),
+    "evaluate_tta_unknown_key": _evaluate_tta("+tta.shift=[[1,1]]"),
+    "evaluate_tta_shifts_not_pairs": _evaluate_tta("tta.shifts=[1,2]"),
+    "evaluate_tta_shifts_past_half_the_image": _evaluate_tta("tta.shifts=[[0,16]]"),
+    "predict_tta_translate": _predict_tta("tta.translate=40"),
+    "predict_tta_unknown_key": _predict_tta("+tta.views=18"),
+    "predict_tta_shifts": _predict_tta("tta.shifts=[[1,x]]"),
     "predict_cuda_without_gpu": lambda w: predict.main([f"ckpt_path={w.run}", f"input={w.input}", "device=cuda:3",
                                                         f"output={w.job / 'p.csv'}", f"hydra.run.dir={w.job}"]),
     "export_opset": lambda w: export.main([f"ckpt_path={w.run}", "format=onnx", "opset=99",
