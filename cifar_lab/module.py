@@ -79,29 +79,28 @@ class EpochTotals:
 
     def __init__(self, top_k: int) -> None:
         self.top_k = top_k
-        self.sums: Tensor | None = None  # loss x images, images, top-1 hits, top-k hits
+        self.sums: Tensor | None = None  # loss x images, top-1 hits, top-k hits
+        self.images = 0
 
     def reset(self) -> None:
-        self.sums = None
+        self.sums, self.images = None, 0
 
     @torch.no_grad()
     def update(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
-        n = torch.tensor(float(len(labels)), device=logits.device)
         top1 = (logits.argmax(dim=1) == labels).sum()
         topk = (logits.topk(self.top_k, dim=1).indices == labels[:, None]).any(dim=1).sum()
-        step = torch.stack((loss.detach().float() * n, n, top1.float(), topk.float()))
-        if self.sums is None:
-            self.sums = step
-        else:
-            self.sums.add_(step)
+        step = torch.stack((loss.detach().float() * len(labels), top1.float(), topk.float()))
+        self.sums = step if self.sums is None else self.sums.add_(step)
+        self.images += len(labels)
 
     def values(self, reduce: Any = None) -> dict[str, Tensor]:
         """``loss``, ``acc`` and ``acc_top5`` of the epoch so far (``reduce``: a sum over the ranks)."""
-        sums = self.sums if self.sums is not None else torch.zeros(4)
+        sums = self.sums if self.sums is not None else torch.zeros(3)
+        totals = torch.cat((sums, sums.new_tensor([float(self.images)])))
         if reduce is not None:
-            sums = reduce(sums.clone())
-        count = sums[1].clamp(min=1.0)
-        return {"loss": sums[0] / count, "acc": sums[2] / count, "acc_top5": sums[3] / count}
+            totals = reduce(totals)
+        count = totals[3].clamp(min=1.0)
+        return {"loss": totals[0] / count, "acc": totals[1] / count, "acc_top5": totals[2] / count}
 
 
 class ClassifierModule(L.LightningModule):

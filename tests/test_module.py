@@ -97,7 +97,9 @@ def test_epoch_totals_reduce_over_ranks_gives_the_whole_epoch() -> None:
         loss = torch.nn.functional.cross_entropy(logits, labels)
         totals.update(loss, logits, labels)
         whole.update(loss, logits, labels)
-    reduced = ranks[0].values(reduce=lambda sums: sums + ranks[1].sums)
+    other = ranks[1].values(reduce=lambda totals: totals)  # what rank 1 contributes to the sum
+    reduced = ranks[0].values(reduce=lambda totals: totals + torch.cat((ranks[1].sums, torch.tensor([5.0]))))
+    assert other["acc"].item() == pytest.approx(ranks[1].values()["acc"].item())
     for name, value in whole.values().items():
         assert reduced[name].item() == pytest.approx(value.item(), rel=1e-6), name
     assert reduced["acc"].item() != pytest.approx(ranks[0].values()["acc"].item())
