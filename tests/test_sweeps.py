@@ -13,7 +13,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
 from cifar_lab.sweeps.report import SweepReport, best_job, collect_jobs
-from cifar_lab.sweeps.runner import TrialFailed, run_task
+from cifar_lab.sweeps.runner import TrialFailed, mark_job, run_task
 from conftest import SYNTH, compose_cfg, run_cli
 
 # One batch per stage, no loggers or callbacks: each job costs about a second after startup.
@@ -154,6 +154,24 @@ def test_sweep_summary_picks_best_and_lists_failures(tmp_path: Path, capsys) -> 
     assert f"config:    {sweep / 'best_config.yaml'}" in out and "job: 2" not in out
     SweepReport(print_best_config=True).on_multirun_end(config)
     assert "job: 2" in capsys.readouterr().out
+
+
+def test_a_job_killed_before_hydra_saved_its_config_is_listed_as_failed(tmp_path: Path, capsys) -> None:
+    """The sweeper marks a dead worker's trial in its folder; Hydra may not have written ``.hydra`` yet."""
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, 0, ["optimizer.lr=0.1"], "ok", 0.4)
+    (sweep / "1").mkdir()
+    mark_job(sweep / "1", "failed", "its worker stopped (no heartbeat for 2 s)")
+    (sweep / "2").mkdir()  # an empty folder (killed before anything) and a stray record are not jobs
+    (sweep / "notes").mkdir()
+    (sweep / "notes" / "metrics.json").write_text("[1, 2]")
+    jobs = collect_jobs(sweep)
+    assert [(j["num"], j["status"], j["overrides"]) for j in jobs] == [(0, "ok", ["optimizer.lr=0.1"]),
+                                                                       (1, "failed", [])]
+    config = OmegaConf.create({"optimized_metric": "val/acc_best", "hydra": {"sweep": {"dir": str(sweep)}}})
+    SweepReport().on_multirun_end(config)
+    out = capsys.readouterr().out
+    assert "Sweep finished: 2 jobs, 1 ok, 1 failed" in out and "worker stopped" in out
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -38,19 +38,23 @@ def _load_yaml(path: Path) -> Any:
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every job under ``sweep_dir`` (folders holding ``.hydra/overrides.yaml``), by job number.
+    """Every job under ``sweep_dir``, by job number: the folders holding ``.hydra/overrides.yaml``,
+    and those holding only a status record (a job killed before Hydra saved its config, which
+    the sweeper marked failed).
 
     Each entry: ``num`` (the Optuna trial number in an Optuna sweep), ``dir``, ``overrides``,
     ``status`` (``ok``, ``failed``, ``pruned``, or ``unknown`` when the job left no status),
     ``value`` (objective or None), ``error`` (why it failed or was pruned).
     """
     jobs = []
-    for overrides_file in sorted(Path(sweep_dir).glob("**/.hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
+    for job_dir in _job_dirs(Path(sweep_dir)):
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
         hydra_cfg = (_load_yaml(job_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
         num = (hydra_cfg.get("sweeper") or {}).get("trial")
         if num is None:
             num = hydra_cfg.get("job", {}).get("num")
+        if num is None and job_dir.name.isdigit():
+            num = int(job_dir.name)
         record = read_json(job_dir / METRICS_FILE)
         objective = record.get("objective") or {}
         status = record.get("status") or ("failed" if (job_dir / ERROR_FILE).exists() else "unknown")
@@ -61,13 +65,20 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         jobs.append({
             "num": num,
             "dir": str(job_dir),
-            "overrides": list(_load_yaml(overrides_file) or []),
+            "overrides": list((_load_yaml(overrides_file) if overrides_file.is_file() else None) or []),
             "status": status,
             "value": objective.get("value"),
             "error": error,
         })
     jobs.sort(key=lambda j: (j["num"] is None, j["num"] if j["num"] is not None else 0, j["dir"]))
     return jobs
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    saved = {f.parent.parent for f in sweep_dir.glob("**/.hydra/overrides.yaml")}
+    marked = {f.parent for f in sweep_dir.glob("**/" + METRICS_FILE)
+              if not (f.parent / ".hydra").is_dir() and read_json(f).get("status")}
+    return sorted(saved | marked)
 
 
 def _direction(config: DictConfig) -> str:

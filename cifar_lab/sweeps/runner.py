@@ -63,9 +63,10 @@ def _is_rank_zero() -> bool:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _write_status(job_dir: Path, status: str, objective: str | None, value: float | None,
