@@ -104,11 +104,13 @@ def test_format_table_reports_every_part() -> None:
         "overhead": {"model_name": "simple_cnn", "batch_size": 128, "precision": "bf16-mixed", "ratio": 1.02,
                      "ratio_from_tiny_overhead": 1.03,
                      "model": {"plain_median_step_ms": 100.0, "lightning_median_step_ms": 102.0, "ratio": 1.02},
-                     "tiny": {"plain_median_step_ms": 10.0, "lightning_median_step_ms": 12.0, "median_paired_difference_ms": 2.0}},
+                     "tiny": {"plain_median_step_ms": 10.0, "lightning_median_step_ms": 12.0, "median_paired_difference_ms": 2.0},
+                     "lightning_floor": {"plain_median_step_ms": 0.11, "lightning_median_step_ms": 0.42,
+                                         "median_paired_difference_ms": 0.31}},
         "memory": {"available": True, "peak_rss_increase_mb": 300.0, "peak_ratio": 1.6, "dataset_uint8_mb": 180.0, "val_size": 5000},
     }
     table = bench.format_table(res)
-    for text in ("6.8x", "3.00x", "1.020 ratio", "1.60x", "ablation simple_cnn"):
+    for text in ("6.8x", "3.00x", "1.020 ratio", "1.60x", "ablation simple_cnn", "+0.31 ms  Lightning's floor"):
         assert text in table
     # the autotuned pair against the best pair of the ablation, and the speedrun's GFLOP/s
     res["train"]["simple_cnn"]["default_over_best"] = {
@@ -215,6 +217,8 @@ def test_quick_benchmark_on_generated_data_writes_json(tmp_path: Path, monkeypat
         assert t["autotune"]["memory_format"] in ("channels_last", "contiguous")
         assert t["cifar_lab"]["settings"].startswith(t["autotune"]["precision"])
     assert res["overhead"]["precision"] != "auto"
+    floor = res["overhead"]["lightning_floor"]  # Lightning alone: both sides timed, paired step by step
+    assert floor["steps_timed"] > 0 and floor["plain_median_step_ms"] > 0 and floor["lightning_median_step_ms"] > 0
     assert "speedrun" not in res and res["default_over_best"] == {}  # --quick: neither
 
 

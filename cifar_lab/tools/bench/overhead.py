@@ -71,6 +71,65 @@ def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
     return {"lightning": lightning_times[warmup:], "plain": plain_times[warmup:]}
 
 
+def lightning_floor(steps: int, warmup: int) -> dict[str, float]:
+    """Lightning's own per-step cost: ``Trainer.fit`` of a one-layer module on one in-memory batch
+    (no augmentation, no metrics, no logging, plain SGD) against the same step by hand, paired as
+    in :func:`_paired_fit`. What no change to cifar-lab's module or data path can remove."""
+    import lightning as L
+
+    x, y = torch.randn(128, 8), torch.randint(0, 2, (128,))
+
+    def sgd_step(layer: torch.nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(layer(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    class Bare(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 2)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class SameBatch:  # an iterable of one batch, given again at every step (a list would be many loaders)
+        def __iter__(self):
+            return iter([(x, y)] * steps)
+
+    plain_layer = torch.nn.Linear(8, 2)
+    plain_opt = torch.optim.SGD(plain_layer.parameters(), lr=0.01)
+    lightning_times: list[float] = []
+    plain_times: list[float] = []
+
+    class PairedSteps(L.Callback):
+        mark = 0.0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now = time.perf_counter()
+            lightning_times.append(now - self.mark)
+            with torch.enable_grad():
+                sgd_step(plain_layer, plain_opt)
+            self.mark = time.perf_counter()
+            plain_times.append(self.mark - now)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        L.Trainer(default_root_dir=tmp, accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[PairedSteps()]).fit(Bare(), train_dataloaders=SameBatch())
+    diffs = [a - b for a, b in zip(lightning_times[warmup:], plain_times[warmup:])]
+    return {"lightning_median_step_ms": 1000 * _median(lightning_times[warmup:]),
+            "plain_median_step_ms": 1000 * _median(plain_times[warmup:]),
+            "median_paired_difference_ms": 1000 * _median(diffs), "steps_timed": len(diffs)}
+
+
 def bench_overhead(base_overrides: list[str], settings: Settings, device: torch.device, log,
                    model: str = "simple_cnn") -> dict[str, Any]:
     """Lightning's per-step cost over a hand-written loop, for ``model`` (autotuned) and for a
@@ -103,6 +162,8 @@ def bench_overhead(base_overrides: list[str], settings: Settings, device: torch.
         if label == "model":
             out["precision"], out["memory_format"] = str(cfg.trainer.precision), str(cfg.module.memory_format)
     out["ratio"] = out["model"]["ratio"]
+    # many more steps: each is a fraction of a millisecond
+    out["lightning_floor"] = lightning_floor(10 * settings.overhead_steps, 10 * settings.overhead_warmup)
     if "tiny" in out:
         # the tiny network's absolute per-step overhead added to the real model's step
         add = out["tiny"]["median_paired_difference_ms"]

@@ -81,6 +81,11 @@ def format_table(res: dict[str, Any]) -> str:
             rows.append(("step ms, same with a tiny network", f"{t_['plain_median_step_ms']:.2f}",
                          f"{t_['lightning_median_step_ms']:.2f}", f"{t_['median_paired_difference_ms']:+.2f} ms",
                          f"-> ratio {o['ratio_from_tiny_overhead']:.3f} for {o['model_name']}"))
+        if "lightning_floor" in o:
+            f_ = o["lightning_floor"]
+            rows.append(("step ms, Lightning alone (one layer, SGD, no hooks)", f"{f_['plain_median_step_ms']:.3f}",
+                         f"{f_['lightning_median_step_ms']:.3f}", f"{f_['median_paired_difference_ms']:+.2f} ms",
+                         "Lightning's floor"))
     rows += _speedrun_rows(res.get("speedrun"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for i, r in enumerate(rows):
