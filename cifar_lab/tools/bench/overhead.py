@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -14,6 +14,31 @@ from cifar_lab.tools.bench.lab import autotuned, build_datamodule, compose, lab_
 from cifar_lab.tools.bench.settings import Settings
 from cifar_lab.tools.bench.timing import _median, _sync
 from cifar_lab.tools.bench.training import _optimizer, _train_step_fn
+
+
+def _paired_steps(plain_step: Callable[[], None], device: torch.device, lightning_times: list[float],
+                  plain_times: list[float]):
+    """A callback that runs ``plain_step`` after every Lightning step and times both (see :func:`_paired_fit`)."""
+    import lightning as L
+
+    class PairedSteps(L.Callback):
+        mark = 0.0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            _sync(device)
+            self.mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            _sync(device)
+            now = time.perf_counter()
+            lightning_times.append(now - self.mark)
+            with torch.enable_grad():
+                plain_step()
+            _sync(device)
+            self.mark = time.perf_counter()
+            plain_times.append(self.mark - now)
+
+    return PairedSteps()
 
 
 def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
@@ -36,23 +61,8 @@ def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
     plain_step = _train_step_fn(plain_module, _optimizer(cfg, plain_module.net.parameters()),
                                 str(cfg.trainer.precision), device)
     plain_batches = lab_batches(plain_dm, device)
-
-    class PairedSteps(L.Callback):
-        mark = 0.0
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            _sync(device)
-            self.mark = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            _sync(device)
-            now = time.perf_counter()
-            lightning_times.append(now - self.mark)
-            with torch.enable_grad():
-                plain_step(*next(plain_batches))  # batch fetch + augmentation + step, as in a loop
-            _sync(device)
-            self.mark = time.perf_counter()
-            plain_times.append(self.mark - now)
+    paired = _paired_steps(lambda: plain_step(*next(plain_batches)),  # batch fetch + augmentation + step
+                           device, lightning_times, plain_times)
 
     dm = build_datamodule(cfg)
     module = builders.build_module(cfg)
@@ -62,7 +72,7 @@ def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
             default_root_dir=tmp, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
             precision=t.precision, max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            limit_val_batches=0, callbacks=[PairedSteps()], log_every_n_steps=t.log_every_n_steps,
+            limit_val_batches=0, callbacks=[paired], log_every_n_steps=t.log_every_n_steps,
             use_distributed_sampler=False, gradient_clip_val=t.gradient_clip_val,
             accumulate_grad_batches=t.accumulate_grad_batches, benchmark=t.benchmark, deterministic=t.deterministic,
         )
@@ -79,12 +89,11 @@ def lightning_floor(steps: int, warmup: int) -> dict[str, float]:
 
     x, y = torch.randn(128, 8), torch.randint(0, 2, (128,))
 
-    def sgd_step(layer: torch.nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+    def sgd_step(layer: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         loss = torch.nn.functional.cross_entropy(layer(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return loss
 
     class Bare(L.LightningModule):
         def __init__(self) -> None:
@@ -105,25 +114,12 @@ def lightning_floor(steps: int, warmup: int) -> dict[str, float]:
     plain_opt = torch.optim.SGD(plain_layer.parameters(), lr=0.01)
     lightning_times: list[float] = []
     plain_times: list[float] = []
-
-    class PairedSteps(L.Callback):
-        mark = 0.0
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            self.mark = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            now = time.perf_counter()
-            lightning_times.append(now - self.mark)
-            with torch.enable_grad():
-                sgd_step(plain_layer, plain_opt)
-            self.mark = time.perf_counter()
-            plain_times.append(self.mark - now)
+    paired = _paired_steps(lambda: sgd_step(plain_layer, plain_opt), torch.device("cpu"), lightning_times, plain_times)
 
     with tempfile.TemporaryDirectory() as tmp:
         L.Trainer(default_root_dir=tmp, accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  callbacks=[PairedSteps()]).fit(Bare(), train_dataloaders=SameBatch())
+                  callbacks=[paired]).fit(Bare(), train_dataloaders=SameBatch())
     diffs = [a - b for a, b in zip(lightning_times[warmup:], plain_times[warmup:])]
     return {"lightning_median_step_ms": 1000 * _median(lightning_times[warmup:]),
             "plain_median_step_ms": 1000 * _median(plain_times[warmup:]),
