@@ -9,14 +9,6 @@ measured in ``docs/benchmarks.md``). Serving every allocation from the heap and 
 trimming it lets each step reuse the previous step's pages, which is what a GPU's caching
 allocator does for device memory. The cost: the process keeps its peak host memory until it
 exits, which suits a training process.
-
-**Asking for CUDA without a driver.**
-Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (asking whether CUDA is there through NVML
-does not poison forked workers). torch then loads NVML at every ask until CUDA is initialised,
-which on a host without an NVIDIA driver never happens, and Adam and AdamW ask at every step
-(``Optimizer._accelerator_graph_capture_health_check``): a failed ``dlopen`` per step, 28 us per
-ask and 60 us per Adam step on a 2-core Intel Xeon (AMX), against 0.4 us for the runtime's own
-check. Without a driver there is nothing to poison, so :func:`cheap_cuda_check` goes back to it.
 """
 
 from __future__ import annotations
@@ -24,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import platform
 import sys
 from pathlib import Path
@@ -52,22 +43,6 @@ def keep_freed_memory(top_pad_bytes: int = 64 << 20) -> bool:
     if not ok:
         log.warning("could not configure the C allocator (mallopt refused); host memory is returned as usual")
     return ok
-
-
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-
-def cheap_cuda_check() -> bool:
-    """Ask CUDA's runtime, not NVML, whether CUDA is there when no NVIDIA driver is installed
-    (the module docstring says why); True where it switched."""
-    if os.environ.get(NVML_CHECK) != "1":
-        return False
-    try:
-        ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:  # no driver: no GPU to find and no CUDA state for a fork to inherit
-        os.environ[NVML_CHECK] = "0"
-        return True
-    return False
 
 
 # ----------------------------------------------------------------------------- the CPU

@@ -43,7 +43,7 @@ from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
 from cifar_lab.deploy.model_card import card_for_run
-from cifar_lab.host import cheap_cuda_check, keep_freed_memory
+from cifar_lab.host import keep_freed_memory
 from cifar_lab.models import trainable_params
 from cifar_lab.runs import identity
 from cifar_lab.runs.directory import (RunDirLock, disk_full_error, holds_run, refuse_symlinks, relative_to_run,
@@ -186,7 +186,6 @@ def _train(job: _Job) -> float | None:
         log.warning("resuming from %s: %s", job.resume.path, warning)
     if job.cfg.get("reuse_host_memory", False):
         keep_freed_memory()
-    cheap_cuda_check()  # after Lightning's import, which asks for the per-step NVML check
     use_atomic_checkpoints(trainer)
     stopper = next(c for c in safety if isinstance(c, GracefulStop))
     _fit(job, trainer, module, datamodule, stopper)

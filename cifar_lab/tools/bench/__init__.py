@@ -74,7 +74,7 @@ from typing import Any, Callable
 
 import torch
 
-from cifar_lab.host import cheap_cuda_check, keep_freed_memory
+from cifar_lab.host import keep_freed_memory
 
 # The package's parts, one measurement or concern each. Every name the single-file version
 # of this tool had stays reachable as ``cifar_lab.tools.bench.<name>``.
@@ -163,7 +163,6 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cheap_cuda_check()  # as train.py does: both sides of every comparison run with it
     settings = Settings.for_run(args)
     device = _device()
     root = (args.data_root or default_data_root()).expanduser()
