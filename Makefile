@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # On a machine without a GPU, unless ARGS chooses a model or an experiment, `make train` trains
-# the CPU speedrun (experiment=speedrun: about 90% on CIFAR-10 with 0.2 PFLOP of training, under 20 minutes on 2 cores)
-# instead of the default model (about a day on a CPU). `python train.py` itself is unchanged.
+# the CPU speedrun (experiment=speedrun: about 90% on CIFAR-10 with 0.2 PFLOP of training; times per CPU in
+# docs/speedrun.md) instead of the default model (attention_net). `python train.py` itself is unchanged.
 CPU_DEFAULT_ARGS ?= experiment=speedrun
 
 train: install
@@ -32,11 +32,18 @@ train: install
 	fi
 
 
-test: install
-	$(PY) -m pytest $(ARGS)
+# Tests run on every core (pytest-xdist, at most 8 workers); each test module stays on one worker, so
+# the runs a module trains once are shared by its tests. Suite times: README.md, "Tests".
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0))))")
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope
 
+# The whole suite (what CI runs).
+test: install
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(ARGS)
+
+# The quick tier: unit and in-process tests; no command, cluster, server or multi-process run.
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow" $(ARGS)
 
 bench: install
 	$(PY) -m cifar_lab.bench $(ARGS)

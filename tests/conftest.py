@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import pickle
 import subprocess
@@ -23,6 +24,13 @@ from cifar_lab.config.compose import hydra_job
 
 # Autotune decisions go to a cache of this test session only (hermetic, and no stale entries).
 os.environ["CIFAR_LAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
+
+# Parallel workers (pytest-xdist, `make test`) share the cores: each worker, and every command it
+# starts, uses cores / workers threads. Oversubscribed OpenMP threads spin-wait for each other.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    from cifar_lab.sweeps.workers import limit_threads
+
+    limit_threads(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
 
 # The same narrow filters as the commands: third-party noise nobody can act on.
 quiet_third_party()
@@ -138,6 +146,44 @@ def _seeded_single_thread_for_model_tests(request):
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- the two tiers
+# `make test-fast` runs the tests not marked slow: unit and in-process tests. A test that starts a
+# process (a command, torchrun, DDP workers, a server, a cluster), itself or through a fixture, is in
+# the whole suite only: it is marked slow, and an unmarked one fails here, naming what it started.
+_RUNNING: list[pytest.Item | None] = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RUNNING[0] = item
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    _RUNNING[0] = None  # stopping what a fixture started (a server, a cluster) is not checked
+
+
+def _refuse_outside_slow_tests(what: str) -> None:
+    item = _RUNNING[0]
+    if item is not None and item.get_closest_marker("slow") is None:
+        raise AssertionError(f"{item.nodeid} starts {what}: a test that starts a process is marked slow "
+                             "(the quick tier, `make test-fast`, runs in-process tests only)")
+
+
+def _guard(cls: type, method: str, describe) -> None:
+    real = getattr(cls, method)
+
+    def guarded(self, *args, **kwargs):
+        _refuse_outside_slow_tests(describe(self, *args, **kwargs))
+        return real(self, *args, **kwargs)
+
+    setattr(cls, method, guarded)
+
+
+_guard(subprocess.Popen, "__init__", lambda self, args, *a, **k: f"a process ({str(args)[:120]})")
+_guard(multiprocessing.process.BaseProcess, "start", lambda self: f"a worker process ({self.name})")
 
 
 @pytest.fixture(autouse=True)

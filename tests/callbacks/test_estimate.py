@@ -50,12 +50,30 @@ def test_the_eta_after_an_epoch_follows_the_schedule_scaled_by_that_epoch() -> N
     assert estimate.eta_after(2, 1.0) == 0.0
 
 
+class _Clock:
+    """A fake clock: every reading moves it 10 ms on; ``wait`` moves it on by more."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.01
+        return self.now
+
+    def wait(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class _SlowFirstValidation(L.Callback):
-    """The first epoch's validation takes far longer than its forward passes (a busy machine)."""
+    """The first epoch's validation takes far longer than its forward passes (a busy machine): 2 s on
+    the fake clock, so the outcome depends on no machine's speed."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 0 and not trainer.sanity_checking:
-            time.sleep(2.0)
+            self.clock.wait(2.0)
 
 
 class _ValModule(NetModule):
@@ -67,10 +85,11 @@ def test_a_first_epoch_off_by_more_than_a_quarter_is_corrected_in_one_line(tmp_p
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(256, 8, generator=g), torch.randint(0, 2, (256,), generator=g))
     stream = io.StringIO()
-    estimate = RunEstimate(min_steps=4, stream=stream)
+    clock = _Clock()
+    estimate = RunEstimate(min_steps=4, stream=stream, clock=clock)
     trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
-                        callbacks=[_SlowFirstValidation(), estimate])
+                        callbacks=[_SlowFirstValidation(clock), estimate])
     trainer.fit(_ValModule(torch.nn.Linear(8, 2)), DataLoader(data, batch_size=16), DataLoader(data, batch_size=64))
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines

@@ -223,11 +223,10 @@ def test_a_yaml_alias_bomb_is_refused_at_once(world: World, capsys, file: str) -
     if file.endswith("config.yaml"):  # read only when the checkpoint lacks its config
         hostile.edit_checkpoints(world.run, lambda c: c["hyper_parameters"].pop("model"))
     before = world.snapshot()
-    start = time.perf_counter()
     code, err = invoke(COMMANDS["evaluate"], world, capsys)
     assert_refused(code, err)
+    # refused by the loader, before any alias is followed (the expansion would be 10**9 strings)
     assert "aliases are not allowed" in err and world.snapshot() == before
-    assert time.perf_counter() - start < 60  # a bound far above the refusal, far below the expansion
 
 
 def test_compare_skips_a_config_bomb_with_a_warning(world: World, tmp_path: Path) -> None:
@@ -385,16 +384,19 @@ def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, com
     proc = subprocess.Popen([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def working() -> bool:  # evaluate: its job has started; export: its temporary file is being checked
-        if command == "export":
-            return any(p.name.startswith(f".{out.name}.") for p in world.root.iterdir())
-        return world.job.is_dir()
+    def temporary_file() -> bool:
+        return any(p.name.startswith(f".{out.name}.") for p in world.root.iterdir())
 
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and not working():
-            time.sleep(0.01)
-        time.sleep(2.0 if command == "evaluate" else 0.5)
+        assert proc.stdout is not None
+        if command == "evaluate":  # its work has begun once it logs what it evaluates
+            for line in proc.stdout:
+                if "evaluating " in line:
+                    break
+        else:  # export: its temporary file is being written and checked
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None and not temporary_file():
+                time.sleep(0.01)
         os.kill(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:

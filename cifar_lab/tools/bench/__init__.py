@@ -1,7 +1,7 @@
 """Throughput benchmark: the usual per-image PIL pipeline against cifar-lab's defaults.
 
     python -m cifar_lab.bench                      # full run (tens of minutes on a 2-core CPU)
-    python -m cifar_lab.bench --quick              # about a minute (+ autotune's first measurements)
+    python -m cifar_lab.bench --quick              # small counts, no ablation or speedrun
     python -m cifar_lab.bench --data-root /tmp/cifar10 --out bench.json
     python -m cifar_lab.bench --models speedrun_net simple_cnn attention_net
 
@@ -130,8 +130,8 @@ from cifar_lab.tools.bench.training import (
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifar_lab.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small counts, no ablation or speedrun; about a minute on a 2-core CPU "
-                   "once autotune's decisions are cached")
+    p.add_argument("--quick", action="store_true", help="small counts, no ablation or speedrun (the quickest look; "
+                   "its time on each CPU kind: docs/benchmarks.md)")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: bench_results.json)")
     p.add_argument("--data-root", type=Path, default=None, help="folder with cifar-10-batches-py/ or train/<class>/ "
                    "(default: $CIFAR_LAB_DATA or data/); generated images when neither is there")
