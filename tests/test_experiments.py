@@ -17,7 +17,7 @@ from conftest import CONF, SYNTH, compose_cfg
 EXPERIMENTS = ["attention_net", "conv_block_net", "efficientnet", "finetune_pretrained", "pseudo_se_net",
                "resnet_se", "simple_cnn", "simple_cnn_bn", "squeezenet"]
 
-# What each report states (SPEC.md) plus the epoch count we chose where it gives none.
+# What each report states (README, "Models") plus the epoch count we chose where it gives none.
 RECIPES = {
     "pseudo_se_net": dict(net="PseudoSENet", opt=torch.optim.SGD, lr=1e-3, wd=0.0, sched=None, epochs=30, batch=128,
                           augment=[]),
@@ -99,7 +99,7 @@ def test_experiment_file_header(name: str) -> None:
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_\n")
     header = text.split("defaults:")[0]
-    assert "SPEC" in header and f"experiment={name}" in header
+    assert "Report " in header and f"experiment={name}" in header
     assert "%" in header  # the report's result it targets
 
 

@@ -27,6 +27,9 @@ paths: ``input=``, ``output=``,     files in the test's temporary folder (``inpu
 ``parity.images=``, ``logs/``       ``logs/`` is the module's log folder (``CIFAR_LAB_LOGS``)
 ==================================  =================================================================
 
+A command may start with environment assignments (``PYTHONPATH=examples CIFAR_LAB_TRUSTED_PACKAGES=mylab
+python train.py --config-dir examples/conf ...``): they are set for it (``PYTHONPATH`` ahead of the
+test's own), and a ``key=logs/.../<name>`` value is the newest directory an earlier command made there.
 ``python -m cifar_lab.tune`` composes a training run, so it gets the data rule of ``train.py``.
 ``make train`` runs the Makefile's own recipe (its no-GPU default included) with this interpreter
 (``PY=``) and without its install step (``-o install``); ``ARGS`` get the same rule. Commands run in
@@ -75,6 +78,7 @@ CANNOT_RUN: list[tuple[str, str]] = [
     (r"\.\.\.", "an elided command line (...)"),
     (r"<the best trial's overrides>", "needs the best overrides of a finished study (the command above it)"),
 ]
+ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 PROJECT = re.compile(r"^(python3? (train\.py|-m cifar_lab\.\w+)|make (train|test|test-fast|bench))\b")
 SMALL_DATA = {"smallest": ["data.source.train_size=64", "data.source.test_size=32", "data.val_size=16",
                            "data.batch_size=16", "data.eval_batch_size=32"],
@@ -97,8 +101,20 @@ class Command:
     def id(self) -> str:
         return f"{self.doc}:{self.line}"
 
+    @property
+    def env(self) -> dict[str, str]:
+        """The command's leading ``NAME=value`` assignments."""
+        return dict(w.split("=", 1) for w in _leading_assignments(shlex.split(self.text, comments=True)))
+
     def skip_reason(self) -> str | None:
         return next((why for pattern, why in CANNOT_RUN if re.search(pattern, self.text)), None)
+
+
+def _leading_assignments(words: list[str]) -> list[str]:
+    n = 0
+    while n < len(words) and ASSIGNMENT.match(words[n]):
+        n += 1
+    return words[:n]
 
 
 def project_commands() -> list[Command]:
@@ -116,7 +132,8 @@ def project_commands() -> list[Command]:
                     i += 1
                     line = line.rstrip()[:-1] + " " + lines[i].strip()
                 i += 1
-                words = " ".join(shlex.split(line, comments=True))
+                split = shlex.split(line, comments=True)
+                words = " ".join(split[len(_leading_assignments(split)):])
                 if PROJECT.match(words):
                     found.append(Command(doc.relative_to(ROOT).as_posix(), first + start, line.strip()))
     return found
@@ -140,6 +157,7 @@ def substitute(command: Command, variant: str, run_dir: Path, tmp: Path, logs: P
     text = re.sub(r"(module\.distill\.teacher=)logs/\S*<[^>]+>", lambda m: m.group(1) + shlex.quote(str(run_dir)), text)
     text = re.sub(r"(logs/\S*?)<[^>]+>", r"\1*", text)  # logs/.../<name>: what earlier commands made there
     words = shlex.split(text, comments=True)
+    words = words[len(_leading_assignments(words)):]
     make = words[:2] == ["make", "train"]
     if make:
         head = ["make", "-s", "-o", "install", "train", f"PY={sys.executable}"]
@@ -176,6 +194,9 @@ def _word(word: str, tmp: Path, logs: Path) -> list[str]:
         return [f"{key}={tmp / Path(value).name}"]
     if sep and key == "ckpt_path" and value.endswith((".onnx", ".pt")) and "/" not in value:
         return [f"ckpt_path={tmp / value}"]  # a file an earlier command exported
+    if sep and value.startswith("logs/"):  # key=logs/.../<name>: the newest match an earlier command made
+        found = sorted(glob.glob(str(logs / value[len("logs/"):])), key=os.path.getmtime)
+        return [f"{key}={found[-1] if found else logs / value[len('logs/'):]}"]
     if word == "logs" or word.startswith("logs/"):
         pattern = str(logs / word[len("logs/"):]) if word != "logs" else str(logs)
         return sorted(glob.glob(pattern)) or [pattern]
@@ -210,9 +231,11 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("readme") / "logs"
 
 
-def _env(logs: Path) -> dict[str, str]:
-    return {**os.environ, "CIFAR_LAB_LOGS": str(logs), "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _env(logs: Path, own: dict[str, str] | None = None) -> dict[str, str]:
+    own = dict(own or {})
+    first = [str(ROOT / p) for p in own.pop("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, **own, "CIFAR_LAB_LOGS": str(logs), "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+            "PYTHONPATH": os.pathsep.join([*first, str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +311,7 @@ def test_readme_command_runs(command: Command, variant: str, shared_run: Path, l
     if reason:
         pytest.skip(f"{command.text}: {reason}")
     args = substitute(command, variant, shared_run, inputs, logs)
-    proc = subprocess.run(args, cwd=ROOT, env=_env(logs), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(args, cwd=ROOT, env=_env(logs, command.env), capture_output=True, text=True, timeout=900)
     shown = f"{command.id}: {command.text}\nran: {shlex.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, shown
     assert "Traceback" not in proc.stderr and "Error:" not in proc.stderr, shown

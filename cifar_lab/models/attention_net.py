@@ -1,4 +1,4 @@
-"""Attention net (SPEC section 5): softmax-weighted two-branch blocks with residual macro blocks."""
+"""Attention net (report 5): softmax-weighted two-branch blocks with residual macro blocks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Conv-block net (SPEC section 3): ten softmax-weighted multi-branch blocks with residual convs."""
+"""Conv-block net (report 3): ten softmax-weighted multi-branch blocks with residual convs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EfficientNet b0..b7 from scratch, with a stem adapted to 32x32 inputs (SPEC section 2)."""
+"""EfficientNet b0..b7 from scratch, with a stem adapted to 32x32 inputs (report 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pseudo-SE net (SPEC section 1): four input-weighted multi-branch blocks at full resolution."""
+"""Pseudo-SE net (report 1): four input-weighted multi-branch blocks at full resolution."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ResNet with squeeze-and-excitation (SPEC section 4, 4,993,166 parameters at the defaults)."""
+"""ResNet with squeeze-and-excitation (report 4, 4,993,166 parameters at the defaults)."""
 
 from __future__ import annotations
 

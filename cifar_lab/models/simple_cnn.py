@@ -1,4 +1,4 @@
-"""Plain convolutional baselines (SPEC section 2: vanilla CNN and CNN with custom edits)."""
+"""Plain convolutional baselines (report 2: vanilla CNN and CNN with custom edits)."""
 
 from __future__ import annotations
 

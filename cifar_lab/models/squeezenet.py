@@ -1,4 +1,4 @@
-"""torchvision SqueezeNet 1.1 with a replaced classifier conv (SPEC section 2's "MobileNet")."""
+"""torchvision SqueezeNet 1.1 with a replaced classifier conv (report 2's "MobileNet")."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from hydra.utils import instantiate
 
 from cifar_lab.config import CONF_DIR as DEFAULT_CONF_DIR  # noqa: E402
 
-# Top-1 CIFAR-10 test accuracy (%) stated by the report each config reproduces (see SPEC.md).
+# Top-1 CIFAR-10 test accuracy (%) stated by the report each config reproduces (the five reports: README, "Models").
 REPORT_ACCURACY = {
     "simple_cnn": "71 untuned, 74.7 tuned",
     "simple_cnn_bn": "71 untuned, 74.7 tuned",
@@ -121,7 +121,7 @@ def build_table(conf_dir: Path, names: list[str], speed: bool = True, batch_size
         "- **MACs**: multiply-accumulates for one 3x32x32 image (`FlopCounterMode` FLOPs / 2:",
         "  convolutions and matrix products; elementwise ops, pooling and normalisation not counted).",
         "- **Report acc.**: CIFAR-10 test accuracy (%) stated by the report the config follows",
-        "  (SPEC.md; their budgets and GPUs), not measured here.",
+        "  (numbered 1-5 in the README's "Models"; their budgets and GPUs), not measured here.",
         f"- **CPU img/s**: inference, eval mode, `no_grad`, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'},",
         f"  median of {repeats} timed batches after {warmup} warm-up; torch {torch.__version__},",
         f"  {torch.get_num_threads()} intra-op thread(s), {cpu_name()}; "
