@@ -123,6 +123,7 @@ def test_measuring_leaves_the_runs_random_stream_alone(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_a_run_records_the_choice_in_metrics_and_tensorboard(tmp_path: Path) -> None:
     cfg = compose_cfg([*AUTO, "model.fc_units=32", "data.batch_size=32", "debug=fast_dev_run", "logger=tensorboard"],
                       tmp_path / "run")
@@ -217,6 +218,7 @@ def test_the_compile_timing_is_cached_and_reused_for_a_run_of_another_length(tmp
     assert long.compile is True and never.built == []  # the same timing, a longer run
 
 
+@pytest.mark.slow
 def test_a_run_records_the_compile_decision_in_metrics(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
     cfg = compose_cfg([*SYNTH, "module.compile=auto", "trainer.max_epochs=1", "logger=none",

@@ -92,6 +92,7 @@ def test_nothing_to_compare(tmp_path: Path, capsys) -> None:
     assert "no such run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli(runs: tuple[Path, Path], tmp_path: Path) -> None:
     single, sweep = runs
     proc = subprocess.run([sys.executable, "-m", "cifar_lab.compare", str(single), str(sweep), "--plot",
@@ -313,6 +314,7 @@ def test_the_data_column_shows_the_source_and_split_sizes(tmp_path: Path, capsys
     assert rows["runs/old"][-1] == "synthetic 300/test/100"
 
 
+@pytest.mark.slow
 def test_directories_without_metrics_are_named_with_the_reason(runs: tuple[Path, Path], tmp_path: Path,
                                                                capsys) -> None:
     stopped = tmp_path / "runs" / "stopped"

@@ -44,6 +44,7 @@ def test_option_composes(group: str, option: str, tmp_path: Path) -> None:
                 assert entry is None or "_target_" in entry
 
 
+@pytest.mark.slow
 def test_default_composition_builds_every_object(tmp_path: Path) -> None:
     cfg = compose_cfg(["data=synthetic", "model=simple_cnn", "trainer=cpu", "data.batch_size=16"], tmp_path)
     dm = builders.build_datamodule(cfg)

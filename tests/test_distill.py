@@ -80,6 +80,7 @@ def _hostile_copy(teacher_run: Path, folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_teacher_with_a_hostile_saved_config_is_refused(teacher_run: Path, tmp_path: Path) -> None:
     hostile = _hostile_copy(teacher_run, tmp_path / "hostile")
     run_dir = tmp_path / "student"
@@ -92,6 +93,7 @@ def test_a_teacher_with_a_hostile_saved_config_is_refused(teacher_run: Path, tmp
     assert not (tmp_path / "pwned").exists() and not (Path.cwd() / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_a_teacher_of_other_classes_is_refused(teacher_run: Path, tmp_path: Path) -> None:
     proc = run_cli([*TINY, "data.num_classes=5", f"module.distill.teacher={teacher_run}",
                     f"hydra.run.dir={tmp_path / 'student'}"], tmp_path)

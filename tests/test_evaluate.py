@@ -71,6 +71,7 @@ def test_training_run_has_reports_and_tensorboard_content(trained: Path) -> None
     assert {"train/loss", "val/loss", "train/acc", "val/acc"} <= set(tags["scalars"])
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_recorded_test_accuracy(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     summary = evaluate.run([f"ckpt_path={trained}", "trainer.enable_progress_bar=false"], out)
@@ -89,6 +90,7 @@ def test_evaluate_reproduces_recorded_test_accuracy(trained: Path, tmp_path: Pat
     assert saved.callbacks.report.output_dir == str(out) and saved.ckpt_path == str(trained / recorded["best_ckpt"])
 
 
+@pytest.mark.slow
 def test_evaluate_a_lone_checkpoint_uses_its_stored_config(trained: Path, tmp_path: Path) -> None:
     lone = tmp_path / "elsewhere" / "model.ckpt"
     lone.parent.mkdir()
@@ -105,6 +107,7 @@ def test_evaluate_a_lone_checkpoint_uses_its_stored_config(trained: Path, tmp_pa
     assert (out / "classification_report.txt").is_file() and not (out / "misclassified.png").exists()
 
 
+@pytest.mark.slow
 def test_keys_of_the_training_groups_can_be_overridden(trained: Path, tmp_path: Path) -> None:
     # data.source.test_size exists for data=synthetic (the training choice), not for the default cifar10
     out = tmp_path / "eval"
@@ -131,6 +134,7 @@ def test_a_lone_checkpoint_carries_its_training_overrides(trained: Path) -> None
     assert checkpoint[checkpoints.OVERRIDES_KEY] == QUICK  # the training command's overrides
 
 
+@pytest.mark.slow
 def test_evaluate_with_tta(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     summary = evaluate.run([f"ckpt_path={trained}", "tta.enabled=true", "tta.translate=1"], out)
@@ -139,6 +143,7 @@ def test_evaluate_with_tta(trained: Path, tmp_path: Path) -> None:
     assert _summary(out)["tta"]["translate"] == 1
 
 
+@pytest.mark.slow
 def test_evaluate_with_explicit_tta_shifts(trained: Path, tmp_path: Path) -> None:
     """tta.shifts replaces translate's four moves: the 8 one-pixel neighbours make 18 views with flip."""
     shifts = "[[1,0],[-1,0],[0,1],[0,-1],[1,1],[-1,-1],[1,-1],[-1,1]]"

@@ -78,6 +78,7 @@ def test_parity_resnet_se_on_a_generated_set(tmp_path: Path, format: str, suffix
     assert result["max_abs_prob_diff"] < result["tolerance"] == 1e-4
 
 
+@pytest.mark.slow
 def test_predict_from_onnx_equals_predict_from_the_checkpoint(small_ckpt: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.random.default_rng(1).integers(0, 256, (37, 32, 32, 3), dtype=np.uint8))
     onnx_file = tmp_path / "model.onnx"

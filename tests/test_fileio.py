@@ -33,6 +33,7 @@ def test_a_link_in_place_of_the_output_is_replaced_not_followed(tmp_path: Path) 
     assert victim.read_text() == "keep" and not link.is_symlink() and link.read_text() == "new"
 
 
+@pytest.mark.slow
 def test_kill_9_mid_write_leaves_the_previous_file(tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     target.write_text("previous")

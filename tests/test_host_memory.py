@@ -28,6 +28,7 @@ def _freed_mb(mode: str) -> tuple[bool, float]:
     return switched == "True", float(freed)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_freed_memory_stays_in_the_process_only_when_switched() -> None:
     switched, freed = _freed_mb("keep")

@@ -26,6 +26,7 @@ def lint(root: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_tree_keeps_its_layers() -> None:
     result = lint(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,6 +53,7 @@ BREAKS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file,line,named", BREAKS, ids=[b[0] for b in BREAKS])
 def test_an_upward_import_fails_the_contract(tree_copy: Path, file: str, line: str, named: str) -> None:
     path = tree_copy / "cifar_lab" / file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 
@@ -23,6 +24,7 @@ def only_run(client: MlflowClient, experiment: str):
     return runs[0]
 
 
+@pytest.mark.slow
 def test_training_run_is_recorded_in_the_local_store(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     run_dir = logs / "train" / "runs" / "r1"
@@ -63,6 +65,7 @@ def test_training_run_is_recorded_in_the_local_store(tmp_path: Path) -> None:
     assert (run_dir / "metrics.json").is_file()  # the run directory is as with any other logger
 
 
+@pytest.mark.slow
 def test_tracking_uri_by_option(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/team.db"
     cfg = compose_cfg(["logger=mlflow", "task_name=lab", f"logger.mlflow.tracking_uri={uri}",

@@ -21,6 +21,7 @@ def _module(**kwargs) -> ClassifierModule:
     return ClassifierModule(net=net, optimizer=partial(torch.optim.SGD, lr=0.1), **kwargs)
 
 
+@pytest.mark.slow
 def test_compiled_module_holds_each_parameter_once() -> None:
     plain, compiled = _module(), _module(compile=True)
     assert list(compiled.state_dict()) == list(plain.state_dict())

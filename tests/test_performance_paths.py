@@ -176,6 +176,7 @@ def _denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean) * 255
 
 
+@pytest.mark.slow
 def test_batched_default_augmentation_matches_per_image_distribution():
     n = 3240  # 20 draws per (top, left, flip) outcome on average
     image = _coordinate_image()
@@ -259,6 +260,7 @@ def _tiny_net() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ranks_see_disjoint_samples_covering_the_split(tmp_path):
     import lightning as L
     from functools import partial
@@ -305,6 +307,7 @@ def _train_fast(tmp_path: Path, extra: list[str]) -> dict:
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_bf16_mixed_channels_last_trains_on_cpu(tmp_path):
     metrics = _train_fast(tmp_path, ["trainer.precision=bf16-mixed", "module.memory_format=channels_last"])
     assert metrics["global_step"] == 1

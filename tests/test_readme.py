@@ -60,6 +60,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# every test here starts a process (a command, or a fixture's run made by the command line)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```(?:bash|sh|shell)\s*\n(.*?)^```", re.S | re.M)

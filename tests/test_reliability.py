@@ -104,6 +104,7 @@ def test_last_checkpoint_follows_every_epoch_not_only_improvements(tmp_path: Pat
     assert saved["global_step"] == 12 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 3
 
 
+@pytest.mark.slow
 def test_cli_diverging_run_prints_one_message_and_exits_3(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli([*TINY, "optimizer=sgd", "optimizer.lr=1e30", f"hydra.run.dir={run_dir}"], tmp_path,
@@ -141,6 +142,7 @@ def test_trainer_writes_checkpoints_atomically(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- run directories
+@pytest.mark.slow
 def test_runs_started_together_get_their_own_directories(tmp_path: Path) -> None:
     env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs")}
     # A config error ends each run right after Hydra has created its directory.
@@ -176,6 +178,7 @@ def test_ddp_run_writes_one_run_directory_and_logs_once(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- sweeps
+@pytest.mark.slow
 def test_multirun_with_one_failing_job_completes(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     fast = [o for o in SYNTH if not o.startswith("callbacks.")]

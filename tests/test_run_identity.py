@@ -74,6 +74,7 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_slurm_job_writes_its_named_directory_and_a_second_fresh_run_is_refused(tmp_path: Path) -> None:
     args = [*QUICK, "trainer.max_epochs=1"]
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=_env(tmp_path, SLURM_JOB_ID="4242"),

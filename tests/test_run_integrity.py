@@ -60,6 +60,7 @@ def test_refused_resume_leaves_the_run_directory_byte_identical(finished_run: Pa
     assert summary["metrics"]["test/acc"] == pytest.approx(recorded["metrics"]["test/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_resumed_and_init_from_starts_a_new_one(finished_run: Path, tmp_path: Path) -> None:
     before = _snapshot(finished_run)
     with pytest.raises(CheckpointError, match="is a finished run"):
@@ -92,6 +93,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
         lock.release()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code = ("import sys, time; from pathlib import Path; from cifar_lab.runs.directory import RunDirLock; "
@@ -111,6 +113,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     lock.release()
 
 
+@pytest.mark.slow
 def test_a_moved_run_uses_its_own_best_checkpoint(finished_run: Path, tmp_path: Path) -> None:
     recorded = json.loads((finished_run / "metrics.json").read_text())
     assert recorded["best_ckpt"].startswith("checkpoints/")  # relative to the run directory
@@ -188,6 +191,7 @@ def test_a_broken_user_config_is_one_message(tmp_path: Path) -> None:
     assert "Could not find 'model/nosuch' Available options in 'model': attention_net, conv_block_net" in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_never_writes_into_a_training_run(finished_run: Path, tmp_path: Path) -> None:
     before = _snapshot(finished_run)
     with pytest.raises(ConfigError, match="holds a training run; evaluate writes its own metrics.json"):

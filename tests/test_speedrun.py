@@ -316,6 +316,7 @@ def test_speedrun_experiment_composes() -> None:
     assert long.trainer.max_epochs > cfg.trainer.max_epochs and long.optimizer == cfg.optimizer
 
 
+@pytest.mark.slow
 def test_speedrun_experiment_runs_two_steps(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = compose_cfg(SPEEDRUN_SYNTH, run_dir)

@@ -16,6 +16,9 @@ from cifar_lab.errors import ConfigError
 from test_speedrun import SPEEDRUN_SYNTH
 from conftest import compose_cfg, run_cli
 
+# every test here starts a process (a command, or a fixture's run made by the command line)
+pytestmark = pytest.mark.slow
+
 # test_speedrun's tiny speedrun, with two steps, epoch lines (no enable_progress_bar=false) and fixed speed settings
 SPEEDRUN_TINY = [*(o for o in SPEEDRUN_SYNTH if not o.startswith(("+trainer.limit_train_batches",
                                                                    "trainer.enable_progress_bar"))),

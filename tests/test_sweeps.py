@@ -175,6 +175,7 @@ def test_a_job_killed_before_hydra_saved_its_config_is_listed_as_failed(tmp_path
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_grid_sweep_goes_on_after_a_failing_job(tmp_path: Path) -> None:
     """``-m model=a,b optimizer.lr=0.01,-1``: 4 jobs, the two with a negative lr fail, the sweep completes."""
     sweep_dir = tmp_path / "sweep"

@@ -27,6 +27,7 @@ def _tb_hparams(run_dir: Path) -> dict:
     return {k: v.string_value for k, v in start.hparams.items()}
 
 
+@pytest.mark.slow
 def test_tags_and_notes_reach_every_record(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     tagged, other = logs / "train" / "runs" / "tagged", logs / "train" / "runs" / "other"

@@ -17,6 +17,7 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_fast_dev_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli([*SYNTH, "debug=fast_dev_run", "print_config=true", f"hydra.run.dir={run_dir}"], tmp_path)
@@ -30,6 +31,7 @@ def test_cli_fast_dev_run(tmp_path: Path) -> None:
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_short_run_learns_above_chance(tmp_path: Path) -> None:
     cfg = compose_cfg([*SYNTH, "trainer.max_epochs=3", "optimizer=adam", "scheduler=none",
                        "logger=csv", "trainer.enable_progress_bar=false"], tmp_path / "run")
@@ -48,6 +50,7 @@ def test_short_run_learns_above_chance(tmp_path: Path) -> None:
     assert sum(bool(r["train/loss"]) for r in rows) == 3  # one epoch value per epoch
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_continues_at_next_epoch(tmp_path: Path) -> None:
     base = [*SYNTH, "logger=none", "trainer.enable_progress_bar=false", "scheduler=cosine"]
     run_dir = tmp_path / "run"
@@ -78,6 +81,7 @@ def test_ddp_cpu_two_processes(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "logs").glob("*/runs/*")) == []
 
 
+@pytest.mark.slow
 def test_multirun_two_jobs(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(["-m", *SYNTH, "debug=fast_dev_run", "optimizer=sgd,adam", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
@@ -88,6 +92,7 @@ def test_multirun_two_jobs(tmp_path: Path) -> None:
     assert optimizers == {"sgd", "adam"}
 
 
+@pytest.mark.slow
 def test_no_data_stops_before_building_model(tmp_path: Path) -> None:
     proc = run_cli(["model=simple_cnn", f"data.root={tmp_path / 'empty'}", "data.source.download=false",
                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
@@ -97,6 +102,7 @@ def test_no_data_stops_before_building_model(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr.split("no cifar10 data found")[1][:2000]
 
 
+@pytest.mark.slow
 def test_corrupted_batch_file_stops_with_its_name(tmp_path: Path) -> None:
     folder = write_cifar_batches(tmp_path / "cifar")
     (folder / "data_batch_2").write_bytes(b"garbage")
@@ -105,12 +111,14 @@ def test_corrupted_batch_file_stops_with_its_name(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "data_batch_2" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unknown_option_lists_available(tmp_path: Path) -> None:
     proc = run_cli(["model=nope"], tmp_path)
     assert proc.returncode != 0
     assert "Could not find 'model/nope'" in proc.stderr and "simple_cnn" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cifar_archive_run_end_to_end(tmp_path: Path) -> None:
     write_cifar_batches(tmp_path / "cifar", per_batch=40, test=40)
     cfg = compose_cfg(["model=simple_cnn", f"data.root={tmp_path / 'cifar'}", "data.val_size=20",

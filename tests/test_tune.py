@@ -92,6 +92,7 @@ def test_batch_size_finder_stops_at_the_budget(tmp_path: Path) -> None:
     _accepted(overrides, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_budget_below_the_first_batch_is_one_error(tmp_path: Path) -> None:
     proc = run_cli(["batch_size", *BASE, "--memory-gb", "0.01"], tmp_path, script="cifar_lab.tune")
     assert proc.returncode == 2

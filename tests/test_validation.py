@@ -66,7 +66,6 @@ REFUSED_BY_CONSTRUCTORS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,node,words", REFUSED_BY_CONSTRUCTORS, ids=[" ".join(r[0]) for r in REFUSED_BY_CONSTRUCTORS])
 def _no_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """Building the datamodule (the first step that reads data) fails the test."""
     def refuse(*args, **kwargs):
@@ -74,6 +73,7 @@ def _no_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builders, "build_datamodule", refuse)
 
 
+@pytest.mark.parametrize("overrides,node,words", REFUSED_BY_CONSTRUCTORS, ids=[" ".join(r[0]) for r in REFUSED_BY_CONSTRUCTORS])
 def test_value_refused_by_its_constructor_stops_before_any_data(tmp_path: Path, monkeypatch, overrides, node,
                                                                  words) -> None:
     # cifar10 from a folder that does not exist: reading data would fail with a DataError instead
@@ -158,6 +158,7 @@ def _only_message(stderr: str, first_line: str) -> None:
     assert sum(line.startswith("Error: ") for line in lines) == 1
 
 
+@pytest.mark.slow
 def test_cli_bad_value_prints_one_message_and_exits_2(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli([*SYNTH, "optimizer.lr=-0.5", f"hydra.run.dir={run_dir}"], tmp_path, script="cifar_lab.cli.train")
@@ -166,6 +167,7 @@ def test_cli_bad_value_prints_one_message_and_exits_2(tmp_path: Path) -> None:
     assert (run_dir / "error.txt").read_text().startswith("invalid config: optimizer (torch.optim.AdamW)")
 
 
+@pytest.mark.slow
 def test_cli_data_error_prints_one_message_and_exits_2(tmp_path: Path) -> None:
     proc = run_cli(["model=simple_cnn", f"data.root={tmp_path / 'empty'}", "data.source.download=false",
                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="cifar_lab.cli.train")
@@ -174,6 +176,7 @@ def test_cli_data_error_prints_one_message_and_exits_2(tmp_path: Path) -> None:
                                f"and {tmp_path / 'empty' / 'cifar-10-python.tar.gz'} (data.source.download=false).")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("main_guarded" not in (ROOT / "train.py").read_text(),
                     reason="train.py does not call cifar_lab.cli.train.main_guarded yet")
 def test_top_level_train_py_prints_one_message_and_exits_2(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def build_table(conf_dir: Path, names: list[str], speed: bool = True, batch_size
         "- **MACs**: multiply-accumulates for one 3x32x32 image (`FlopCounterMode` FLOPs / 2:",
         "  convolutions and matrix products; elementwise ops, pooling and normalisation not counted).",
         "- **Report acc.**: CIFAR-10 test accuracy (%) stated by the report the config follows",
-        "  (numbered 1-5 in the README's "Models"; their budgets and GPUs), not measured here.",
+        "  (numbered 1-5 in the README's 'Models'; their budgets and GPUs), not measured here.",
         f"- **CPU img/s**: inference, eval mode, `no_grad`, batch {batch_size}, {'channels_last' if channels_last else 'NCHW'},",
         f"  median of {repeats} timed batches after {warmup} warm-up; torch {torch.__version__},",
         f"  {torch.get_num_threads()} intra-op thread(s), {cpu_name()}; "

@@ -185,6 +185,7 @@ def test_misclassified_grid_holds_only_wrong_predictions(tmp_path: Path) -> None
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 8, 8)
 
 
+@pytest.mark.slow
 def test_fit_logs_validation_confusion_every_n_epochs_and_curves(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     report = ClassificationReport(output_dir=str(run_dir), val_confusion_every_n_epochs=2)

@@ -98,6 +98,7 @@ POLICY_RUN = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["randaugment", "trivialaugment", "autoaugment"])
 def test_policy_trains_on_synthetic_data(option: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -106,6 +107,7 @@ def test_policy_trains_on_synthetic_data(option: str, tmp_path: Path) -> None:
     assert summary["global_step"] == 1 and 0.0 <= summary["metrics"]["test/acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_policy_trains_with_the_per_image_pipeline(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     train(compose_cfg([*POLICY_RUN, "augment=autoaugment", "data.pipeline=per_image"], run_dir))

@@ -34,6 +34,7 @@ def kornia_reference(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
     return _summary(run_dir), _weights(run_dir / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow
 def test_kornia_augmentation_resumes_mid_epoch_exactly(tmp_path: Path, kornia_reference, interrupt_at,
                                                        monkeypatch) -> None:
     run_dir = tmp_path / "run"

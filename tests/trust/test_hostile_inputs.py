@@ -22,6 +22,9 @@ from cifar_lab.cli import evaluate, export, predict
 from cifar_lab.cli.train import main_guarded
 from conftest import SYNTH, compose_cfg, run_cli
 
+# every test here starts a process (a command, or a fixture's run made by the command line)
+pytestmark = pytest.mark.slow
+
 QUICK = [*SYNTH, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",
          "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv"]
 
