@@ -310,8 +310,17 @@ def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
                               "against this run; resume only from checkpoints written by train.py")
     saved = checked_config(saved, str(path), built=("model", "data"))  # resolved when saved
     warnings = check_resume_compatible(saved, cfg, path)
-    _refuse_finished(checkpoint, cfg, path)
+    if _results_written(Path(path), checkpoint_dir):
+        _refuse_finished(checkpoint, cfg, path)
+    # else a run killed after its training but before its results (test, reports, metrics.json): the resume
+    # trains nothing and finishes it
     return Resume(str(path), warnings, saved)
+
+
+def _results_written(path: Path, checkpoint_dir: Path) -> bool:
+    """Whether the checkpoint's run (or the run resuming into ``checkpoint_dir``) has written its results
+    (metrics.json, the last file a run writes)."""
+    return any((folder.parent / "metrics.json").is_file() for folder in (path.parent, Path(checkpoint_dir)))
 
 
 def trained_epochs(checkpoint: dict[str, Any]) -> int:
