@@ -110,6 +110,12 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
     if purpose == "resume" and ckpt_path == "last":
         folder = checkpoint_dir or Path("checkpoints")
         candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if not candidates and folder.is_dir():
+            # killed between its first checkpoint and its first last.ckpt: the newest checkpoint is the state
+            candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if candidates:
+                log.warning("ckpt_path=last: no last.ckpt in %s; resuming from its newest checkpoint, %s", folder,
+                            candidates[-1].name)
         if not candidates:
             raise CheckpointError(
                 f"ckpt_path=last: no last.ckpt in {folder}. `last` resumes the run directory given with "

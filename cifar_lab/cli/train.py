@@ -41,6 +41,7 @@ from cifar_lab.runs.summary import data_record, scalars, write_summary
 from cifar_lab.runs.tags import notes_of, tags_of
 from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
+from cifar_lab.fileio import remove_stale_temp_files
 from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
 from cifar_lab.deploy.model_card import card_for_run
 from cifar_lab.host import keep_freed_memory
@@ -86,6 +87,7 @@ def train(cfg: DictConfig) -> float | None:
                           "schedule included), init_from starts a new run from a checkpoint's weights only")
     _continue_restarted_job(cfg)
     run_dir = run_dir_of(cfg)
+    continued = cfg.get("ckpt_path") == "last"
     _start_unbegun_run(cfg, run_dir)
     refuse_symlinks(run_dir)
     resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
@@ -96,6 +98,8 @@ def train(cfg: DictConfig) -> float | None:
             f"hydra.run.dir={run_dir}, or start from its weights in a new directory with init_from={run_dir}")
     # Nothing in the run directory changes before this point: a refused command leaves it as it was.
     lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
+    if lock is not None and (resume is not None or continued):
+        remove_stale_temp_files(run_dir)  # half-written files of a killed process (its writes were atomic)
     try:
         return _train(_Job(cfg, run_dir, resume, start))
     finally:
