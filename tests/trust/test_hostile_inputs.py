@@ -402,3 +402,53 @@ def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, com
             proc.kill()
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output and out.read_bytes() == b"the previous export"
+
+
+# ----------------------------------------------------------------------------- crafted exported models
+@pytest.mark.parametrize("name", hostile.crafted_onnx_names())
+def test_a_crafted_onnx_model_is_one_line(tmp_path: Path, capsys, name: str) -> None:
+    """Allocations no machine makes, a missing ``probs`` output, another rank, class count or input: one line."""
+    model = hostile.crafted_onnx(name, tmp_path / "model.onnx")
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "job" / "p.csv"
+    code, err = invoke(lambda w: predict.main([f"ckpt_path={model}", f"input={images}", f"output={out}",
+                                               f"hydra.run.dir={tmp_path / 'job'}"]), None, capsys)
+    assert_refused(code, err)
+    assert str(model) in err and "export the model again" in err and not out.exists()
+
+
+# ----------------------------------------------------------------------------- sweep storage
+@pytest.mark.parametrize("case", list(hostile.storage_settings(Path("v"), Path("e"))))
+def test_a_storage_no_study_can_live_in_is_one_line_and_creates_nothing(tmp_path: Path, monkeypatch,
+                                                                        case: str) -> None:
+    from cifar_lab.errors import ConfigError
+    from cifar_lab.sweeps.storage import open_storage, resolve_storage
+
+    victim, elsewhere, cwd = tmp_path / "victim", tmp_path / "elsewhere", tmp_path / "cwd"
+    for folder in (victim, elsewhere, cwd):
+        folder.mkdir()
+    (victim / "precious.txt").write_text("do not touch\n")
+    monkeypatch.chdir(cwd)
+    setting = hostile.storage_settings(victim, elsewhere)[case]
+    with pytest.raises(ConfigError) as refused:
+        open_storage(resolve_storage(setting, tmp_path / "sweep"))
+    assert "\n" not in str(refused.value) and "hydra.sweeper.storage" in str(refused.value)
+    assert list(cwd.iterdir()) == [] and list(elsewhere.iterdir()) == []
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]
+
+
+def test_an_sqlite_uri_filename_is_the_file_it_names(tmp_path: Path, monkeypatch) -> None:
+    """``sqlite:///file:<path>?uri=true``: the study is <path>, not a folder named ``file:`` in the working one."""
+    import optuna
+
+    from cifar_lab.sweeps.storage import open_storage, resolve_storage
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for url, made in ((f"sqlite:///file:{tmp_path}/new/a.db?mode=rwc&uri=true", tmp_path / "new" / "a.db"),
+                      ("sqlite:///file:rel/b%20c.db?uri=true", cwd / "rel" / "b c.db")):
+        optuna.create_study(storage=open_storage(resolve_storage(url, tmp_path / "sweep")), study_name="s")
+        assert made.is_file(), url
+    assert sorted(p.name for p in cwd.iterdir()) == ["rel"]
