@@ -7,11 +7,13 @@ Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn``
 
 import os
 
-import hydra
-from omegaconf import DictConfig
+from cifar_lab.errors import exit_on_config_error, interrupted_while_starting
 
-from cifar_lab.cli.train import main_guarded
-from cifar_lab.errors import exit_on_config_error
+with interrupted_while_starting("train.py"):
+    import hydra
+    from omegaconf import DictConfig
+
+    from cifar_lab.cli.train import main_guarded
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -15,6 +15,9 @@ at the ``N``-th (1-based) operation of ``KIND`` whose path matches the glob ``PA
     renamed   the same rename, killed at the next audited operation after it (the target replaced)
     lock      an ``flock`` on a matching path's descriptor (a run directory's lock), killed before it
     list      kill nothing: append every write-open, rename and flock to ``KILL_AT_WRITE_LOG``
+    import    not a write: send SIGINT (Ctrl-C) when a module whose name matches starts importing
+
+``SCRIPT`` may be ``-m MODULE`` (as ``python -m MODULE ARGS``).
 
 The kill point is the product's own behaviour, observed from outside; nothing in the product knows
 about it. When the hook kills, it first appends ``KIND PATTERN N path`` to the file named by
@@ -90,6 +93,10 @@ def main() -> None:
                     if kind == "open":
                         kill(os.fsdecode(path))
                     armed = True
+        elif event == "import" and kind == "import" and fnmatch.fnmatch(str(event_args[0]), pattern):
+            seen += 1
+            if seen == nth:
+                os.kill(os.getpid(), signal.SIGINT)
         elif event == "os.rename" and kind in ("rename", "renamed") and matches(event_args[1]):
             seen += 1
             if seen == nth:
@@ -103,6 +110,13 @@ def main() -> None:
                 if seen == nth:
                     kill(path)
 
+    if script == "-m":
+        module, *args = args
+        sys.argv = [module, *args]
+        sys.path.insert(0, os.getcwd())
+        sys.addaudithook(hook)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     sys.addaudithook(hook)

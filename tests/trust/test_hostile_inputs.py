@@ -452,3 +452,21 @@ def test_an_sqlite_uri_filename_is_the_file_it_names(tmp_path: Path, monkeypatch
         optuna.create_study(storage=open_storage(resolve_storage(url, tmp_path / "sweep")), study_name="s")
         assert made.is_file(), url
     assert sorted(p.name for p in cwd.iterdir()) == ["rel"]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C while starting
+STARTING = [("train.py", "torch"), ("train.py", "lightning"), ("train.py", "hydra"),
+            *((f"-m cifar_lab.{name}", "torch") for name in ("evaluate", "predict", "export", "compare", "tune",
+                                                             "zoo", "bench")),
+            ("-m cifar_lab.export", "hydra")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, module", STARTING)
+def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line(tmp_path: Path, command: str, module: str) -> None:
+    """SIGINT arrives as the command starts importing ``module`` (tests/kill_at_write.py's import hook)."""
+    proc = run_cli(["import", module, "1", *command.split()], tmp_path, script="tests/kill_at_write.py")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    name = command if command.endswith(".py") else command.split(".")[-1]
+    assert proc.stderr.strip().splitlines() == [f"Error: interrupted (Ctrl-C) while {name} was starting; nothing was done"]
+    assert not (tmp_path / "logs").exists()
