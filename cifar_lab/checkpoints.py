@@ -97,7 +97,8 @@ def _best_recorded(run_dir: Path) -> Path | None:
     return None
 
 
-def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: Path | None = None) -> Path | None:
+def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: Path | None = None,
+            key: str = "ckpt_path") -> Path | None:
     """The checkpoint file ``ckpt_path`` means for ``purpose`` (see the module docstring).
 
     ``None``/empty gives ``None`` for a resume (a fresh run) and an error for ``use``.
@@ -106,7 +107,7 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
     if ckpt_path in (None, "", "???"):
         if purpose == "resume":
             return None
-        raise CheckpointError("ckpt_path is required: ckpt_path=<checkpoint .ckpt file or training run directory>")
+        raise CheckpointError(f"{key} is required: {key}=<checkpoint .ckpt file or training run directory>")
     if purpose == "resume" and ckpt_path == "last":
         folder = checkpoint_dir or Path("checkpoints")
         candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
@@ -129,7 +130,7 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
         found = last if purpose == "resume" else (_best_recorded(path) or last)
         if not found.is_file():
             looked = str(last) if purpose == "resume" else f"the best checkpoint named in metrics.json and {last}"
-            raise CheckpointError(f"ckpt_path={ckpt_path}: no checkpoint found in that directory (looked for {looked})")
+            raise CheckpointError(f"{key}={ckpt_path}: no checkpoint found in that directory (looked for {looked})")
         return found
     if not path.is_file():
         if purpose == "resume":
@@ -137,7 +138,8 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
                 f"ckpt_path={ckpt_path}: no checkpoint at {path}. Pass a .ckpt file, a run directory holding "
                 "checkpoints/last.ckpt, or ckpt_path=last together with hydra.run.dir=<that run directory>"
             )
-        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file or directory")
+        raise CheckpointError(f"{key}={ckpt_path}: no such file or directory; give a checkpoint .ckpt file or a "
+                              "training run directory")
     return path
 
 
@@ -358,7 +360,7 @@ def load_weights_from(ckpt_path: Any, net: torch.nn.Module, cfg: DictConfig) -> 
     The checkpoint's network config must match this run's (as for a resume); a run
     directory means its best checkpoint.
     """
-    path = resolve(ckpt_path, "use")
+    path = resolve(ckpt_path, "use", key="init_from")
     assert path is not None
     checkpoint = load(path, mmap=True)
     saved, origin = saved_config(path, checkpoint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -470,3 +471,66 @@ def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line(tmp_path: Path, 
     name = command if command.endswith(".py") else command.split(".")[-1]
     assert proc.stderr.strip().splitlines() == [f"Error: interrupted (Ctrl-C) while {name} was starting; nothing was done"]
     assert not (tmp_path / "logs").exists()
+
+
+# ----------------------------------------------------------------------------- murky messages
+def test_the_lr_finder_runs_its_steps_whatever_the_run_limits(tmp_path: Path) -> None:
+    """A run of one epoch of two batches (and validation) still gives the range test all of --steps."""
+    from cifar_lab.cli.tune import find_lr
+
+    steps = 14  # Lightning suggests from 12 points on
+    for limits in (["trainer.max_epochs=1", "++trainer.limit_train_batches=2"], ["++trainer.max_steps=3"],
+                   ["trainer.max_epochs=1", "++trainer.limit_train_batches=0.5", "++trainer.limit_val_batches=2"]):
+        cfg = compose_cfg([*QUICK, "logger=none", *limits], tmp_path / "tune")
+        result = find_lr(cfg, tmp_path / "tune", steps, 1e-6, 1e-4)
+        assert len(result["lr"]) == steps, limits
+
+
+@pytest.mark.parametrize("override, named", [("++trainer.limit_train_batches=0", "trainer.limit_train_batches=0"),
+                                             ("++trainer.max_time=00:00:01:00", "trainer.max_time=")])
+def test_the_lr_finder_refuses_limits_it_cannot_honour_in_one_line(tmp_path: Path, override: str,
+                                                                   named: str) -> None:
+    from cifar_lab.cli.tune import find_lr
+    from cifar_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        find_lr(compose_cfg([*QUICK, "logger=none", override], tmp_path / "tune"), tmp_path / "tune", 5, 1e-6, 1e-4)
+    assert not (tmp_path / "tune").exists()
+
+
+NOT_NUMBERS = {  # a YAML spelling of nan/inf (a string to Hydra), nan/inf themselves, numbers in quotes
+    "optimizer.lr=.nan": "optimizer.lr", "optimizer.lr=nan": "optimizer.lr", "optimizer.lr=inf": "optimizer.lr",
+    "optimizer.weight_decay=-.inf": "optimizer.weight_decay", "optimizer.lr='0.1'": "optimizer.lr",
+    "optimizer.momentum=.nan": "optimizer.momentum", "scheduler.scheduler.eta_min=.inf": "scheduler.scheduler.eta_min",
+    "module.label_smoothing=nan": "module.label_smoothing", "data.source.noise=.NaN": "data.source.noise",
+    "++model.dropout=.nan": "model.dropout", "trainer.gradient_clip_val=nan": "trainer.gradient_clip_val",
+    "module.distill.temperature=.inf": "module.distill.temperature",
+}
+
+
+@pytest.mark.parametrize("override", list(NOT_NUMBERS))
+def test_a_setting_that_is_not_a_finite_number_is_named(override: str) -> None:
+    from cifar_lab.config.schema import find_problems
+
+    overrides = [*QUICK, "optimizer=sgd"] if "momentum" in override else QUICK
+    problems = find_problems(compose_cfg([*overrides, override]))
+    key = NOT_NUMBERS[override]
+    assert any(p.startswith(f"{key}=") and "finite number" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("setting, key", [("init_from", "init_from"), ("module.distill.teacher", "module.distill.teacher"),
+                                          ("ckpt_path", "ckpt_path")])
+def test_a_missing_checkpoint_is_named_by_the_setting_that_gave_it(tmp_path: Path, capsys, setting: str,
+                                                                    key: str) -> None:
+    missing = tmp_path / "no" / "such.ckpt"
+    code, err = invoke(lambda w: _train([*QUICK, f"++{setting}={missing}"], tmp_path / "job"), None, capsys)
+    assert_refused(code, err)
+    assert f"Error: {key}={missing}: no" in err
+
+
+@pytest.mark.parametrize("overrides", [["data.fold=1"], ["data.fold=3", "data.folds=0"]])
+def test_a_fold_without_folds_is_refused(overrides: list[str]) -> None:
+    from cifar_lab.config.schema import find_problems
+
+    problems = find_problems(compose_cfg([*QUICK, *overrides]))
+    assert any(p.startswith("data.fold=") and "data.folds" in p for p in problems), problems
