@@ -15,6 +15,8 @@ run (or makes an input) and returns what the test needs. The families:
 - image_bomb: a PNG whose header declares 20000x20000 pixels;
 - crafted_onnx: ONNX models with cifar-lab's metadata whose graphs allocate more than any machine has,
   lack the ``probs`` output, give it another rank or class count, or take another input;
+- formula_classifier: a working ONNX classifier whose class names are spreadsheet formulas (OWASP's
+  CSV-injection starts: = + - @ tab CR);
 - storage: sweep storage settings naming places a study cannot live (read-only SQLite URIs, SQLite
   URI filenames, journals on virtual, device or folder paths).
 """
@@ -239,7 +241,8 @@ def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
 
 
 # ----------------------------------------------------------------------------- crafted exported models
-def _onnx_model(nodes: list, inputs: list, outputs: list, initializers: list = (), classes: int = 10):
+def _onnx_model(nodes: list, inputs: list, outputs: list, initializers: list = (), classes: int = 10,
+                names: list[str] | None = None):
     """An ONNX model with cifar-lab's metadata around any graph."""
     import json
 
@@ -247,7 +250,8 @@ def _onnx_model(nodes: list, inputs: list, outputs: list, initializers: list = (
 
     model = helper.make_model(helper.make_graph(nodes, "crafted", inputs, outputs, initializer=list(initializers)),
                               opset_imports=[helper.make_opsetid("", 17)])
-    for key, value in {"producer": "cifar-lab", "class_names": json.dumps([f"c{i}" for i in range(classes)]),
+    names = names if names is not None else [f"c{i}" for i in range(classes)]
+    for key, value in {"producer": "cifar-lab", "class_names": json.dumps(names),
                        "image_size": "32"}.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
@@ -347,3 +351,20 @@ def storage_settings(victim: Path, elsewhere: Path) -> dict[str, str]:
         "journal_on_a_device": "journal:/dev/null",
         "journal_on_a_folder": f"journal:{victim}",
     }
+
+
+# ----------------------------------------------------------------------------- spreadsheet formulas
+# OWASP's CSV-injection starts: what a spreadsheet evaluates (or starts evaluating) in a cell
+FORMULAS = {"equals": "=cmd|' /C calc'!A0", "plus": "+1+cmd|' /C calc'!A0", "minus": "-2+3+cmd|' /C calc'!A0",
+            "at": "@SUM(1+1)*cmd|' /C calc'!A0", "tab": "\t=1+1", "carriage_return": "\r=1+1"}
+
+
+def formula_classifier(path: Path, formula: str) -> Path:
+    """A valid classifier (3 classes: the image's channel means) whose class names are all spreadsheet formulas."""
+    import onnx
+    from onnx import helper
+
+    nodes = [*_float_images(), helper.make_node("ReduceMean", ["x"], ["probs"], keepdims=0, axes=[2, 3])]
+    onnx.save(_onnx_model(nodes, [_images_input()], [_probs(["N", 3])], names=[f"{formula}{i}" for i in range(3)]),
+              str(path))
+    return path

@@ -534,3 +534,29 @@ def test_a_fold_without_folds_is_refused(overrides: list[str]) -> None:
 
     problems = find_problems(compose_cfg([*QUICK, *overrides]))
     assert any(p.startswith("data.fold=") and "data.folds" in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------- spreadsheet formulas
+@pytest.mark.parametrize("start", list(hostile.FORMULAS))
+def test_predict_never_writes_a_live_spreadsheet_formula(tmp_path: Path, capsys, start: str) -> None:
+    """Class names from an exported model's metadata and file names from the input folder: neutralised."""
+    import csv
+
+    import torch
+    from torchvision.io import write_png
+
+    formula = hostile.FORMULAS[start]
+    model = hostile.formula_classifier(tmp_path / "model.onnx", formula)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):  # file names with the formula's first character
+        write_png(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), str(folder / f"{formula[0]}x{i}.png"))
+    out = tmp_path / "p.csv"
+    code, err = invoke(lambda w: predict.main([f"ckpt_path={model}", f"input={folder}", f"output={out}",
+                                               "include_file=true", f"hydra.run.dir={tmp_path / 'job'}"]), None, capsys)
+    assert code == 0, err[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert len(rows) == 3
+    for _, label, file in rows:
+        assert label.startswith("'" + formula) and file.startswith("'" + formula[0]), rows
