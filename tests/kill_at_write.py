@@ -75,7 +75,8 @@ def main() -> None:
             return
         if listing is not None:
             if event == "open" and len(event_args) >= 3 and _writes(*event_args[1:3]):
-                listing.write(f"open {os.fsdecode(event_args[0]) if not isinstance(event_args[0], int) else event_args[0]}\n")
+                path = event_args[0]
+                listing.write(f"open {path if isinstance(path, int) else os.fsdecode(path)}\n")
             elif event == "os.rename":
                 listing.write(f"rename {os.fsdecode(event_args[1])}\n")
             elif event == "fcntl.flock":

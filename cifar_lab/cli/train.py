@@ -352,7 +352,9 @@ def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}")
+        logged = ", ".join(sorted(metrics)) or "nothing"
+        raise ConfigError(f"optimized_metric={name} was not logged by this run (it logged {logged}); name one of "
+                          "those, or optimized_metric=null")
     value = metrics[name]
     return value if math.isfinite(value) else float("nan")
 

@@ -38,8 +38,8 @@ def _trainer(max_epochs: int, *callbacks: L.Callback) -> L.Trainer:
 
 def _loader() -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(BATCHES * 4, 4, generator=g), torch.randint(0, 2, (BATCHES * 4,),
-                                                                                             generator=g)), batch_size=4)
+    data = TensorDataset(torch.randn(BATCHES * 4, 4, generator=g), torch.randint(0, 2, (BATCHES * 4,), generator=g))
+    return DataLoader(data, batch_size=4)
 
 
 def _net() -> NetModule:

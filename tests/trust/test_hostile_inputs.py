@@ -469,7 +469,8 @@ def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line(tmp_path: Path, 
     proc = run_cli(["import", module, "1", *command.split()], tmp_path, script="tests/kill_at_write.py")
     assert proc.returncode == 130, proc.stderr[-3000:]
     name = command if command.endswith(".py") else command.split(".")[-1]
-    assert proc.stderr.strip().splitlines() == [f"Error: interrupted (Ctrl-C) while {name} was starting; nothing was done"]
+    expected = f"Error: interrupted (Ctrl-C) while {name} was starting; nothing was done"
+    assert proc.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "logs").exists()
 
 
@@ -518,14 +519,12 @@ def test_a_setting_that_is_not_a_finite_number_is_named(override: str) -> None:
     assert any(p.startswith(f"{key}=") and "finite number" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("setting, key", [("init_from", "init_from"), ("module.distill.teacher", "module.distill.teacher"),
-                                          ("ckpt_path", "ckpt_path")])
-def test_a_missing_checkpoint_is_named_by_the_setting_that_gave_it(tmp_path: Path, capsys, setting: str,
-                                                                    key: str) -> None:
+@pytest.mark.parametrize("setting", ["init_from", "module.distill.teacher", "ckpt_path"])
+def test_a_missing_checkpoint_is_named_by_the_setting_that_gave_it(tmp_path: Path, capsys, setting: str) -> None:
     missing = tmp_path / "no" / "such.ckpt"
     code, err = invoke(lambda w: _train([*QUICK, f"++{setting}={missing}"], tmp_path / "job"), None, capsys)
     assert_refused(code, err)
-    assert f"Error: {key}={missing}: no" in err
+    assert f"Error: {setting}={missing}: no" in err
 
 
 @pytest.mark.parametrize("overrides", [["data.fold=1"], ["data.fold=3", "data.folds=0"]])
@@ -560,3 +559,14 @@ def test_predict_never_writes_a_live_spreadsheet_formula(tmp_path: Path, capsys,
     assert len(rows) == 3
     for _, label, file in rows:
         assert label.startswith("'" + formula) and file.startswith("'" + formula[0]), rows
+
+
+@pytest.mark.parametrize("metric", ["val/acc_best", "val/loss", "train/acc"])
+def test_an_optimized_metric_the_run_did_not_log_is_one_line(metric: str) -> None:
+    """A run that logged no fit metric (a resume with nothing left to train, from a checkpoint without them)."""
+    from cifar_lab.cli.train import _objective
+    from cifar_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"optimized_metric={re.escape(metric)} was not logged") as refused:
+        _objective(compose_cfg([*QUICK, f"optimized_metric={metric}"]), {"test/acc": 0.5})
+    assert "\n" not in str(refused.value) and "optimized_metric=null" in str(refused.value)
