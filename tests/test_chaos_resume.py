@@ -16,7 +16,8 @@ killed in rank 0, the process that writes every file: rank 1 must end too, and t
 One tiny run per kill point: a CI run takes a sample of ``CIFAR_LAB_CHAOS_SAMPLE`` kill points
 (default 3) drawn with a seed it prints and records (``CIFAR_LAB_CHAOS_SEED`` repeats a draw);
 ``CIFAR_LAB_CHAOS_SAMPLE=all`` runs every one (about an hour on 2 cores), ``CIFAR_LAB_CHAOS_KINDS``
-(e.g. ``ddp``) keeps the draw to some kinds, and ``CIFAR_LAB_CHAOS_TABLE=<file>`` gets each row of the table
+(e.g. ``ddp``) keeps the draw to some kinds, ``CIFAR_LAB_CHAOS_FILES`` (e.g. ``checkpoints/``) to points on
+some files, and ``CIFAR_LAB_CHAOS_TABLE=<file>`` gets each row of the table
 as it is made. The table (kill point x kind -> the resumed run's test/acc against the
 reference) is printed and recorded as the test's ``chaos_table`` property.
 """
@@ -177,6 +178,9 @@ def test_a_run_killed_at_any_write_resumes_to_the_uninterrupted_result(chain: di
     only = os.environ.get("CIFAR_LAB_CHAOS_KINDS")  # e.g. "ddp": a draw among those kinds only
     if only:
         chosen = [(kind, point) for kind, point in chosen if kind in only.split(",")]
+    files = os.environ.get("CIFAR_LAB_CHAOS_FILES")  # e.g. "checkpoints/,metrics.json": points on those files
+    if files:
+        chosen = [(kind, point) for kind, point in chosen if any(f in point.pattern for f in files.split(","))]
     rows = [f"kill points: {drawn} ({len(chosen)} of {sum(len(chain[k]['points']) for k in STAGES)})"]
     record_property("chaos_draw", drawn)
     stream = os.environ.get("CIFAR_LAB_CHAOS_TABLE")  # a file that gets each row as it is made
