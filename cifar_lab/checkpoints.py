@@ -318,17 +318,29 @@ def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
                               "against this run; resume only from checkpoints written by train.py")
     saved = checked_config(saved, str(path), built=("model", "data"))  # resolved when saved
     warnings = check_resume_compatible(saved, cfg, path)
-    if _results_written(Path(path), checkpoint_dir):
+    if _results_written(Path(path), checkpoint_dir, int(checkpoint.get("global_step", 0))):
         _refuse_finished(checkpoint, cfg, path)
     # else a run killed after its training but before its results (test, reports, metrics.json): the resume
     # trains nothing and finishes it
     return Resume(str(path), warnings, saved)
 
 
-def _results_written(path: Path, checkpoint_dir: Path) -> bool:
-    """Whether the checkpoint's run (or the run resuming into ``checkpoint_dir``) has written its results
-    (metrics.json, the last file a run writes)."""
-    return any((folder.parent / "metrics.json").is_file() for folder in (path.parent, Path(checkpoint_dir)))
+def _results_written(path: Path, checkpoint_dir: Path, global_step: int) -> bool:
+    """Whether the checkpoint's run (or the run resuming into ``checkpoint_dir``) has written the results of
+    the training the checkpoint holds: a metrics.json (the last file a run writes) recording its step. An
+    earlier segment's metrics.json (a resumed run killed before writing its own) is not those results; an
+    unreadable one is taken as written (the refusal then says what to do)."""
+    for folder in (path.parent, Path(checkpoint_dir)):
+        metrics = folder.parent / "metrics.json"
+        if not metrics.is_file():
+            continue
+        try:
+            recorded = json.loads(metrics.read_text()).get("global_step")
+        except (OSError, ValueError, AttributeError):
+            return True
+        if not isinstance(recorded, int) or recorded >= global_step:
+            return True
+    return False
 
 
 def trained_epochs(checkpoint: dict[str, Any]) -> int:
