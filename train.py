@@ -7,18 +7,19 @@ Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn``
 
 import os
 
-import hydra
-from omegaconf import DictConfig
+from cifar_lab.errors import exit_on_config_error, interrupted_while_starting
 
-from cifar_lab.errors import exit_on_config_error
+with interrupted_while_starting("train.py"):
+    import hydra
+    from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # torch and Lightning load only when a job runs: --help, --cfg and a config that does not compose
     # answer in about a second instead of five
-    from cifar_lab.cli.train import main_guarded
-
+    with interrupted_while_starting("train.py"):
+        from cifar_lab.cli.train import main_guarded
     return main_guarded(cfg)
 
 

@@ -2,7 +2,10 @@
 
 import sys
 
-from cifar_lab.tools.bench import main
+from cifar_lab.errors import interrupted_while_starting
+
+with interrupted_while_starting("bench"):
+    from cifar_lab.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -111,7 +111,7 @@ def build_teacher(cfg: DictConfig) -> torch.nn.Module | None:
     path = OmegaConf.select(cfg, "module.distill.teacher", default=None)
     if not path:
         return None
-    ckpt_file = checkpoints.resolve(path, "use")
+    ckpt_file = checkpoints.resolve(path, "use", key="module.distill.teacher")
     assert ckpt_file is not None
     checkpoint = checkpoints.load(ckpt_file, mmap=True)
     saved, origin = checkpoints.saved_config(ckpt_file, checkpoint)

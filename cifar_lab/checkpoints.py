@@ -97,7 +97,8 @@ def _best_recorded(run_dir: Path) -> Path | None:
     return None
 
 
-def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: Path | None = None) -> Path | None:
+def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: Path | None = None,
+            key: str = "ckpt_path") -> Path | None:
     """The checkpoint file ``ckpt_path`` means for ``purpose`` (see the module docstring).
 
     ``None``/empty gives ``None`` for a resume (a fresh run) and an error for ``use``.
@@ -106,10 +107,16 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
     if ckpt_path in (None, "", "???"):
         if purpose == "resume":
             return None
-        raise CheckpointError("ckpt_path is required: ckpt_path=<checkpoint .ckpt file or training run directory>")
+        raise CheckpointError(f"{key} is required: {key}=<checkpoint .ckpt file or training run directory>")
     if purpose == "resume" and ckpt_path == "last":
         folder = checkpoint_dir or Path("checkpoints")
         candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if not candidates and folder.is_dir():
+            # killed between its first checkpoint and its first last.ckpt: the newest checkpoint is the state
+            candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if candidates:
+                log.warning("ckpt_path=last: no last.ckpt in %s; resuming from its newest checkpoint, %s", folder,
+                            candidates[-1].name)
         if not candidates:
             raise CheckpointError(
                 f"ckpt_path=last: no last.ckpt in {folder}. `last` resumes the run directory given with "
@@ -123,7 +130,7 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
         found = last if purpose == "resume" else (_best_recorded(path) or last)
         if not found.is_file():
             looked = str(last) if purpose == "resume" else f"the best checkpoint named in metrics.json and {last}"
-            raise CheckpointError(f"ckpt_path={ckpt_path}: no checkpoint found in that directory (looked for {looked})")
+            raise CheckpointError(f"{key}={ckpt_path}: no checkpoint found in that directory (looked for {looked})")
         return found
     if not path.is_file():
         if purpose == "resume":
@@ -131,7 +138,8 @@ def resolve(ckpt_path: Any, purpose: Literal["resume", "use"], checkpoint_dir: P
                 f"ckpt_path={ckpt_path}: no checkpoint at {path}. Pass a .ckpt file, a run directory holding "
                 "checkpoints/last.ckpt, or ckpt_path=last together with hydra.run.dir=<that run directory>"
             )
-        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file or directory")
+        raise CheckpointError(f"{key}={ckpt_path}: no such file or directory; give a checkpoint .ckpt file or a "
+                              "training run directory")
     return path
 
 
@@ -310,8 +318,29 @@ def prepare_resume(cfg: DictConfig, checkpoint_dir: Path) -> Resume | None:
                               "against this run; resume only from checkpoints written by train.py")
     saved = checked_config(saved, str(path), built=("model", "data"))  # resolved when saved
     warnings = check_resume_compatible(saved, cfg, path)
-    _refuse_finished(checkpoint, cfg, path)
+    if _results_written(Path(path), checkpoint_dir, int(checkpoint.get("global_step", 0))):
+        _refuse_finished(checkpoint, cfg, path)
+    # else a run killed after its training but before its results (test, reports, metrics.json): the resume
+    # trains nothing and finishes it
     return Resume(str(path), warnings, saved)
+
+
+def _results_written(path: Path, checkpoint_dir: Path, global_step: int) -> bool:
+    """Whether the checkpoint's run (or the run resuming into ``checkpoint_dir``) has written the results of
+    the training the checkpoint holds: a metrics.json (the last file a run writes) recording its step. An
+    earlier segment's metrics.json (a resumed run killed before writing its own) is not those results; an
+    unreadable one is taken as written (the refusal then says what to do)."""
+    for folder in (path.parent, Path(checkpoint_dir)):
+        metrics = folder.parent / "metrics.json"
+        if not metrics.is_file():
+            continue
+        try:
+            recorded = json.loads(metrics.read_text()).get("global_step")
+        except (OSError, ValueError, AttributeError):
+            return True
+        if not isinstance(recorded, int) or recorded >= global_step:
+            return True
+    return False
 
 
 def trained_epochs(checkpoint: dict[str, Any]) -> int:
@@ -343,7 +372,7 @@ def load_weights_from(ckpt_path: Any, net: torch.nn.Module, cfg: DictConfig) -> 
     The checkpoint's network config must match this run's (as for a resume); a run
     directory means its best checkpoint.
     """
-    path = resolve(ckpt_path, "use")
+    path = resolve(ckpt_path, "use", key="init_from")
     assert path is not None
     checkpoint = load(path, mmap=True)
     saved, origin = saved_config(path, checkpoint)

@@ -2,7 +2,10 @@
 
 import sys
 
-from cifar_lab.cli.compare import main
+from cifar_lab.errors import interrupted_while_starting
+
+with interrupted_while_starting("compare"):
+    from cifar_lab.cli.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

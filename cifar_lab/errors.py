@@ -202,6 +202,18 @@ def exit_on_config_error() -> Iterator[None]:
         sys.exit(EXIT_USER)
 
 
+@contextmanager
+def interrupted_while_starting(command: str) -> Iterator[None]:
+    """Around a command's imports (torch, Lightning, Hydra: seconds): Ctrl-C there is one line and exit 130,
+    not a traceback from inside whichever library was loading. Nothing has been read or written yet."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"Error: interrupted (Ctrl-C) while {command} was starting; nothing was done", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
 def run_command(run: Callable[..., Any], doc: str | None, argv: Sequence[str] | None = None) -> None:
     """A ``python -m cifar_lab.<command> key=value ...`` entry: ``-h`` prints ``doc``, user errors are one message."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -216,5 +228,5 @@ def run_command(run: Callable[..., Any], doc: str | None, argv: Sequence[str] | 
             run(args, logging_to_file=True)
     except KeyboardInterrupt:
         # nothing half-written is left: outputs are renamed into place only when whole
-        print("Interrupted (Ctrl-C); no output was replaced by a partial file", file=sys.stderr, flush=True)
+        print("Error: interrupted (Ctrl-C); no output was replaced by a partial file", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)

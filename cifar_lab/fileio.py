@@ -61,6 +61,20 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_output` left in ``folder`` and its subfolders when its process
+    was killed (``.<name>.<random>.tmp``); only for a folder no other process writes (its run lock held)."""
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink():
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through :func:`atomic_output`."""
     with atomic_output(path) as tmp:

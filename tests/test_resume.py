@@ -231,3 +231,25 @@ def test_second_ctrl_c_aborts_without_saving(tmp_path: Path, monkeypatch) -> Non
     assert stopped.value.exit_code == 130
     assert torch.load(last, weights_only=True)["global_step"] == 4  # written when epoch 0 was complete
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_a_resumed_segment_stopped_before_its_results_is_finished_not_refused(tmp_path: Path) -> None:
+    """A resume (epochs 2-3) killed after its training, before its own metrics.json: the first segment's
+    metrics.json is still there, and must not make the run look finished."""
+    run_dir = tmp_path / "run"
+    first = [*BASE, "trainer.max_epochs=1", "test=false"]
+    train(compose_cfg(first, run_dir))
+    earlier = (run_dir / "metrics.json").read_text()
+    train(compose_cfg([*BASE, "trainer.max_epochs=3", "ckpt_path=last"], run_dir))
+    finished = _summary(run_dir)
+    (run_dir / "metrics.json").write_text(earlier)  # the state a kill after the training leaves
+    train(compose_cfg([*BASE, "trainer.max_epochs=3", "ckpt_path=last"], run_dir))
+    again = _summary(run_dir)
+    assert again["global_step"] == finished["global_step"]
+    assert {k: v for k, v in again["metrics"].items() if k.startswith("test/")} == \
+        {k: v for k, v in finished["metrics"].items() if k.startswith("test/")}
+    assert again["metrics"]["val/acc_best"] == finished["metrics"]["val/acc_best"]
+    # once its results are written, the same resume is refused as finished
+    with pytest.raises(ConfigError, match="is a finished run"):
+        train(compose_cfg([*BASE, "trainer.max_epochs=3", "ckpt_path=last"], run_dir))

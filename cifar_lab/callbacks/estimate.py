@@ -124,6 +124,7 @@ class RunEstimate(L.Callback):
         self.corrected = False
         self.corrected_line: str | None = None
         self._epoch: int | None = None  # the epoch the estimate was made in
+        self._partial_epoch: int | None = None  # an epoch this process joined partway (a resume)
         self._printed_at = 0.0
         self._epoch_start = self._step_start = 0.0
         self._closure_end: float | None = None
@@ -133,9 +134,17 @@ class RunEstimate(L.Callback):
         self._rest: list[float] = []
 
     # ------------------------------------------------------------------ timing the first steps
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a resume in the middle of an epoch starts no epoch (no on_train_epoch_start): this process's time
+        # starts here, and that epoch's time is no whole epoch to correct the estimate with
+        self._epoch_start = self.clock()
+        self._last_end = None
+        self._partial_epoch = trainer.current_epoch
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self.clock()
         self._last_end = None
+        self._partial_epoch = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -227,6 +236,8 @@ class RunEstimate(L.Callback):
         # Lightning calls this after the epoch's validation: the epoch the estimate was made in is complete
         if self.plan is None or self.corrected or trainer.current_epoch != self._epoch or not trainer.is_global_zero:
             return
+        if self._partial_epoch == trainer.current_epoch:
+            return  # resumed partway: this process trained only part of it
         self.corrected = True  # once
         took, estimated = self.clock() - self._epoch_start, self.plan.epoch_s(trainer.current_epoch)
         if estimated <= 0 or abs(took / estimated - 1) <= self.tolerance or abs(took - estimated) < 1.0:

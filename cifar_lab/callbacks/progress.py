@@ -63,9 +63,22 @@ class EpochLines(L.Callback):
         self.stream = stream
         self._epoch_start = 0.0
         self._durations: list[float] = []
+        self._first_batch: int | None = 0  # the epoch's first batch this process trained (None: none yet)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume in the middle of an epoch (or after its batches) starts no epoch: Lightning calls no
+        # on_train_epoch_start, and this process's time starts here.
+        self._epoch_start = time.perf_counter()
+        self._first_batch = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
+        self._first_batch = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._first_batch is None:
+            self._first_batch = batch_idx
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning calls this after the epoch's validation, so val/* are this epoch's values
@@ -74,18 +87,31 @@ class EpochLines(L.Callback):
     def _print_epoch(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero:
             return
+        # this process's time only: a resumed epoch counts the batches trained here, scaled to a whole epoch
         elapsed = time.perf_counter() - self._epoch_start
-        self._durations.append(elapsed)
+        batches = trainer.num_training_batches
+        first = self._first_batch
+        took = f"{elapsed:.1f} s"
+        full = elapsed
+        if first is None:  # its batches were trained before the resume
+            took, full = "trained before the resume", None
+        elif first > 0 and isinstance(batches, int) and batches > first:
+            took = f"{elapsed:.1f} s for {batches - first}/{batches} batches (resumed)"
+            full = elapsed * batches / (batches - first)
+        if full is not None:
+            self._durations.append(full)
         metrics = {k: v for k, v in trainer.callback_metrics.items()}
         epoch, total = trainer.current_epoch + 1, trainer.max_epochs
         left = max(0, (total or epoch) - epoch)
-        per_epoch = sum(self._durations[-3:]) / len(self._durations[-3:])
         # the run-time estimate knows the epochs' scheduled image sizes; else the mean of the last epochs
-        planned = [c.eta_after(trainer.current_epoch, elapsed) for c in trainer.callbacks if hasattr(c, "eta_after")]
-        eta = next((t for t in planned if t is not None), left * per_epoch)
+        planned = [c.eta_after(trainer.current_epoch, full) for c in trainer.callbacks
+                   if hasattr(c, "eta_after") and full is not None]
+        eta: float | None = next((t for t in planned if t is not None), None)
+        if eta is None and self._durations:
+            eta = left * sum(self._durations[-3:]) / len(self._durations[-3:])
         validated = _pair(metrics, "val") or ("no validation" if trainer.limit_val_batches == 0 else "")
-        parts = [f"epoch {epoch}/{total}", f"{elapsed:.1f} s", _pair(metrics, "train"), validated,
-                 f"ETA {format_duration(eta)}"]
+        parts = [f"epoch {epoch}/{total}", took, _pair(metrics, "train"), validated,
+                 f"ETA {format_duration(eta)}" if eta is not None else ""]
         line = "  ".join(part for part in parts if part)
         print(line, file=self.stream or sys.stdout, flush=True)
 

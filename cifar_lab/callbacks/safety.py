@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "AtomicCheckpointIO",
+    "FitMetrics",
     "GracefulStop",
     "LatestCheckpoint",
     "NonFiniteLossError",
@@ -298,12 +299,27 @@ class LatestCheckpoint(L.Callback):
     def __init__(self, checkpoint_dir: str | Path) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self._saved_step: int | None = None
+        self._at_epoch_start = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._at_epoch_start:
+            _as_new_epoch(checkpoint)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # before Lightning restores its loops: a checkpoint written at an epoch's start by an earlier
+        # version (the finished epoch's counters in it) resumes as the new epoch's start as well
+        if _saved_at_epoch_start(checkpoint):
+            _as_new_epoch(checkpoint)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._saved_step = trainer.global_step  # the state a resumed run starts from is on disk already
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+        self._at_epoch_start = True
+        try:
+            self._save(trainer)
+        finally:
+            self._at_epoch_start = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
@@ -319,6 +335,49 @@ class LatestCheckpoint(L.Callback):
         # safe: a write of our own checkpoint (optimizer state included); loads use weights_only=True
         trainer.save_checkpoint(last_checkpoint_path(trainer, self.checkpoint_dir), weights_only=False)
         self._saved_step = trainer.global_step
+
+
+def _saved_at_epoch_start(checkpoint: dict) -> bool:
+    """Whether a checkpoint was saved in ``on_train_epoch_start`` (the epoch counted ready, not started)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop") if isinstance(checkpoint.get("loops"), dict) else None
+    total = loop.get("epoch_progress", {}).get("total") if isinstance(loop, dict) else None
+    if not isinstance(total, dict):
+        return False
+    try:
+        ready, started, processed, completed = (int(total[k]) for k in ("ready", "started", "processed", "completed"))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return started == ready - 1 and processed == started and completed == processed
+
+
+def _as_new_epoch(checkpoint: dict) -> None:
+    """Record a checkpoint saved in ``on_train_epoch_start`` as the new epoch's start.
+
+    Lightning resets the training epoch loop's per-epoch counters (batches, scheduler and optimizer
+    steps of the epoch) only after that hook, so at that point they still describe the finished
+    epoch: all of its batches done, ``is_last_batch``. Restored as they are, the resumed run takes
+    the new epoch for finished too, trains nothing in it and skips its validation (and a later
+    resume ends without ``val/*`` metrics). Here they are reset as Lightning resets them a moment
+    later in the uninterrupted run, so the resume trains the epoch from its first batch.
+    """
+    from lightning.pytorch.loops.progress import _BatchProgress, _OptimizationProgress, _SchedulerProgress
+
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(loop, dict):
+        return
+    for key, progress in (("epoch_loop.batch_progress", _BatchProgress()),
+                          ("epoch_loop.scheduler_progress", _SchedulerProgress()),
+                          ("epoch_loop.automatic_optimization.optim_progress", _OptimizationProgress())):
+        if isinstance(loop.get(key), dict):
+            progress.load_state_dict(loop[key])
+            progress.reset_on_run()
+            loop[key] = progress.state_dict()
+    val_key = "epoch_loop.val_loop.batch_progress"
+    if isinstance(loop.get(val_key), dict):
+        val = _BatchProgress()
+        val.load_state_dict(loop[val_key])
+        val.total.reset()
+        loop[val_key] = val.state_dict()
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -393,6 +452,32 @@ class ResumeRNG(L.Callback):
             torch.empty((), dtype=torch.int64).random_()  # the draw of the next epoch's iterator
 
 
+# ----------------------------------------------------------------------------- metrics of the fit
+class FitMetrics(L.Callback):
+    """Save the training and validation metrics logged so far with every checkpoint.
+
+    A run killed after its training (while testing or writing its results) resumes to a fit with
+    nothing left to train, which logs no ``train/*`` or ``val/*`` metric: :attr:`restored` holds the
+    ones its checkpoint recorded, for metrics.json and ``optimized_metric``.
+    """
+
+    KEY = "cifar_lab_fit_metrics"
+
+    def __init__(self) -> None:
+        self.restored: dict[str, float] = {}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = {
+            name: float(value) for name, value in trainer.callback_metrics.items()
+            if name.startswith(("train/", "val/")) and torch.is_tensor(value) and value.numel() == 1
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        saved = checkpoint.get(self.KEY)
+        self.restored = {str(k): float(v) for k, v in saved.items() if isinstance(v, (int, float))} \
+            if isinstance(saved, dict) else {}
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -423,4 +508,4 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> bool:
 def safety_callbacks(checkpoint_dir: str | Path) -> list[L.Callback]:
     """The callbacks every training run gets."""
     return [NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), LatestCheckpoint(checkpoint_dir),
-            ResumeRNG()]
+            ResumeRNG(), FitMetrics()]

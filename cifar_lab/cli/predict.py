@@ -197,6 +197,18 @@ def class_names(checkpoint: dict[str, Any], datamodule: Any) -> list[str]:
         ) from err
 
 
+# A cell starting with one of these is a formula (or becomes one) in Excel, LibreOffice and Google Sheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting with ``= + - @``, a tab or a carriage return gets a
+    leading ``'`` (OWASP's CSV-injection guidance), since class names (an exported model's metadata) and file
+    names come from outside. The CSV writer quotes what needs quoting."""
+    cell = str(cell)
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
 def predict(
     ckpt_path: str | Path,
     input: str | Path,
@@ -238,9 +250,9 @@ def predict(
         writer = csv.writer(f)
         writer.writerow(["id", "label", "file"] if include_file and files else ["id", "label"])
         for i, label in enumerate(labels):
-            row = [i, names[label] if label_format == "name" else label]
+            row = [i, spreadsheet_safe(names[label]) if label_format == "name" else label]
             if include_file and files:
-                row.append(files[i])
+                row.append(spreadsheet_safe(files[i]))
             writer.writerow(row)
     print(f"Wrote {len(labels)} predictions to {out}")
     return out

@@ -33,7 +33,7 @@ from cifar_lab.callbacks.checkpoint_state import CheckpointStateGuard
 from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.estimate import RunEstimate
 from cifar_lab.callbacks.peers import peer_lost_error
-from cifar_lab.callbacks.safety import GracefulStop, safety_callbacks, use_atomic_checkpoints
+from cifar_lab.callbacks.safety import FitMetrics, GracefulStop, safety_callbacks, use_atomic_checkpoints
 from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
 from cifar_lab.config.schema import validate_config
 from cifar_lab import console
@@ -41,6 +41,7 @@ from cifar_lab.runs.summary import data_record, scalars, write_summary
 from cifar_lab.runs.tags import notes_of, tags_of
 from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
+from cifar_lab.fileio import remove_stale_temp_files
 from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
 from cifar_lab.deploy.model_card import card_for_run
 from cifar_lab.host import keep_freed_memory
@@ -86,6 +87,8 @@ def train(cfg: DictConfig) -> float | None:
                           "schedule included), init_from starts a new run from a checkpoint's weights only")
     _continue_restarted_job(cfg)
     run_dir = run_dir_of(cfg)
+    continued = cfg.get("ckpt_path") == "last"
+    _start_unbegun_run(cfg, run_dir)
     refuse_symlinks(run_dir)
     resume = prepare_resume(cfg, checkpoint_dir_of(cfg))
     if resume is None and holds_run(run_dir, results_only=True):
@@ -95,6 +98,8 @@ def train(cfg: DictConfig) -> float | None:
             f"hydra.run.dir={run_dir}, or start from its weights in a new directory with init_from={run_dir}")
     # Nothing in the run directory changes before this point: a refused command leaves it as it was.
     lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
+    if lock is not None and (resume is not None or continued):
+        remove_stale_temp_files(run_dir)  # half-written files of a killed process (its writes were atomic)
     try:
         return _train(_Job(cfg, run_dir, resume, start))
     finally:
@@ -119,6 +124,27 @@ def _continue_restarted_job(cfg: DictConfig) -> None:
         raise ConfigError(f"run directory {run_dir} (named after this job) already holds a run, and this job "
                           "was not restarted: continue it with ckpt_path=last, or give this run its own "
                           "directory with hydra.run.dir=<new directory>")
+
+
+def _named_run_dir() -> bool:
+    """Whether the command named its run directory (hydra.run.dir=...) rather than getting a new one."""
+    try:
+        return any(str(o).lstrip("+").startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
+    except ValueError:  # not inside a Hydra app
+        return False
+
+
+def _start_unbegun_run(cfg: DictConfig, run_dir: Path) -> None:
+    """``ckpt_path=last hydra.run.dir=R`` where R's run was stopped before it wrote any checkpoint (killed
+    while starting): nothing can be resumed and nothing would be lost, so the run starts from the beginning
+    (the same seed gives the run it would have been). Without hydra.run.dir, `last` keeps its error."""
+    if cfg.get("ckpt_path") != "last" or not _named_run_dir() or holds_run(run_dir, results_only=True):
+        return
+    if any(checkpoint_dir_of(cfg).glob("last*.ckpt")):
+        return
+    log.warning("ckpt_path=last: %s holds no checkpoint yet (its run stopped before writing one); training "
+                "starts from the beginning", run_dir)
+    cfg.ckpt_path = None
 
 
 @dataclass
@@ -190,6 +216,8 @@ def _train(job: _Job) -> float | None:
     stopper = next(c for c in safety if isinstance(c, GracefulStop))
     _fit(job, trainer, module, datamodule, stopper)
     fitted = {**scalars(trainer.callback_metrics, ("train/",)), **scalars(trainer.callback_metrics, ("val/",))}
+    if not fitted:  # a resume with nothing left to train (killed while testing): the checkpoint's figures
+        fitted = next(c for c in safety if isinstance(c, FitMetrics)).restored
     best_ckpt = _test(job, trainer, module, datamodule, stopper) if job.cfg.get("test", True) else ""
     metrics = {**fitted, **scalars(trainer.callback_metrics, ("test/",))}
     summary = _summary(job, trainer, module, tuned, metrics, best_ckpt)
@@ -308,11 +336,12 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
 
 def _write_results(job: _Job, summary: dict[str, Any], module: Any, datamodule: Any, trainer: L.Trainer) -> None:
     """metrics.json and MODEL_CARD.md in the run directory (rank 0)."""
-    with job.disk_full_as_error(job.run_dir / "metrics.json"):
-        write_summary(job.run_dir, summary)
     card_for_run(job.run_dir, job.cfg, module.net, datamodule, trainer, choices=_choices(),
                  overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
                  checkpoint=summary["best_ckpt"], tested=bool(job.cfg.get("test", True)), recorded=summary)
+    # metrics.json last: a run directory holding it is complete, and a run killed before it resumes
+    with job.disk_full_as_error(job.run_dir / "metrics.json"):
+        write_summary(job.run_dir, summary)
     wandb_run.save_files(trainer.loggers, [job.run_dir / "metrics.json", job.run_dir / "MODEL_CARD.md"])
     print(f"Run directory: {job.run_dir}")
 
@@ -323,7 +352,9 @@ def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}")
+        logged = ", ".join(sorted(metrics)) or "nothing"
+        raise ConfigError(f"optimized_metric={name} was not logged by this run (it logged {logged}); name one of "
+                          "those, or optimized_metric=null")
     value = metrics[name]
     return value if math.isfinite(value) else float("nan")
 

@@ -74,15 +74,30 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, L.Trainer]:
 
 
 def find_lr(cfg: DictConfig, run_dir: Path, steps: int, min_lr: float, max_lr: float) -> dict[str, Any]:
-    """The range test's suggestion, its curve (``lr_find.json``) and plot (``lr_find.png``)."""
+    """The range test's suggestion, its curve (``lr_find.json``) and plot (``lr_find.png``).
+
+    It runs ``steps`` training steps whatever the run's epoch limits are (epochs end and start again as
+    its batch limits say; validation, which the test does not use, is off); a run that trains no batch
+    or stops by time is refused before any step.
+    """
+    _refuse_finder_limits(cfg)
     module, datamodule, trainer = _build(cfg, run_dir)
+    # --steps bounds the test: epochs (of limit_train_batches batches each) follow one another until then
+    trainer.fit_loop.max_epochs, trainer.fit_loop.min_epochs = -1, None
+    trainer.limit_val_batches, trainer.num_sanity_val_steps = 0, 0
     finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
                                     num_training=steps, update_attr=False)
     if finder is None:
         raise ConfigError("the learning-rate range test did not run (fast_dev_run?); drop debug=fast_dev_run")
     suggestion = finder.suggestion()
+    ran = len(finder.results.get("lr", []))
+    if suggestion is None and ran == 0:
+        raise ConfigError("the learning-rate range test ran no step; check the training data and batch limits")
+    if suggestion is None and ran < steps:
+        raise ConfigError(f"the learning-rate range test stopped after {ran} of its {steps} steps: the loss diverged "
+                          f"(above 4x its lowest) at a rate of {finder.results['lr'][-1]:.3g}; lower --max-lr")
     if suggestion is None:
-        raise ConfigError(f"the loss curve of {len(finder.results.get('lr', []))} steps is too short or flat to "
+        raise ConfigError(f"the loss curve of {ran} steps is too short or flat to "
                           "suggest a rate; raise --steps or widen --min-lr/--max-lr")
     fig = finder.plot(suggest=True)
     fig.axes[0].set_title(f"Learning-rate range test ({steps} steps): suggested {suggestion:.3g}")
@@ -92,6 +107,17 @@ def find_lr(cfg: DictConfig, run_dir: Path, steps: int, min_lr: float, max_lr: f
               "loss": finder.results["loss"]}
     (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _refuse_finder_limits(cfg: DictConfig) -> None:
+    """Run limits a range test of --steps steps cannot honour (no step at all, a time limit)."""
+    trainer = cfg.trainer
+    if trainer.get("limit_train_batches") in (0, 0.0):
+        raise ConfigError("trainer.limit_train_batches=0 trains no batch, and the learning-rate range test needs "
+                          "training steps; drop the override for the finder")
+    if trainer.get("max_time"):
+        raise ConfigError(f"trainer.max_time={trainer.max_time} would stop the learning-rate range test before its "
+                          "--steps; drop it for the finder (--steps bounds the test)")
 
 
 def rescaled_lr(lr: float, old: int, new: int, rule: str) -> float:

@@ -25,6 +25,7 @@ import fnmatch
 import importlib
 import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -357,6 +358,9 @@ def _check_split(cfg: dict) -> Iterator[str]:
 
 def _check_folds(cfg: dict) -> Iterator[str]:
     folds, fold = _get(cfg, "data.folds"), _get(cfg, "data.fold", 0)
+    if _is_int(fold) and fold != 0 and folds in (None, 0):
+        yield _problem("data.fold", fold, "0 without cross-validation: data.fold picks a fold of data.folds, which "
+                                          f"is {folds}; set data.folds (e.g. data.folds=5 data.fold={fold})")
     if _is_int(folds) and folds >= 2 and _is_int(fold) and fold >= folds:
         yield _problem("data.fold", fold, f"a fold in [0, {folds - 1}] for data.folds={folds}")
     known = _training_set(cfg)
@@ -419,6 +423,46 @@ def _check_resize(cfg: dict) -> Iterator[str]:
                            f"a schedule back to full size (null) by the last epoch ({epochs - 1} with "
                            f"trainer.max_epochs={epochs}); raise trainer.max_epochs, shorten the schedule, "
                            f"or drop it with data.augment.{name}=null")
+
+
+# Groups whose numbers reach constructors and arithmetic: nan and inf there are never a setting.
+_NUMBER_GROUPS = ("optimizer", "scheduler", "module", "model", "data", "trainer", "autotune")
+# Groups whose values are all constructor arguments: a number given as text (quoted) is refused too.
+_ARGUMENT_GROUPS = ("optimizer", "scheduler", "module", "model")
+_YAML_NON_FINITE = re.compile(r"^[-+]?\.(nan|inf)$", re.IGNORECASE)  # YAML 1.1's spellings: text to Hydra
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _check_numbers(cfg: dict) -> Iterator[str]:
+    """nan and inf anywhere numbers are settings, whether Hydra read them as floats (``nan``, ``inf``) or as
+    text (YAML's ``.nan``/``.inf``), and numbers in quotes among constructor arguments: named by key
+    before a constructor compares them (torch's own message names neither key nor value)."""
+    def walk(node: Any, path: str, group: str) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                yield from walk(child, f"{path}.{key}", group)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                yield from walk(child, f"{path}.{i}", group)
+        elif isinstance(node, float) and not math.isfinite(node):
+            yield _problem(path, node, "a finite number (nan and inf are not settings)")
+        elif isinstance(node, str) and _YAML_NON_FINITE.match(node.strip()):
+            yield _problem(path, node, f"a finite number ({node!r} is YAML's spelling of nan/inf, which no setting "
+                                       "takes)")
+        elif isinstance(node, str) and group in _ARGUMENT_GROUPS and path.rsplit(".", 1)[-1] not in _HYDRA_KEYS:
+            value = _as_float(node)
+            if value is not None:
+                yield _problem(path, node, "a finite number, not text" + (" (drop the quotes)" if math.isfinite(value)
+                                                                           else " (nan and inf are not settings)"))
+
+    for group in _NUMBER_GROUPS:
+        yield from walk(cfg.get(group), group, group)
 
 
 CROSS_CHECKS: tuple[Callable[[dict], Iterator[str]], ...] = (
@@ -504,7 +548,7 @@ def find_problems(cfg: DictConfig | dict) -> list[str]:
         plain = _plain(cfg)
     except Exception as err:  # an interpolation that cannot resolve, e.g. ${oc.env:UNSET}
         return [f"the config does not resolve: {err}".splitlines()[0]]
-    problems: list[str] = []
+    problems: list[str] = list(_check_numbers(plain))  # first: its message is the one kept for a key
     for key, check in RULES.items():
         for path, value in _matches(plain, key.split(".")):
             if not check(value):

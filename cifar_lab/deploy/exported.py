@@ -13,6 +13,7 @@ This module needs neither Lightning nor Hydra: an exported model runs with onnxr
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,6 +93,14 @@ def format_of(path: str | Path) -> str:
     raise InputError(f"{path}: an exported model must end in {' or '.join(FORMATS.values())}")
 
 
+def _runtime_message(err: BaseException) -> str:
+    """The part of a runtime's error a user can read: its status message, without source paths and symbols."""
+    text = " ".join(str(err).split()).split("Status Message:")[-1]
+    text = re.sub(r"\S*::\S*\([^)]*\)", " ", text)  # C++ signatures
+    words = [w for w in text.split() if not w.startswith("/") and "::" not in w and w != "void*"]
+    return " ".join(words)[:200] or type(err).__name__
+
+
 class ExportedModel:
     """An exported file ready to run: :meth:`probs` of ``uint8`` NCHW batches, and its metadata."""
 
@@ -105,6 +114,7 @@ class ExportedModel:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
+            options.log_severity_level = 4  # its failures become one message here, not log lines of its own
             if threads:
                 options.intra_op_num_threads = int(threads)
             try:
@@ -113,6 +123,7 @@ class ExportedModel:
                 raise InputError(f"{self.path} is not a readable ONNX model ({' '.join(str(err).split())[:300]})"
                                  ) from None
             self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+            self._check_signature()
         else:
             files = {TORCHSCRIPT_METADATA: ""}
             try:
@@ -144,14 +155,49 @@ class ExportedModel:
                              "with python -m cifar_lab.export") from None
         return [str(n) for n in names], size
 
+    def _check_signature(self) -> None:
+        """An ONNX model must take ``images`` and give a rank-2 ``probs``: refused in one line before it runs."""
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        problem = None
+        if INPUT_NAME not in inputs or len(inputs) != 1:
+            problem = f"its inputs are {sorted(inputs)}, not the one input {INPUT_NAME!r}"
+        elif OUTPUT_NAME not in outputs:
+            problem = f"it has no {OUTPUT_NAME!r} output (its outputs: {sorted(outputs)})"
+        elif isinstance(outputs[OUTPUT_NAME].shape, (list, tuple)) and len(outputs[OUTPUT_NAME].shape) != 2:
+            problem = f"its {OUTPUT_NAME!r} output has rank {len(outputs[OUTPUT_NAME].shape)}, not 2 (images, classes)"
+        if problem:
+            raise InputError(f"{self.path} is not a cifar-lab classifier: {problem}; export the model again with "
+                             "python -m cifar_lab.export")
+
     def probs(self, images: Tensor) -> Tensor:
-        """Softmax probabilities ``(N, classes)`` of one ``uint8 (N, 3, H, W)`` batch, on the CPU."""
+        """Softmax probabilities ``(N, classes)`` of one ``uint8 (N, 3, H, W)`` batch, on the CPU.
+
+        A model that fails while running (an allocation it cannot make, an operator error) or answers with
+        anything but one finite row per image and class is refused in one line (:class:`InputError`).
+        """
         images = images.detach().cpu().contiguous()
-        if self.format == "onnx":
-            out = self._session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
-            return torch.from_numpy(np.asarray(out))
-        with torch.inference_mode():
-            return self._module(images).float()
+        try:
+            if self.format == "onnx":
+                out = torch.from_numpy(np.asarray(self._session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]))
+            else:
+                with torch.inference_mode():
+                    out = self._module(images)
+        except MemoryError:
+            raise InputError(f"{self.path}: running the model needs more memory than this machine has; it is not "
+                             "a cifar-lab export (export the model again with python -m cifar_lab.export)") from None
+        except Exception as err:  # noqa: BLE001 - the runtime's own errors for a model that cannot run
+            text = _runtime_message(err)
+            raise InputError(f"{self.path}: the model failed while running ({text}); export the model again with "
+                             "python -m cifar_lab.export") from None
+        expected = (images.shape[0], len(self.class_names) or None)
+        if (not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != expected[0]
+                or (expected[1] is not None and out.shape[1] != expected[1]) or not out.is_floating_point()):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise InputError(f"{self.path}: the model answered {shape} for {expected[0]} images, not one row of "
+                             f"{expected[1] or 'class'} probabilities per image; export the model again with "
+                             "python -m cifar_lab.export")
+        return out.float()
 
     def predict(self, images: Tensor, batch_size: int = 256) -> Tensor:
         """Probabilities of all ``images``, ``batch_size`` at a time."""

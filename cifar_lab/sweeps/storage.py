@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import urllib.parse
 from pathlib import Path
 
 import optuna
@@ -52,13 +54,30 @@ def _check_writable(path: Path, key: str) -> None:
                           "place")
 
 
+def _check_creatable(folder: Path, what: str, setting: str) -> None:
+    """Files can be created in ``folder`` (a journal's lock file goes beside it): tried with a temporary file,
+    since permissions do not tell (root; /proc and other virtual filesystems)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cifar_lab_probe.", dir=folder)
+    except OSError as err:
+        raise ConfigError(f"hydra.sweeper.storage={setting}: {what} needs files created in {folder}, which refuses "
+                          f"them ({err.strerror or err}); choose a file in a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _check_journal(path: Path) -> None:
-    """An existing journal file must be one: its first line an Optuna journal record (nothing is appended
-    to any other file)."""
-    if not path.exists() or path.stat().st_size == 0:
+    """An existing journal file must be one: a regular file whose first line is an Optuna journal record
+    (nothing is appended to any other file; a virtual file such as /proc's reports size 0 and is read)."""
+    if not path.exists():
         return
+    if not path.is_file():
+        raise ConfigError(f"hydra.sweeper.storage=journal:{path}: that is not a regular file; choose a new file, "
+                          "or journal: for <sweep dir>/optuna.log")
     with open(path, "rb") as f:
         first = f.readline(1 << 16)
+    if not first:
+        return
     try:
         record = json.loads(first)
     except ValueError:
@@ -75,11 +94,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         _check_writable(path, "journal")
         _check_journal(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        _check_creatable(path.parent, "a journal (and its lock file)", url)
+        try:
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        except OSError as err:
+            raise ConfigError(f"hydra.sweeper.storage={url}: cannot open the journal: {err.strerror or err} "
+                              f"({err.filename or path}); choose a file in a writable folder") from None
     engine_kwargs = {}
-    if url.startswith("sqlite:///"):
-        _check_writable(Path(url[len("sqlite:///"):]), "SQLite")
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite:"):
+        database = sqlite_file(url)
+        if database is not None:
+            _check_writable(database, "SQLite")
+            database.parent.mkdir(parents=True, exist_ok=True)
         # several worker processes write one file: wait for the lock rather than fail at once
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
@@ -89,6 +115,39 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's connection errors, one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"hydra.sweeper.storage={url!r}: cannot open the study storage: {first}") from None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file an ``sqlite:`` URL names, parsed as SQLAlchemy and SQLite parse it (None: in memory).
+
+    ``sqlite:///relative.db``, ``sqlite:////absolute.db``, and SQLite URI filenames
+    (``sqlite:///file:path.db?mode=rwc&uri=true``: the file is the URI's path, not a folder named
+    ``file:``). A study needs to write: ``mode=ro`` and ``immutable`` are refused, as is a URI naming
+    another host.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as err:
+        raise ConfigError(f"hydra.sweeper.storage={url!r} is not a valid URL ({err}); e.g. sqlite:///optuna.db"
+                          ) from None
+    database = parsed.database or ""
+    options = {k: str(v[-1] if isinstance(v, (tuple, list)) else v) for k, v in parsed.query.items()}
+    if database.startswith("file:") and options.get("uri", "").lower() in ("true", "1", "yes", "on"):
+        uri = urllib.parse.urlsplit(database)
+        if uri.netloc not in ("", "localhost"):
+            raise ConfigError(f"hydra.sweeper.storage={url!r}: an SQLite URI names a file on this machine "
+                              f"(file:/path or file:path), not on {uri.netloc!r}")
+        options.update({k: v[-1] for k, v in urllib.parse.parse_qs(uri.query).items()})
+        database = urllib.parse.unquote(uri.path)
+    if options.get("mode") == "ro" or options.get("immutable", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"hydra.sweeper.storage={url!r} opens the study read-only, and a sweep writes its "
+                          "trials there: drop mode=ro/immutable from the URL")
+    if options.get("mode") == "memory" or database in ("", ":memory:"):
+        return None
+    return Path(database).expanduser()
 
 
 def dashboard_command(url: str) -> str:

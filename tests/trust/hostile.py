@@ -12,7 +12,13 @@ run (or makes an input) and returns what the test needs. The families:
   fsspec protocols);
 - symlink: a file or folder of the run directory replaced by a link to a victim;
 - yaml_bomb: a small YAML of nested aliases;
-- image_bomb: a PNG whose header declares 20000x20000 pixels.
+- image_bomb: a PNG whose header declares 20000x20000 pixels;
+- crafted_onnx: ONNX models with cifar-lab's metadata whose graphs allocate more than any machine has,
+  lack the ``probs`` output, give it another rank or class count, or take another input;
+- formula_classifier: a working ONNX classifier whose class names are spreadsheet formulas (OWASP's
+  CSV-injection starts: = + - @ tab CR);
+- storage: sweep storage settings naming places a study cannot live (read-only SQLite URIs, SQLite
+  URI filenames, journals on virtual, device or folder paths).
 """
 
 from __future__ import annotations
@@ -232,3 +238,133 @@ def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
     rows = zlib.compress(b"\x00" * (1 + width * 3) * 16, 9)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+# ----------------------------------------------------------------------------- crafted exported models
+def _onnx_model(nodes: list, inputs: list, outputs: list, initializers: list = (), classes: int = 10,
+                names: list[str] | None = None):
+    """An ONNX model with cifar-lab's metadata around any graph."""
+    import json
+
+    from onnx import helper
+
+    model = helper.make_model(helper.make_graph(nodes, "crafted", inputs, outputs, initializer=list(initializers)),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    names = names if names is not None else [f"c{i}" for i in range(classes)]
+    for key, value in {"producer": "cifar-lab", "class_names": json.dumps(names),
+                       "image_size": "32"}.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    return model
+
+
+def _images_input():
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 3, 32, 32])
+
+
+def _const(name: str, values: list[int]):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+
+def _probs(shape: list) -> Any:
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info("probs", TensorProto.FLOAT, shape)
+
+
+def _float_images(out: str = "x") -> list:
+    from onnx import TensorProto, helper
+
+    return [helper.make_node("Cast", ["images"], [out], to=TensorProto.FLOAT)]
+
+
+def _crafted_onnx() -> dict[str, Callable[[], Any]]:
+    from onnx import TensorProto, helper
+
+    huge = 1 << 40  # elements per dimension: no machine allocates the product, whatever it overcommits
+    return {
+        # an allocation no machine makes, from a constant shape and from the input's own shape
+        "huge_constant": lambda: _onnx_model(
+            [helper.make_node("ConstantOfShape", ["shape"], ["probs"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.1]))],
+            [_images_input()], [_probs([huge, huge])], [_const("shape", [huge, huge])]),
+        "huge_expand": lambda: _onnx_model(
+            [*_float_images(), helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0, axes=[1, 2, 3]),
+             helper.make_node("Unsqueeze", ["m", "one"], ["m2"]),
+             helper.make_node("Expand", ["m2", "shape"], ["probs"])],
+            [_images_input()], [_probs(["N", huge])], [_const("shape", [huge, huge]), _const("one", [1])]),
+        # the outputs a classifier must not lack or shape otherwise
+        "no_probs_output": lambda: _onnx_model(
+            [*_float_images(), helper.make_node("ReduceMean", ["x"], ["logits"], keepdims=0, axes=[2, 3])],
+            [_images_input()], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])]),
+        "rank_1_output": lambda: _onnx_model(
+            [*_float_images(), helper.make_node("ReduceMean", ["x"], ["probs"], keepdims=0, axes=[1, 2, 3])],
+            [_images_input()], [_probs(["N"])]),
+        "rank_4_output": lambda: _onnx_model(
+            [*_float_images(), helper.make_node("Identity", ["x"], ["probs"])], [_images_input()],
+            [_probs(["N", 3, 32, 32])]),
+        # rank 2 as declared, but the wrong number of classes (3 columns, 10 class names)
+        "wrong_class_count": lambda: _onnx_model(
+            [*_float_images(), helper.make_node("ReduceMean", ["x"], ["probs"], keepdims=0, axes=[2, 3])],
+            [_images_input()], [_probs(["N", 3])]),
+        # an undeclared output shape that turns out rank 1 when run
+        "undeclared_rank_1": lambda: _onnx_model(
+            [*_float_images(), helper.make_node("ReduceMean", ["x"], ["probs"], keepdims=0, axes=[1, 2, 3])],
+            [_images_input()], [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)]),
+        "another_input_name": lambda: _onnx_model(
+            [helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["x"], ["probs"], keepdims=0, axes=[2, 3])],
+            [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, 32, 32])], [_probs(["N", 3])],
+            classes=3),
+    }
+
+
+
+def crafted_onnx(name: str, path: Path) -> Path:
+    """Write the crafted ONNX model ``name`` (one of :func:`crafted_onnx_names`) to ``path``."""
+    import onnx
+
+    onnx.save(_crafted_onnx()[name](), str(path))
+    return path
+
+
+def crafted_onnx_names() -> list[str]:
+    return list(_crafted_onnx())
+
+
+# ----------------------------------------------------------------------------- sweep storage
+def storage_settings(victim: Path, elsewhere: Path) -> dict[str, str]:
+    """hydra.sweeper.storage values naming places a study cannot live (``elsewhere``: a folder outside the
+    job, where nothing may appear)."""
+    return {
+        "sqlite_uri_read_only": f"sqlite:///file:{elsewhere}/ro.db?mode=ro&uri=true",
+        "sqlite_uri_read_only_in_uri": f"sqlite:///file:{elsewhere}/ro.db%3Fmode%3Dro?uri=true",
+        "sqlite_uri_immutable": f"sqlite:///file:{elsewhere}/im.db?immutable=1&uri=true",
+        "sqlite_uri_other_host": "sqlite:///file://elsewhere.example/x.db?uri=true",
+        "sqlite_on_a_folder": f"sqlite:///{victim}",
+        "journal_on_a_virtual_file": "journal:/proc/version",
+        "journal_new_in_a_virtual_folder": "journal:/proc/cifar_lab_study.log",
+        "journal_on_a_device": "journal:/dev/null",
+        "journal_on_a_folder": f"journal:{victim}",
+    }
+
+
+# ----------------------------------------------------------------------------- spreadsheet formulas
+# OWASP's CSV-injection starts: what a spreadsheet evaluates (or starts evaluating) in a cell
+FORMULAS = {"equals": "=cmd|' /C calc'!A0", "plus": "+1+cmd|' /C calc'!A0", "minus": "-2+3+cmd|' /C calc'!A0",
+            "at": "@SUM(1+1)*cmd|' /C calc'!A0", "tab": "\t=1+1", "carriage_return": "\r=1+1"}
+
+
+def formula_classifier(path: Path, formula: str) -> Path:
+    """A valid classifier (3 classes: the image's channel means) whose class names are all spreadsheet formulas."""
+    import onnx
+    from onnx import helper
+
+    nodes = [*_float_images(), helper.make_node("ReduceMean", ["x"], ["probs"], keepdims=0, axes=[2, 3])]
+    onnx.save(_onnx_model(nodes, [_images_input()], [_probs(["N", 3])], names=[f"{formula}{i}" for i in range(3)]),
+              str(path))
+    return path

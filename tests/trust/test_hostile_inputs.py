@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -407,3 +408,170 @@ def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, com
             proc.kill()
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output and out.read_bytes() == b"the previous export"
+
+
+# ----------------------------------------------------------------------------- crafted exported models
+@pytest.mark.parametrize("name", hostile.crafted_onnx_names())
+def test_a_crafted_onnx_model_is_one_line(tmp_path: Path, capsys, name: str) -> None:
+    """Allocations no machine makes, a missing ``probs`` output, another rank, class count or input: one line."""
+    model = hostile.crafted_onnx(name, tmp_path / "model.onnx")
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "job" / "p.csv"
+    code, err = invoke(lambda w: predict.main([f"ckpt_path={model}", f"input={images}", f"output={out}",
+                                               f"hydra.run.dir={tmp_path / 'job'}"]), None, capsys)
+    assert_refused(code, err)
+    assert str(model) in err and "export the model again" in err and not out.exists()
+
+
+# ----------------------------------------------------------------------------- sweep storage
+@pytest.mark.parametrize("case", list(hostile.storage_settings(Path("v"), Path("e"))))
+def test_a_storage_no_study_can_live_in_is_one_line_and_creates_nothing(tmp_path: Path, monkeypatch,
+                                                                        case: str) -> None:
+    from cifar_lab.errors import ConfigError
+    from cifar_lab.sweeps.storage import open_storage, resolve_storage
+
+    victim, elsewhere, cwd = tmp_path / "victim", tmp_path / "elsewhere", tmp_path / "cwd"
+    for folder in (victim, elsewhere, cwd):
+        folder.mkdir()
+    (victim / "precious.txt").write_text("do not touch\n")
+    monkeypatch.chdir(cwd)
+    setting = hostile.storage_settings(victim, elsewhere)[case]
+    with pytest.raises(ConfigError) as refused:
+        open_storage(resolve_storage(setting, tmp_path / "sweep"))
+    assert "\n" not in str(refused.value) and "hydra.sweeper.storage" in str(refused.value)
+    assert list(cwd.iterdir()) == [] and list(elsewhere.iterdir()) == []
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]
+
+
+def test_an_sqlite_uri_filename_is_the_file_it_names(tmp_path: Path, monkeypatch) -> None:
+    """``sqlite:///file:<path>?uri=true``: the study is <path>, not a folder named ``file:`` in the working one."""
+    import optuna
+
+    from cifar_lab.sweeps.storage import open_storage, resolve_storage
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for url, made in ((f"sqlite:///file:{tmp_path}/new/a.db?mode=rwc&uri=true", tmp_path / "new" / "a.db"),
+                      ("sqlite:///file:rel/b%20c.db?uri=true", cwd / "rel" / "b c.db")):
+        optuna.create_study(storage=open_storage(resolve_storage(url, tmp_path / "sweep")), study_name="s")
+        assert made.is_file(), url
+    assert sorted(p.name for p in cwd.iterdir()) == ["rel"]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C while starting
+STARTING = [("train.py", "torch"), ("train.py", "lightning"), ("train.py", "hydra"),
+            *((f"-m cifar_lab.{name}", "torch") for name in ("evaluate", "predict", "export", "compare", "tune",
+                                                             "zoo", "bench")),
+            ("-m cifar_lab.export", "hydra")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, module", STARTING)
+def test_ctrl_c_while_a_command_loads_its_libraries_is_one_line(tmp_path: Path, command: str, module: str) -> None:
+    """SIGINT arrives as the command starts importing ``module`` (tests/kill_at_write.py's import hook)."""
+    proc = run_cli(["import", module, "1", *command.split()], tmp_path, script="tests/kill_at_write.py")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    name = command if command.endswith(".py") else command.split(".")[-1]
+    expected = f"Error: interrupted (Ctrl-C) while {name} was starting; nothing was done"
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "logs").exists()
+
+
+# ----------------------------------------------------------------------------- murky messages
+def test_the_lr_finder_runs_its_steps_whatever_the_run_limits(tmp_path: Path) -> None:
+    """A run of one epoch of two batches (and validation) still gives the range test all of --steps."""
+    from cifar_lab.cli.tune import find_lr
+
+    steps = 14  # Lightning suggests from 12 points on
+    for limits in (["trainer.max_epochs=1", "++trainer.limit_train_batches=2"], ["++trainer.max_steps=3"],
+                   ["trainer.max_epochs=1", "++trainer.limit_train_batches=0.5", "++trainer.limit_val_batches=2"]):
+        cfg = compose_cfg([*QUICK, "logger=none", *limits], tmp_path / "tune")
+        result = find_lr(cfg, tmp_path / "tune", steps, 1e-6, 1e-4)
+        assert len(result["lr"]) == steps, limits
+
+
+@pytest.mark.parametrize("override, named", [("++trainer.limit_train_batches=0", "trainer.limit_train_batches=0"),
+                                             ("++trainer.max_time=00:00:01:00", "trainer.max_time=")])
+def test_the_lr_finder_refuses_limits_it_cannot_honour_in_one_line(tmp_path: Path, override: str,
+                                                                   named: str) -> None:
+    from cifar_lab.cli.tune import find_lr
+    from cifar_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        find_lr(compose_cfg([*QUICK, "logger=none", override], tmp_path / "tune"), tmp_path / "tune", 5, 1e-6, 1e-4)
+    assert not (tmp_path / "tune").exists()
+
+
+NOT_NUMBERS = {  # a YAML spelling of nan/inf (a string to Hydra), nan/inf themselves, numbers in quotes
+    "optimizer.lr=.nan": "optimizer.lr", "optimizer.lr=nan": "optimizer.lr", "optimizer.lr=inf": "optimizer.lr",
+    "optimizer.weight_decay=-.inf": "optimizer.weight_decay", "optimizer.lr='0.1'": "optimizer.lr",
+    "optimizer.momentum=.nan": "optimizer.momentum", "scheduler.scheduler.eta_min=.inf": "scheduler.scheduler.eta_min",
+    "module.label_smoothing=nan": "module.label_smoothing", "data.source.noise=.NaN": "data.source.noise",
+    "++model.dropout=.nan": "model.dropout", "trainer.gradient_clip_val=nan": "trainer.gradient_clip_val",
+    "module.distill.temperature=.inf": "module.distill.temperature",
+}
+
+
+@pytest.mark.parametrize("override", list(NOT_NUMBERS))
+def test_a_setting_that_is_not_a_finite_number_is_named(override: str) -> None:
+    from cifar_lab.config.schema import find_problems
+
+    overrides = [*QUICK, "optimizer=sgd"] if "momentum" in override else QUICK
+    problems = find_problems(compose_cfg([*overrides, override]))
+    key = NOT_NUMBERS[override]
+    assert any(p.startswith(f"{key}=") and "finite number" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("setting", ["init_from", "module.distill.teacher", "ckpt_path"])
+def test_a_missing_checkpoint_is_named_by_the_setting_that_gave_it(tmp_path: Path, capsys, setting: str) -> None:
+    missing = tmp_path / "no" / "such.ckpt"
+    code, err = invoke(lambda w: _train([*QUICK, f"++{setting}={missing}"], tmp_path / "job"), None, capsys)
+    assert_refused(code, err)
+    assert f"Error: {setting}={missing}: no" in err
+
+
+@pytest.mark.parametrize("overrides", [["data.fold=1"], ["data.fold=3", "data.folds=0"]])
+def test_a_fold_without_folds_is_refused(overrides: list[str]) -> None:
+    from cifar_lab.config.schema import find_problems
+
+    problems = find_problems(compose_cfg([*QUICK, *overrides]))
+    assert any(p.startswith("data.fold=") and "data.folds" in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------- spreadsheet formulas
+@pytest.mark.parametrize("start", list(hostile.FORMULAS))
+def test_predict_never_writes_a_live_spreadsheet_formula(tmp_path: Path, capsys, start: str) -> None:
+    """Class names from an exported model's metadata and file names from the input folder: neutralised."""
+    import csv
+
+    import torch
+    from torchvision.io import write_png
+
+    formula = hostile.FORMULAS[start]
+    model = hostile.formula_classifier(tmp_path / "model.onnx", formula)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):  # file names with the formula's first character
+        write_png(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), str(folder / f"{formula[0]}x{i}.png"))
+    out = tmp_path / "p.csv"
+    code, err = invoke(lambda w: predict.main([f"ckpt_path={model}", f"input={folder}", f"output={out}",
+                                               "include_file=true", f"hydra.run.dir={tmp_path / 'job'}"]), None, capsys)
+    assert code == 0, err[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert len(rows) == 3
+    for _, label, file in rows:
+        assert label.startswith("'" + formula) and file.startswith("'" + formula[0]), rows
+
+
+@pytest.mark.parametrize("metric", ["val/acc_best", "val/loss", "train/acc"])
+def test_an_optimized_metric_the_run_did_not_log_is_one_line(metric: str) -> None:
+    """A run that logged no fit metric (a resume with nothing left to train, from a checkpoint without them)."""
+    from cifar_lab.cli.train import _objective
+    from cifar_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"optimized_metric={re.escape(metric)} was not logged") as refused:
+        _objective(compose_cfg([*QUICK, f"optimized_metric={metric}"]), {"test/acc": 0.5})
+    assert "\n" not in str(refused.value) and "optimized_metric=null" in str(refused.value)
