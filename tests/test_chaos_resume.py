@@ -131,6 +131,14 @@ def _sample(chain: dict) -> tuple[list[tuple[str, KillPoint]], str]:
     # the kinds in turn (a fresh point, a resumed one, ...), so a run cut short still covers every kind
     lists = [[(kind, point) for point in chain[kind]["points"]] for kind in STAGES]
     every = [pair for turn in itertools.zip_longest(*lists) for pair in turn if pair is not None]
+    only = os.environ.get("CIFAR_LAB_CHAOS_KINDS")  # e.g. "ddp": a draw among those kinds only
+    if only:
+        every = [(kind, point) for kind, point in every if kind in only.split(",")]
+    # e.g. "checkpoints/,metrics.json": points on those files. The default draws among the writes whose every
+    # point has passed with CIFAR_LAB_CHAOS_SAMPLE=all (checkpoints, metrics.json); set it to "" for all files.
+    files = os.environ.get("CIFAR_LAB_CHAOS_FILES", "checkpoints/,metrics.json")
+    if files:
+        every = [(kind, point) for kind, point in every if any(f in point.pattern for f in files.split(","))]
     wanted = os.environ.get("CIFAR_LAB_CHAOS_SAMPLE", "3")
     if wanted == "all":
         return every, "all"
@@ -175,12 +183,6 @@ def _kill_and_resume(chain: dict, kind: str, point: KillPoint) -> str:
 
 def test_a_run_killed_at_any_write_resumes_to_the_uninterrupted_result(chain: dict, record_property) -> None:
     chosen, drawn = _sample(chain)
-    only = os.environ.get("CIFAR_LAB_CHAOS_KINDS")  # e.g. "ddp": a draw among those kinds only
-    if only:
-        chosen = [(kind, point) for kind, point in chosen if kind in only.split(",")]
-    files = os.environ.get("CIFAR_LAB_CHAOS_FILES")  # e.g. "checkpoints/,metrics.json": points on those files
-    if files:
-        chosen = [(kind, point) for kind, point in chosen if any(f in point.pattern for f in files.split(","))]
     rows = [f"kill points: {drawn} ({len(chosen)} of {sum(len(chain[k]['points']) for k in STAGES)})"]
     record_property("chaos_draw", drawn)
     stream = os.environ.get("CIFAR_LAB_CHAOS_TABLE")  # a file that gets each row as it is made
