@@ -135,7 +135,7 @@ def _sample(chain: dict) -> tuple[list[tuple[str, KillPoint]], str]:
     if only:
         every = [(kind, point) for kind, point in every if kind in only.split(",")]
     # e.g. "checkpoints/,metrics.json": points on those files. The default draws among the writes whose every
-    # point has passed with CIFAR_LAB_CHAOS_SAMPLE=all (checkpoints, metrics.json); set it to "" for all files.
+    # point has passed, run one by one (checkpoints, metrics.json); set it to "" for all files.
     files = os.environ.get("CIFAR_LAB_CHAOS_FILES", "checkpoints/,metrics.json")
     if files:
         every = [(kind, point) for kind, point in every if any(f in point.pattern for f in files.split(","))]
