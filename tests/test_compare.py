@@ -328,8 +328,8 @@ def test_directories_without_metrics_are_named_with_the_reason(runs: tuple[Path,
     (running / ".hydra").mkdir(parents=True)
     from cifar_lab.runs.directory import RunDirLock
 
-    code = ("import sys, time; from pathlib import Path; from cifar_lab.runs.directory import RunDirLock; "
-            "RunDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)")
+    code = ("import signal, sys; from pathlib import Path; from cifar_lab.runs.directory import RunDirLock; "
+            "RunDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); signal.pause()")
     lock_proc = subprocess.Popen([sys.executable, "-c", code, str(running)], stdout=subprocess.PIPE, text=True)
     try:
         assert lock_proc.stdout.readline().strip() == "locked"

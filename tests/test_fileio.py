@@ -37,9 +37,9 @@ def test_a_link_in_place_of_the_output_is_replaced_not_followed(tmp_path: Path) 
 def test_kill_9_mid_write_leaves_the_previous_file(tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     target.write_text("previous")
-    code = ("import sys, time; from cifar_lab.fileio import atomic_output\n"
+    code = ("import signal, sys; from cifar_lab.fileio import atomic_output\n"
             f"with atomic_output({str(target)!r}) as tmp:\n"
-            "    tmp.write_text('half'); print('writing', flush=True); time.sleep(60)\n")
+            "    tmp.write_text('half'); print('writing', flush=True); signal.pause()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"

@@ -96,8 +96,8 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    code = ("import sys, time; from pathlib import Path; from cifar_lab.runs.directory import RunDirLock; "
-            f"RunDirLock(Path({str(run_dir)!r})).acquire(); print('locked', flush=True); time.sleep(60)")
+    code = ("import signal, sys; from pathlib import Path; from cifar_lab.runs.directory import RunDirLock; "
+            f"RunDirLock(Path({str(run_dir)!r})).acquire(); print('locked', flush=True); signal.pause()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
