@@ -127,7 +127,7 @@ def format_duration(seconds: float) -> str:
 class PassProgress:
     """Plain progress lines for a long pass outside the training loop (robustness, test, export parity)::
 
-        robustness: 12/51 passes (fog s2), 1m 02s, about 3m 25s left
+        robustness: 12/50 batches (fog s2), 1m 02s, about 3m 25s left
 
     A line every ``every_s`` seconds (default ``$CIFAR_LAB_PROGRESS_S``, else 10), and a last one
     when a pass that printed any ends; a pass shorter than ``every_s`` prints nothing.

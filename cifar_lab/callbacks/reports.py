@@ -5,7 +5,8 @@ dicts that ``validation_step``/``test_step`` return, so it works with any module
 those. It logs to whatever loggers the trainer has and adds images and the HPARAMS summary
 to TensorBoard (to MLflow: the run config as params, the report files as artifacts); it writes
 report files into the run directory on global rank 0 only (the metrics themselves are
-synchronised across DDP ranks by torchmetrics).
+synchronised across DDP ranks by torchmetrics). What the test pass measured stays in
+``results["test"]``: the model card reads it instead of running the test set again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 from cifar_lab.callbacks import plots, wandb_run
 from cifar_lab.runs.summary import scalars
@@ -118,11 +120,36 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
+def reliability_bins(confidences: Tensor, correct: Tensor, bins: int) -> dict[str, list]:
+    """Per equal-width confidence bin: the mean confidence, the accuracy and the image count.
+
+    The bins are torchmetrics' (``[k/B, (k+1)/B)``; a confidence of exactly 1 joins the last bin), so
+    the bars of the reliability diagram are the terms of the expected calibration error.
+    """
+    confidences, correct = confidences.detach().double().cpu(), correct.detach().double().cpu()
+    index = (torch.bucketize(confidences, torch.linspace(0, 1, bins + 1, dtype=torch.float64), right=True) - 1)
+    index = index.clamp(0, bins - 1)
+    count = torch.bincount(index, minlength=bins).double()
+    filled = count.clamp(min=1)
+    return {"confidence": (torch.bincount(index, confidences, minlength=bins) / filled).tolist(),
+            "accuracy": (torch.bincount(index, correct, minlength=bins) / filled).tolist(),
+            "count": count.long().tolist()}
+
+
+class CalibrationError(MulticlassCalibrationError):
+    """torchmetrics' expected calibration error (L1); ``compute`` also keeps the bins in ``self.bins``.
+
+    ``compute`` runs on the states of every DDP rank, so the bins hold every test image once.
+    """
+
+    bins: dict[str, list] | None = None
+
+    def compute(self) -> Tensor:
+        self.bins = reliability_bins(dim_zero_cat(self.confidences), dim_zero_cat(self.accuracies), self.n_bins)
+        return super().compute()
+
+
 # ----------------------------------------------------------------------------- callback
-
-
-
-
 class ClassificationReport(L.Callback):
     """Per-class precision/recall/F1, confusion matrix, ECE and misclassified images; report files.
 
@@ -191,7 +218,8 @@ class ClassificationReport(L.Callback):
         self.num_classes: int | None = None
         # epoch -> {"train/loss", "train/acc", "val/loss", "val/acc"}, for curves.png
         self.history: dict[int, dict[str, float]] = {}
-        self.results: dict[str, dict[str, Any]] = {}  # stage -> last summary, confusion matrix, ece
+        # stage -> the last pass's summary, confusion matrix, ece and its bins (the model card reads "test")
+        self.results: dict[str, dict[str, Any]] = {}
         self.fit_metrics: dict[str, float] = {}
         self._wrong: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._wrong_count = 0
@@ -206,7 +234,7 @@ class ClassificationReport(L.Callback):
                 "recall": MulticlassRecall(num_classes, average=None),
                 "f1": MulticlassF1Score(num_classes, average=None),
                 "confmat": MulticlassConfusionMatrix(num_classes),
-                "ece": MulticlassCalibrationError(num_classes, n_bins=self.ece_bins, norm="l1"),
+                "ece": CalibrationError(num_classes, n_bins=self.ece_bins, norm="l1"),
             })
 
         return nn.ModuleDict({stage: stage_metrics() for stage in STAGES})
@@ -264,7 +292,7 @@ class ClassificationReport(L.Callback):
         summary = summarize(metrics["precision"].compute(), metrics["recall"].compute(),
                             metrics["f1"].compute(), confmat)
         ece = float(metrics["ece"].compute())
-        result = {"summary": summary, "confmat": confmat.detach().cpu(), "ece": ece}
+        result = {"summary": summary, "confmat": confmat.detach().cpu(), "ece": ece, "bins": metrics["ece"].bins}
         self.results[stage] = result
         return result
 

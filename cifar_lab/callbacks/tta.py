@@ -97,10 +97,11 @@ class TestTimeAugmentation(nn.Module):
     """Wraps a network; ``forward`` returns log of the softmax averaged over the TTA views."""
 
     def __init__(self, net: nn.Module, flip: bool = True, translate: int = 0,
-                 padding_mode: str = "reflect", shifts: Sequence[Sequence[int]] | None = None) -> None:
+                 padding_mode: str = "reflect", shifts: Sequence[Sequence[int]] | None = None,
+                 views: Sequence[View] | None = None) -> None:
         super().__init__()
         self.net = net
-        self.views = tta_views(flip, translate, shifts)
+        self.views = list(views) if views is not None else tta_views(flip, translate, shifts)  # views: given as is
         self.padding_mode = padding_mode
 
     def forward(self, x: Tensor) -> Tensor:
@@ -186,6 +187,17 @@ def check_single_layer(callbacks: Sequence[Any]) -> None:
             raise ConfigError(f"{len(layers)} test-time augmentation callbacks apply in {stage} "
                               f"({'; '.join(c.describe() for c in layers)}); views of views are never averaged: "
                               "keep one (set enabled: false on the others)")
+
+
+def layer_in_test(callbacks: Sequence[Any]) -> TTACallback | None:
+    """The TTA callback that averages views in test (:func:`check_single_layer` allows one), else None."""
+    return next((c for c in callbacks if isinstance(c, TTACallback) and c.applies_to("test")), None)
+
+
+def as_tested(net: nn.Module, callbacks: Sequence[Any]) -> nn.Module:
+    """``net`` as the test pass runs it: inside the views of the TTA callback that applies in test, if any."""
+    layer = layer_in_test(callbacks)
+    return net if layer is None else TestTimeAugmentation(net, padding_mode=layer.padding_mode, views=layer.views)
 
 
 def replace_run_tta(callbacks: list[Any], requested: TTACallback) -> tuple[list[Any], list[TTACallback]]:

@@ -38,7 +38,7 @@ from cifar_lab import autotune, builders, checkpoints
 from cifar_lab.deploy import robustness
 from cifar_lab.deploy.corruptions import SEVERITIES, check_corruptions
 from cifar_lab.deploy.robustness import corruption_accuracy
-from cifar_lab.callbacks.tta import TTACallback, replace_run_tta
+from cifar_lab.callbacks.tta import TTACallback, as_tested, replace_run_tta
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.config.schema import check_tta
 from cifar_lab.models import trainable_params
@@ -189,9 +189,10 @@ def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: An
     options = cfg.get("corruption") or {}
     names, severities = check_corruptions(options.get("names", "all"), list(options.get("severities", SEVERITIES)))
     images, labels = datamodule.splits["test"]
-    result = corruption_accuracy(
-        module.net, datamodule.normalize, images, labels, names, severities,
+    result = corruption_accuracy(  # the test pass's network (TTA included) and its clean test/acc
+        as_tested(module.net, trainer.callbacks), datamodule.normalize, images, labels, names, severities,
         batch_size=int(options.get("batch_size") or datamodule.eval_batch_size),
+        clean_acc=float(trainer.callback_metrics["test/acc"]),
         device=trainer.strategy.root_device, seed=int(options.get("seed", 0)),
         autocast=trainer.strategy.precision_plugin.forward_context,
         max_images=robustness.check_max_images(options.get("max_images")))

@@ -2,37 +2,39 @@
 
 Every training run writes one in its run directory (and ``reliability.png``); ``evaluate`` writes
 a refreshed one in its own run directory, with the robustness summary when ``robustness=true``.
-The card's numbers come from one pass of the network over the test set:
+The card's numbers are those of the run's one test pass (its test-time augmentation views
+included), as :class:`~cifar_lab.callbacks.reports.ClassificationReport` collected them; nothing
+runs the test set again:
 
-* test accuracy with its 95% Wilson score interval for ``n`` test images;
+* the test accuracy, the run's ``test/acc``, with its 95% Wilson score interval for ``n`` test images;
 * per-class precision and recall;
-* calibration: the expected calibration error over 15 equal-width confidence bins (L1, as
-  torchmetrics' ``MulticlassCalibrationError``) and the reliability diagram.
+* calibration: the expected calibration error (``test/ece``, torchmetrics' L1 over the report's
+  ``ece_bins`` equal-width confidence bins) and the reliability diagram of those bins.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import platform
 import shlex
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from cifar_lab.callbacks.reports import ClassificationReport
+from cifar_lab.callbacks.tta import layer_in_test
 from cifar_lab.models import trainable_params
 from cifar_lab.fileio import atomic_write_text
 from cifar_lab.runs.tags import notes_of, tags_of
 
-__all__ = ["wilson_interval", "calibration", "reliability_figure", "test_predictions", "render", "write_model_card",
-           "command_line", "card_for_run"]
+__all__ = ["wilson_interval", "reliability_figure", "from_test_pass", "render", "write_model_card", "command_line",
+           "card_for_run"]
 
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy", "onnxruntime", "cifar-lab")
-ECE_BINS = 15
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -46,53 +48,36 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def calibration(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> dict[str, Any]:
-    """ECE (L1) and, per equal-width confidence bin, the mean confidence, accuracy and count."""
-    confidence, predicted = probs.detach().float().max(dim=1)
-    correct = (predicted == labels).float()
-    index = torch.clamp((confidence * bins).ceil().long() - 1, 0, bins - 1)  # bins (k/B, (k+1)/B]
-    count = torch.bincount(index, minlength=bins).float()
-    conf_sum = torch.bincount(index, confidence, minlength=bins)
-    acc_sum = torch.bincount(index, correct, minlength=bins)
-    filled = count > 0
-    mean_conf = torch.where(filled, conf_sum / count.clamp(min=1), torch.zeros_like(count))
-    mean_acc = torch.where(filled, acc_sum / count.clamp(min=1), torch.zeros_like(count))
-    ece = float(((mean_conf - mean_acc).abs() * count).sum() / max(len(labels), 1))
-    return {"ece": ece, "confidence": mean_conf.tolist(), "accuracy": mean_acc.tolist(),
-            "count": count.long().tolist()}
-
-
-def reliability_figure(calib: Mapping[str, Any]) -> Any:
+def reliability_figure(bins: Mapping[str, Any], ece: float) -> Any:
     """Accuracy against confidence per bin, with the diagonal of perfect calibration."""
     from matplotlib.figure import Figure
 
-    bins = len(calib["count"])
+    count = len(bins["count"])
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot(1, 1, 1)
-    edges = [k / bins for k in range(bins)]
-    ax.bar(edges, calib["accuracy"], width=1 / bins, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+    edges = [k / count for k in range(count)]
+    ax.bar(edges, bins["accuracy"], width=1 / count, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE {calib['ece']:.4f})")
+    ax.set_title(f"Reliability diagram (ECE {ece:.4f})")
     ax.legend(loc="upper left")
     return fig
 
 
-@torch.inference_mode()
-def test_predictions(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, batch_size: int,
-                     device: torch.device | str = "cpu",
-                     autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> Tensor:
-    """Softmax probabilities of ``net`` (eval mode) for uint8 ``images``, on the CPU."""
-    net = net.to(device).eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        with autocast():
-            logits = net(preprocess(images[start:start + batch_size].to(device)))
-        out.append(logits.float().softmax(dim=1).cpu())
-    return torch.cat(out)
+def from_test_pass(acc: float, views: int, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the card says of the test pass: ``acc`` (its ``test/acc``), its TTA ``views`` and, from the
+    :class:`~cifar_lab.callbacks.reports.ClassificationReport` result ``report`` when the run had one,
+    the image count, per-class precision/recall, the ECE and its bins."""
+    results: dict[str, Any] = {"acc": float(acc), "views": int(views)}
+    if report:
+        summary, confmat = report["summary"], report["confmat"]
+        results.update(images=int(summary["total"]), precision=[float(v) for v in summary["precision"]],
+                       recall=[float(v) for v in summary["recall"]], support=[int(v) for v in summary["support"]],
+                       predicted=[int(v) for v in confmat.sum(dim=0)], ece=float(report["ece"]), bins=report["bins"])
+    return results
 
 
 def _versions() -> dict[str, str]:
@@ -133,9 +118,9 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def render(facts: Mapping[str, Any], probs: Tensor | None, labels: Tensor | None, class_names: Sequence[str],
-           robustness: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any] | None]:
-    """The card's Markdown and the calibration numbers (``None`` without test predictions)."""
+def render(facts: Mapping[str, Any], test: Mapping[str, Any] | None, class_names: Sequence[str],
+           robustness: Mapping[str, Any] | None = None) -> str:
+    """The card's Markdown; ``test`` is :func:`from_test_pass` (``None``: the run was not tested)."""
     lines = [f"# Model card: {facts['model']}", ""]
     macs = facts.get("macs")
     lines += ["## Model", "",
@@ -161,33 +146,7 @@ def render(facts: Mapping[str, Any], probs: Tensor | None, labels: Tensor | None
     if compute.get("train_pflop"):
         lines.append(f"- training compute: {compute['train_pflop']:.4g} PFLOP ({compute['train_images']:,} images "
                      "trained; metrics.json `compute`)")
-    lines.append("")
-    calib = None
-    if probs is not None and labels is not None and len(labels):
-        predicted = probs.argmax(dim=1)
-        n, k = len(labels), int((predicted == labels).sum())
-        low, high = wilson_interval(k, n)
-        calib = calibration(probs, labels)
-        lines += ["## Test accuracy", "",
-                  f"- accuracy: {100 * k / n:.2f}% ({k:,} of {n:,} test images; one view per image, no TTA)",
-                  f"- 95% confidence interval (Wilson): {100 * low:.2f}% - {100 * high:.2f}%"]
-        recorded = facts.get("recorded_acc")
-        if recorded is not None and abs(recorded - k / n) > 1e-9:
-            lines.append(f"- the run's test/acc in metrics.json: {100 * recorded:.2f}% (with the run's "
-                         "test-time augmentation)")
-        lines += ["",
-                  "| class | precision | recall | support |", "|---|---:|---:|---:|"]
-        for c, name in enumerate(class_names):
-            tp = int(((predicted == c) & (labels == c)).sum())
-            claimed, support = int((predicted == c).sum()), int((labels == c).sum())
-            precision = f"{tp / claimed:.3f}" if claimed else "-"
-            recall = f"{tp / support:.3f}" if support else "-"
-            lines.append(f"| {name} | {precision} | {recall} | {support} |")
-        lines += ["", "## Calibration", "",
-                  f"- expected calibration error ({len(calib['count'])} bins): {calib['ece']:.4f}",
-                  "- reliability diagram: ![reliability diagram](reliability.png)", ""]
-    else:
-        lines += ["## Test accuracy", "", "- not tested (test=false)", ""]
+    lines += ["", *_test_lines(test, class_names)]
     if robustness:
         worst = min(robustness["mean_acc"], key=robustness["mean_acc"].get)
         lines += ["## Robustness (common corruptions, CIFAR-10-C style)", "",
@@ -199,28 +158,45 @@ def render(facts: Mapping[str, Any], probs: Tensor | None, labels: Tensor | None
     lines += ["## Machine and software", "", f"- {facts.get('machine', '')}",
               "- " + ", ".join(f"{k} {v}" for k, v in _versions().items()), "",
               "## Reproduce", "", "```", facts["command"], "```", ""]
-    return "\n".join(lines), calib
+    return "\n".join(lines)
 
 
-def write_model_card(run_dir: Path, facts: Mapping[str, Any], net: nn.Module, preprocess: Callable[[Tensor], Tensor],
-                     test: tuple[Tensor, Tensor] | None, class_names: Sequence[str], batch_size: int = 512,
-                     device: torch.device | str = "cpu",
-                     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+def _test_lines(test: Mapping[str, Any] | None, class_names: Sequence[str]) -> list[str]:
+    if test is None:
+        return ["## Test accuracy", "", "- not tested (test=false)", ""]
+    acc, views = test["acc"], test["views"]
+    seen = "one view per image" if views == 1 else f"the mean of {views} test-time augmentation views per image"
+    if "images" not in test:
+        return ["## Test accuracy", "", f"- accuracy: {100 * acc:.2f}% (the run's test/acc; {seen})",
+                "- per-class precision and recall, calibration: not collected (the run has no callbacks.report)", ""]
+    n = test["images"]
+    k = round(acc * n)
+    low, high = wilson_interval(k, n)
+    lines = ["## Test accuracy", "", f"- accuracy: {100 * acc:.2f}% ({k:,} of {n:,} test images; {seen})",
+             f"- 95% confidence interval (Wilson): {100 * low:.2f}% - {100 * high:.2f}%", "",
+             "| class | precision | recall | support |", "|---|---:|---:|---:|"]
+    for c, name in enumerate(class_names):
+        precision = f"{test['precision'][c]:.3f}" if test["predicted"][c] else "-"
+        recall = f"{test['recall'][c]:.3f}" if test["support"][c] else "-"
+        lines.append(f"| {name} | {precision} | {recall} | {test['support'][c]} |")
+    return lines + ["", "## Calibration", "",
+                    f"- expected calibration error ({len(test['bins']['count'])} bins): {test['ece']:.4f}",
+                    "- reliability diagram: ![reliability diagram](reliability.png)", ""]
+
+
+def write_model_card(run_dir: Path, facts: Mapping[str, Any], net: nn.Module, test: Mapping[str, Any] | None,
+                     class_names: Sequence[str], device: torch.device | str = "cpu",
                      robustness: Mapping[str, Any] | None = None) -> Path:
-    """Run ``net`` over the ``test`` images and write ``MODEL_CARD.md`` (and ``reliability.png``)."""
+    """Write ``MODEL_CARD.md`` (and ``reliability.png`` when ``test`` has bins); ``net`` is described, not run."""
     from cifar_lab.callbacks.plots import save_figure
 
     # the count the run recorded (its network as built: a parameter frozen during training still counts)
     facts = {**facts, "params": facts.get("params") or trainable_params(net),
              "macs": _macs(net, int(facts.get("image_size", 32))), "machine": _machine(device)}
-    probs = labels = None
-    if test is not None:
-        probs = test_predictions(net, preprocess, test[0], batch_size, device, autocast)
-        labels = test[1].cpu()
-    text, calib = render(facts, probs, labels, class_names, robustness)
+    text = render(facts, test, class_names, robustness)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if calib is not None:
-        save_figure(reliability_figure(calib), run_dir / "reliability.png")
+    if test is not None and test.get("bins"):
+        save_figure(reliability_figure(test["bins"], test["ece"]), run_dir / "reliability.png")
     path = run_dir / "MODEL_CARD.md"
     atomic_write_text(path, text)
     return path
@@ -238,7 +214,8 @@ def card_for_run(run_dir: Path, cfg: Any, net: nn.Module, datamodule: Any, train
     """The card of a run (train) or of an evaluation: facts from its config, data module and trainer.
 
     ``overrides`` are the training command's; ``command`` defaults to ``python train.py <overrides>``.
-    ``recorded`` is the run's ``metrics.json`` content (its test accuracy and compute).
+    ``recorded`` is the run's ``metrics.json`` content (its test accuracy and compute); the rest of the
+    test section comes from the trainer's callbacks (:func:`_test_pass`).
     """
     test_images = datamodule.splits["test"][0]
     splits = {name: "(the test set)" if name != "test" and split[0] is test_images else len(split[0])
@@ -259,11 +236,18 @@ def card_for_run(run_dir: Path, cfg: Any, net: nn.Module, datamodule: Any, train
         "wall_time_s": wall_time_s,
         "checkpoint": checkpoint,
         "command": command or command_line("python train.py", overrides),
-        "recorded_acc": ((recorded or {}).get("metrics") or {}).get("test/acc"),
         "compute": (recorded or {}).get("compute"),
         "params": (recorded or {}).get("params"),
     }
-    return write_model_card(run_dir, facts, net, datamodule.normalize,
-                            datamodule.splits["test"] if tested else None, list(datamodule.classes),
-                            batch_size=int(datamodule.eval_batch_size), device=trainer.strategy.root_device,
-                            autocast=trainer.strategy.precision_plugin.forward_context, robustness=robustness)
+    return write_model_card(run_dir, facts, net, _test_pass(trainer, recorded) if tested else None,
+                            list(datamodule.classes), device=trainer.strategy.root_device, robustness=robustness)
+
+
+def _test_pass(trainer: Any, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:func:`from_test_pass` of the trainer's last test pass: its test/acc, TTA views and report."""
+    metrics = (recorded or {}).get("metrics") or {}
+    acc = metrics.get("test/acc", trainer.callback_metrics.get("test/acc"))
+    layer = layer_in_test(trainer.callbacks)
+    views = len(layer.views) if layer is not None else 1
+    report = next((c for c in trainer.callbacks if isinstance(c, ClassificationReport)), None)
+    return from_test_pass(float(acc), views, report.results.get("test") if report else None)

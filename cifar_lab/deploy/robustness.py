@@ -2,11 +2,14 @@
 
 :func:`corruption_accuracy` runs a network over the test images under every corruption and
 severity of :mod:`cifar_lab.deploy.corruptions` (generated batch by batch on the device). The
-summary has the clean accuracy, the accuracy per corruption and severity, the mean over
-severities per corruption, the mean corruption accuracy over all of them, and the relative
-drop ``(clean - corrupted) / clean`` of each. ``max_images=N`` measures a seeded random subset of
-N test images (a quicker, noisier table); a long pass prints progress lines
-(:class:`cifar_lab.console.PassProgress`).
+clean test set is not run again: the clean accuracy is the test pass's ``test/acc``, given by the
+caller, so the network should be the one the test pass ran (its TTA views included,
+:func:`cifar_lab.callbacks.tta.as_tested`). The summary has the clean accuracy, the accuracy per
+corruption and severity, the mean over severities per corruption, the mean corruption accuracy
+over all of them, and the relative drop ``(clean - corrupted) / clean`` of each.
+``max_images=N`` measures the corruptions on a seeded random subset of N test images (a quicker,
+noisier table; the clean accuracy stays that of every test image); a long pass prints progress
+lines (:class:`cifar_lab.console.PassProgress`).
 """
 
 from __future__ import annotations
@@ -33,15 +36,13 @@ def _is_oom(err: BaseException) -> bool:
 
 @torch.inference_mode()
 def _accuracy(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
-              batch_size: int, device: torch.device, corruption: tuple[str, int] | None, seed: int,
+              batch_size: int, device: torch.device, corruption: tuple[str, int], seed: int,
               autocast: Callable[[], ContextManager], progress: PassProgress | None = None) -> float:
     correct = 0
-    detail = "clean" if corruption is None else f"{corruption[0]} s{corruption[1]}"
+    detail = f"{corruption[0]} s{corruption[1]}"
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device)
+        x = corrupt(images[start:start + batch_size].to(device), corruption[0], corruption[1], seed=seed + start)
         y = labels[start:start + batch_size].to(device)
-        if corruption is not None:
-            x = corrupt(x, corruption[0], corruption[1], seed=seed + start)
         try:
             with autocast():
                 logits = net(preprocess(x))
@@ -78,22 +79,21 @@ def subset(images: Tensor, labels: Tensor, max_images: int | None, seed: int = 0
 
 
 def corruption_accuracy(net: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
-                        corruptions: Sequence[str], severities: Sequence[int], batch_size: int,
+                        corruptions: Sequence[str], severities: Sequence[int], batch_size: int, clean_acc: float,
                         device: torch.device | str = "cpu", seed: int = 0,
                         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                         max_images: int | None = None, progress_every_s: float | None = None) -> dict[str, Any]:
-    """Clean and corrupted accuracy of ``net`` (eval mode) on uint8 ``images``; see the module docstring."""
+    """Corrupted accuracy of ``net`` (eval mode) on uint8 ``images`` against ``clean_acc``; see the module docstring."""
     if batch_size < 1:
         raise ConfigError(f"corruption.batch_size must be >= 1, got {batch_size}")
     images, labels = subset(images, labels, max_images, seed)
     device = torch.device(device)
     net = net.to(device).eval()
     batches = -(-len(images) // batch_size)
-    progress = PassProgress("robustness", batches * (1 + len(corruptions) * len(severities)), "batches",
-                            progress_every_s)
+    progress = PassProgress("robustness", batches * len(corruptions) * len(severities), "batches", progress_every_s)
     run = lambda corruption: _accuracy(net, preprocess, images, labels, batch_size, device,  # noqa: E731
                                        corruption, seed, autocast, progress)
-    clean = run(None)
+    clean = float(clean_acc)
     table = {name: {str(s): run((name, s)) for s in severities} for name in corruptions}
     means = {name: sum(row.values()) / len(row) for name, row in table.items()}
     mean_acc = sum(means.values()) / len(means)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_lab.callbacks import TestTimeAugmentation, TTACallback
-from cifar_lab.callbacks.tta import apply_view, tta_probs, tta_views
+from cifar_lab.callbacks.tta import apply_view, as_tested, tta_probs, tta_views
 from cifar_lab.module import ClassifierModule
 
 
@@ -46,6 +46,18 @@ def test_tta_average_equals_manual_average() -> None:
     assert torch.allclose(tta_probs(net, x, views), manual, atol=1e-6)
     wrapped = TestTimeAugmentation(net, flip=True, translate=1)
     assert torch.allclose(wrapped(x).softmax(1), manual, atol=1e-6)
+
+
+def test_the_network_as_tested_has_the_test_layers_views() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x = torch.randn(2, 3, 8, 8)
+    layers = [TTACallback(flip=True, stages=("predict",)), TTACallback(shifts=[[1, 1]], padding_mode="replicate")]
+    tested = as_tested(net, layers)  # the second applies in test: mirror and one diagonal shift, 4 views
+    assert isinstance(tested, TestTimeAugmentation) and tested.views == layers[1].views and len(tested.views) == 4
+    manual = tta_probs(net, x, layers[1].views, "replicate")
+    assert torch.allclose(tested(x).softmax(1), manual, atol=1e-6)
+    assert as_tested(net, layers[:1]) is net and as_tested(net, [TTACallback(enabled=False)]) is net
 
 
 class CountingNet(nn.Module):

@@ -85,6 +85,7 @@ def test_a_batch_the_model_cannot_run_is_one_message() -> None:
 
     images, labels = torch.zeros(32, 3, 8, 8, dtype=torch.uint8), torch.zeros(32, dtype=torch.long)
     with pytest.raises(ConfigError, match="cannot run batches of 16 images on cpu .*lower corruption.batch_size"):
-        corruption_accuracy(Hungry(), lambda x: x.float(), images, labels, ["fog"], [1], batch_size=16)
-    assert corruption_accuracy(Hungry(), lambda x: x.float(), images, labels, ["fog"], [1], batch_size=8)[
-        "clean_acc"] == 1.0
+        corruption_accuracy(Hungry(), lambda x: x.float(), images, labels, ["fog"], [1], batch_size=16, clean_acc=1.0)
+    result = corruption_accuracy(Hungry(), lambda x: x.float(), images, labels, ["fog"], [1], batch_size=8,
+                                 clean_acc=0.5)
+    assert result["clean_acc"] == 0.5 and result["accuracy"] == {"fog": {"1": 1.0}}
