@@ -15,8 +15,8 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lab.checkpoints import OVERRIDES_KEY
+from cifar_lab.optim.schedules import INTERVALS as SCHEDULER_INTERVALS
 
-SCHEDULER_INTERVALS = ("epoch", "step")
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 

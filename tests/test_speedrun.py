@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_lab.callbacks.averaging import EMA, Lookahead, ScheduledAveraging
-from cifar_lab.callbacks.tta import TestTimeAugmentation as TTAWrapper
-from cifar_lab.callbacks.tta import TTACallback, tta_views
+from cifar_lab.callbacks.tta import TTACallback
+from cifar_lab.models.tta import TestTimeAugmentation as TTAWrapper
+from cifar_lab.models.tta import tta_views
 from cifar_lab.callbacks.whitening import WhiteningInit, training_images
 from cifar_lab.models.flops import count_macs
 from cifar_lab.models.speedrun_net import SpeedrunNet

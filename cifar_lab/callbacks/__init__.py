@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "ClassificationReport": "cifar_lab.callbacks.reports",
-    "TestTimeAugmentation": "cifar_lab.callbacks.tta",
+    "TestTimeAugmentation": "cifar_lab.models.tta",
     "TTACallback": "cifar_lab.callbacks.tta",
 }
 

@@ -274,7 +274,7 @@ def _predict_checkpoint(ckpt_path: str | Path, input: str | Path, output: str | 
     """Labels, class names and file names from a checkpoint run in PyTorch."""
     from hydra.utils import instantiate
 
-    from cifar_lab.callbacks.tta import tta_probs, tta_views
+    from cifar_lab.models.tta import tta_probs, tta_views
 
     ckpt_file = checkpoints.resolve(ckpt_path, "use")
     checkpoint = checkpoints.load(ckpt_file)

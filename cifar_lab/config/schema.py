@@ -31,7 +31,13 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cifar_lab.data.archive import VARIANTS
+from cifar_lab.data.augment.indexing import PADDING_MODES as CROP_PADDING_MODES
+from cifar_lab.data.mixing import MODES as MIXING_MODES
+from cifar_lab.data.sampling import PIPELINES
 from cifar_lab.errors import ConfigError
+from cifar_lab.models.tta import PADDING_MODES as TTA_PADDING_MODES
+from cifar_lab.optim.schedules import INTERVALS as SCHEDULER_INTERVALS
 
 __all__ = ["Check", "RULES", "CROSS_CHECKS", "validate_config", "KNOWN_METRICS"]
 
@@ -125,10 +131,8 @@ def _metric_names() -> tuple[str, ...]:
 KNOWN_METRICS = _metric_names()
 # What a sweep optimises or a callback monitors during fitting: never a test metric.
 FIT_METRICS = tuple(m for m in KNOWN_METRICS if not m.startswith("test/"))
-PIPELINES = ("batched", "per_image")
 # Precisions Lightning accepts that cast the whole network (its input included): not supported.
 CAST_PRECISIONS = ("64", "64-true", "16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
-SCHEDULER_INTERVALS = ("epoch", "step")
 
 # ----------------------------------------------------------------------------- the table
 # Only what no constructor checks: values torch, Lightning or our own classes refuse when
@@ -163,14 +167,14 @@ RULES: dict[str, Check] = {
     "data.source.train_size": integer(1),
     "data.source.test_size": integer(1),
     "data.source.noise": NON_NEGATIVE,
-    "data.source.variant": one_of("cifar10", "cifar100"),
+    "data.source.variant": one_of(*VARIANTS),
     "data.augment.*.p": PROBABILITY,
-    "data.augment.*.padding_mode": one_of("constant", "reflect", "edge", "symmetric"),
+    "data.augment.*.padding_mode": one_of(*CROP_PADDING_MODES),
     "data.mixing.prob": PROBABILITY,
     "data.mixing.switch_prob": PROBABILITY,
     "data.mixing.mixup_alpha": optional(POSITIVE, "(no mixup)"),
     "data.mixing.cutmix_alpha": optional(POSITIVE, "(no CutMix)"),
-    "data.mixing.mode": one_of("batch", "epoch"),
+    "data.mixing.mode": one_of(*MIXING_MODES),
     "data.mixing.stop_epoch": optional(integer(0), "(never stop)"),
     # model knobs shared by several networks
     "model.stochastic_depth": number(0, 1, hi_open=True),
@@ -222,8 +226,8 @@ RULES: dict[str, Check] = {
 }
 
 # Training-set sizes of the datasets known without loading them.
-KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}
-KNOWN_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+KNOWN_TRAIN_SIZES = {name: layout["train_images"] for name, layout in VARIANTS.items()}
+KNOWN_NUM_CLASSES = {name: layout["num_classes"] for name, layout in VARIANTS.items()}
 
 
 # ----------------------------------------------------------------------------- walking
@@ -570,9 +574,6 @@ def validate_config(cfg: DictConfig | dict) -> None:
         raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError(f"invalid config ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-TTA_PADDING_MODES = ("reflect", "replicate", "circular", "constant")
 
 
 TTA_KEYS = {"enabled", "flip", "translate", "shifts", "padding_mode"}

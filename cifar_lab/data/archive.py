@@ -26,9 +26,12 @@ from cifar_lab.fileio import load_array_pickle
 
 log = logging.getLogger(__name__)
 
-# File layout of each variant; URL, archive name, md5 and folder come from torchvision.
-_LAYOUT = {
+# File layout of each variant, with its training-set size and classes (the config check reads them before
+# any file); URL, archive name, md5 and folder come from torchvision.
+VARIANTS = {
     "cifar10": dict(
+        train_images=50_000,
+        num_classes=10,
         dataset=CIFAR10,
         train=[f"data_batch_{i}" for i in range(1, 6)],
         test=["test_batch"],
@@ -37,6 +40,8 @@ _LAYOUT = {
         names_key="label_names",
     ),
     "cifar100": dict(
+        train_images=50_000,
+        num_classes=100,
         dataset=CIFAR100,
         train=["train"],
         test=["test"],
@@ -77,12 +82,12 @@ class CifarArchive:
     """CIFAR-10/100 from ``root``: the extracted folder, the archive, or a download."""
 
     def __init__(self, root: str | os.PathLike, variant: str = "cifar10", download: bool = True) -> None:
-        if variant not in _LAYOUT:
-            raise ValueError(f"data.source.variant must be one of {sorted(_LAYOUT)}, got {variant!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"data.source.variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         self.root = Path(root).expanduser()
         self.variant = variant
         self.download = download
-        self.layout = _LAYOUT[variant]
+        self.layout = VARIANTS[variant]
         dataset = self.layout["dataset"]
         self.url: str = dataset.url
         self.archive = self.root / dataset.filename

@@ -13,12 +13,10 @@ from torch.utils.data import DataLoader
 from cifar_lab.data.augment import BatchAugment
 from cifar_lab.data.folds import fold_split
 from cifar_lab.data.mixing import BatchMixer
-from cifar_lab.data.sampling import PerImageDataset, ShardedBatchSampler, TensorBatches
+from cifar_lab.data.sampling import PIPELINES, PerImageDataset, ShardedBatchSampler, TensorBatches
 from cifar_lab.data.splits import DataError, ImageSplits
 
 log = logging.getLogger(__name__)
-
-PIPELINES = ("batched", "per_image")
 
 
 def balanced_split(labels: Tensor, holdout: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:

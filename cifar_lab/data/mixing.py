@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BatchMixer", "dominant_label", "one_hot_targets"]
+__all__ = ["BatchMixer", "dominant_label", "one_hot_targets", "MODES"]
+
+MODES = ("batch", "epoch")  # when BatchMixer decides whether to mix: per batch, or once per epoch
 
 
 def one_hot_targets(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -107,8 +109,8 @@ class BatchMixer:
     ) -> None:
         if num_classes < 1:
             raise ValueError("num_classes must be positive")
-        if mode not in ("batch", "epoch"):
-            raise ValueError(f"mode must be 'batch' or 'epoch', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, a in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
             if a is not None and (a < 0 or not math.isfinite(a)):
                 raise ValueError(f"{name} must be a non-negative number or None, got {a}")

@@ -17,6 +17,9 @@ from torch.utils.data import Dataset, Sampler
 
 from cifar_lab.data.augment import cpu_threads
 
+# batched: TensorBatches gathers a whole batch per index tensor; per_image: PerImageDataset, one image a time
+PIPELINES = ("batched", "per_image")
+
 
 class ShardedBatchSampler(Sampler[Tensor]):
     """Yields index batches; each rank gets its own shard, reshuffled every epoch.

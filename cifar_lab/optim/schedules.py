@@ -15,6 +15,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+INTERVALS = ("epoch", "step")  # when Lightning steps a scheduler (the config's scheduler.interval)
+
 __all__ = ["SHAPES", "WarmupDecay", "warmup_cosine", "linear_warmup_decay"]
 
 SHAPES = ("cosine", "linear")

@@ -11,7 +11,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cifar_lab.callbacks import TestTimeAugmentation, TTACallback
-from cifar_lab.callbacks.tta import apply_view, as_tested, tta_probs, tta_views
+from cifar_lab.callbacks.tta import as_tested
+from cifar_lab.config.schema import check_tta
+from cifar_lab.errors import ConfigError
+from cifar_lab.models.tta import apply_view, tta_probs, tta_views
 from cifar_lab.module import ClassifierModule
 
 
@@ -95,3 +98,15 @@ def test_callback_rejects_unknown_options() -> None:
         TTACallback(stages=("train",))
     with pytest.raises(ValueError, match="padding_mode"):
         TTACallback(padding_mode="wrap")
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "constant", "circular", "edge"])
+def test_the_config_check_accepts_exactly_the_padding_modes_the_callback_builds(mode: str) -> None:
+    tta = {"enabled": True, "translate": 1, "padding_mode": mode}
+    try:
+        TTACallback(translate=1, padding_mode=mode)
+    except ValueError:
+        with pytest.raises(ConfigError, match=f"tta.padding_mode={mode}: must be one of reflect, replicate, constant"):
+            check_tta(tta)
+    else:
+        check_tta(tta)

@@ -33,6 +33,9 @@ from cifar_lab.data.augment.base import (
     _tv_fill,
 )
 
+PADDING_MODES = ("constant", "reflect", "edge", "symmetric")  # torchvision's pad modes (_map_coords)
+
+
 def _map_coords(idx: Tensor, n: int, mode: str) -> Tensor:
     """Map (possibly out-of-range) coordinates into ``[0, n)`` following a padding mode.
 
@@ -153,7 +156,7 @@ class RandomCrop(_IndexOp):
         if min(pad) < 0:
             raise ValueError("padding must be non-negative")
         self.padding = tuple(pad)  # left, top, right, bottom
-        if padding_mode not in ("constant", "reflect", "edge", "symmetric"):
+        if padding_mode not in PADDING_MODES:
             raise ValueError(f"unknown padding_mode {padding_mode!r}")
         self.padding_mode = padding_mode
         self.fill_value = fill if isinstance(fill, numbers.Number) else tuple(fill)
