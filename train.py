@@ -8,7 +8,7 @@ Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn``
 import os
 import sys
 
-from cifar_lab.errors import exit_on_config_error, interrupted_while_starting
+from cifar_lab.cli.exits import exit_on_config_error, interrupted_while_starting
 
 # Hydra's options that only print (help, the config, its info): they answer without torch and Lightning,
 # in about a second instead of five.

@@ -2,7 +2,7 @@
 
 import sys
 
-from cifar_lab.errors import interrupted_while_starting
+from cifar_lab.cli.exits import interrupted_while_starting
 
 with interrupted_while_starting("bench"):
     from cifar_lab.tools.bench import main

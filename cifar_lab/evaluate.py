@@ -1,6 +1,6 @@
 """``python -m cifar_lab.evaluate``: see :mod:`cifar_lab.cli.evaluate`."""
 
-from cifar_lab.errors import interrupted_while_starting
+from cifar_lab.cli.exits import interrupted_while_starting
 
 with interrupted_while_starting("evaluate"):
     from cifar_lab.cli.evaluate import main

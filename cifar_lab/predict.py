@@ -1,6 +1,6 @@
 """``python -m cifar_lab.predict``: see :mod:`cifar_lab.cli.predict`."""
 
-from cifar_lab.errors import interrupted_while_starting
+from cifar_lab.cli.exits import interrupted_while_starting
 
 with interrupted_while_starting("predict"):
     from cifar_lab.cli.predict import main

@@ -1,6 +1,6 @@
 """``python -m cifar_lab.tune``: see :mod:`cifar_lab.cli.tune`."""
 
-from cifar_lab.errors import interrupted_while_starting
+from cifar_lab.cli.exits import interrupted_while_starting
 
 with interrupted_while_starting("tune"):
     from cifar_lab.cli.tune import main

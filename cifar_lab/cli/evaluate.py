@@ -44,7 +44,8 @@ from cifar_lab.config.schema import check_tta
 from cifar_lab.models import trainable_params
 from cifar_lab.runs.summary import data_record, scalars, write_summary
 from cifar_lab.config.tree import print_and_save
-from cifar_lab.errors import ConfigError, run_command
+from cifar_lab.errors import ConfigError
+from cifar_lab.cli.exits import run_command
 from cifar_lab.deploy.model_card import card_for_run, command_line
 from cifar_lab.runs.directory import RunDirLock, holds_run, refuse_symlinks
 

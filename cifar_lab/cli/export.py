@@ -33,7 +33,8 @@ from cifar_lab.cli.predict import class_names as predict_class_names
 from cifar_lab.cli.predict import fit_size, load_input
 from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.console import PassProgress
-from cifar_lab.errors import ConfigError, ExportError, InputError, run_command
+from cifar_lab.errors import ConfigError, ExportError, InputError
+from cifar_lab.cli.exits import run_command
 from cifar_lab.deploy.exported import (FORMATS, INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_METADATA, Deployable,
                                 ExportedModel, make_metadata, require_onnx)
 from cifar_lab.fileio import atomic_output, atomic_write_text, check_output

@@ -44,7 +44,8 @@ from cifar_lab import checkpoints
 from cifar_lab.config.compose import compose_training, hydra_job
 from cifar_lab.config.schema import check_tta
 from cifar_lab.data.image_folder import IMAGE_SUFFIXES, ImageDecodeError, decode_image_file
-from cifar_lab.errors import InputError, run_command
+from cifar_lab.errors import InputError
+from cifar_lab.cli.exits import run_command
 from cifar_lab.fileio import RefusedPickle, atomic_output, check_output, load_array_pickle
 
 log = logging.getLogger(__name__)

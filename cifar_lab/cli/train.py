@@ -42,7 +42,8 @@ from cifar_lab.runs.tags import notes_of, tags_of
 from cifar_lab.sweeps.runner import in_multirun, run_task
 from cifar_lab.config.tree import print_and_save
 from cifar_lab.fileio import remove_stale_temp_files
-from cifar_lab.errors import ConfigError, TrainingInterrupted, exit_on_config_error, exit_on_user_error
+from cifar_lab.errors import ConfigError, TrainingInterrupted
+from cifar_lab.cli.exits import exit_on_config_error, exit_on_user_error
 from cifar_lab.deploy.model_card import card_for_run
 from cifar_lab.host import keep_freed_memory
 from cifar_lab.models import trainable_params

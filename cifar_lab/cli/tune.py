@@ -45,7 +45,8 @@ from cifar_lab.callbacks.reports import ClassificationReport
 from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config.compose import hydra_job
 from cifar_lab.config.schema import validate_config
-from cifar_lab.errors import ConfigError, InputError, exit_on_user_error
+from cifar_lab.errors import ConfigError, InputError
+from cifar_lab.cli.exits import exit_on_user_error
 
 # Callbacks that only report or save (the finders train a few steps in their own directory)
 REPORTING = (ModelCheckpoint, LearningRateMonitor, ProgressBar, ModelSummary, EarlyStopping, ClassificationReport,

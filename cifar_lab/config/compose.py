@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifar_lab.config import CONF_DIR
 from cifar_lab.config.trust import check_targets
-from cifar_lab.errors import ConfigError, UnsafeConfigError, config_error
+from cifar_lab.errors import ConfigError, UnsafeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +190,29 @@ def _use_saved_data(cfg: DictConfig, data: dict[str, Any], overrides: Sequence[s
     for override in parsed:
         if override.key_or_group.startswith("data.") and not override.is_delete():
             OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
+
+
+def config_error(err: BaseException) -> ConfigError:
+    """One :class:`ConfigError` for a config that does not compose: a YAML syntax error (with its
+    file, line and column), an unknown group, option or key, or a bad override."""
+    import yaml
+
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, yaml.YAMLError):
+        cause = cause.__cause__
+    if isinstance(cause, yaml.YAMLError):
+        where = " ".join(str(cause).split())
+        return ConfigError(f"a config file is not valid YAML: {where}; fix the file at that line")
+    lines = []
+    for line in (line.strip() for line in str(err).strip().splitlines()):
+        if line.startswith(("full_key:", "object_type", "reference_type", "value:", "Set the environment",
+                            "Config search path")):
+            break
+        if line:
+            lines.append(line)
+    text, options = " ".join(lines) or type(err).__name__, ""
+    if "Available options" in text:  # Hydra lists one option per line: keep them on one
+        head, _, rest = text.partition("Available options")
+        label, _, names = rest.partition(":")
+        text, options = head.strip(), f" Available options{label}: {', '.join(names.split())}"
+    return ConfigError(f"cannot compose the config: {text}{options}")

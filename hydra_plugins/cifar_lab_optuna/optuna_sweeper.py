@@ -11,7 +11,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from cifar_lab.errors import exit_on_user_error
+from cifar_lab.cli.exits import exit_on_user_error
 
 
 class OptunaSweeper(Sweeper):
