@@ -104,7 +104,8 @@ class EpochTotals:
 
 
 class ClassifierModule(L.LightningModule):
-    """Cross-entropy classification with torchmetrics accuracy under ``train/``, ``val/``, ``test/``.
+    """Cross-entropy classification; loss and accuracy under ``train/`` (:class:`EpochTotals`' sums),
+    ``val/`` and ``test/`` (torchmetrics).
 
     Targets may be class indices or soft label distributions (mixup/CutMix); accuracy under
     mixing is measured against each sample's dominant label.

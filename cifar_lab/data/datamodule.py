@@ -84,9 +84,9 @@ class CIFARDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: Any,
+        batch_size: int,
         num_classes: int = 10,
         root: str | None = None,
-        batch_size: int = 128,
         eval_batch_size: int | None = None,
         val_size: int = 5000,
         num_workers: int = 0,

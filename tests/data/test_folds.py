@@ -63,7 +63,7 @@ def test_the_datamodule_validates_on_the_fold() -> None:
     train_images = source.load().train_x
     seen = []
     for fold in range(3):
-        dm = CIFARDataModule(source, num_classes=10, val_size=123, folds=3, fold=fold, seed=5)
+        dm = CIFARDataModule(source, batch_size=64, num_classes=10, val_size=123, folds=3, fold=fold, seed=5)
         dm.setup("fit")
         val_x, val_y = dm.splits["val"]
         assert len(val_x) == 100 and len(dm.splits["train"][0]) == 200  # val_size is unused with folds
