@@ -408,3 +408,59 @@ def test_a_run_records_the_compile_decision_in_metrics(tmp_path: Path) -> None:
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["autotune"]
     assert recorded["compile"] is False and recorded["compile_timing"]["compile_s"] == 60.0
     assert recorded["compile_timing"]["steps"] == -(-150 // int(cfg.data.batch_size))  # 1 epoch of 150 images
+
+
+# ----------------------------------------------------------------------------- python -m cifar_lab.autotune
+def _two_models(tmp_path: Path) -> None:
+    _decide(_cfg(tmp_path), FakeDevice({BF16_CL: 0.1, BF16_NCHW: 0.2, FP32_CL: 0.3, FP32_NCHW: 0.4}))
+    _decide(_cfg(tmp_path, "model=attention_net"), FakeDevice({BF16_CL: 0.1, BF16_NCHW: 0.1, FP32_CL: 0.1,
+                                                               FP32_NCHW: 0.1}))
+
+
+def _command(capsys, *argv: str) -> tuple[int, str, str]:
+    from cifar_lab.autotune.command import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_show_lists_the_cached_decisions_with_figures_and_margins(tmp_path: Path, capsys) -> None:
+    _two_models(tmp_path)
+    code, out, _ = _command(capsys, "show")
+    rows = [line for line in out.splitlines() if line.startswith("| simple_cnn") or line.startswith("| attention")]
+    assert code == 0 and len(rows) == 2
+    simple = next(r for r in rows if r.startswith("| simple_cnn")).split(" | ")
+    assert "bf16-mixed channels_last" in simple and "100%" in simple and "decided" in simple[-1]
+    assert f"{torch.get_num_threads()}" in simple and torch.__version__ in simple
+    assert "undecided: the usual pair" in next(r for r in rows if r.startswith("| attention_net"))
+    code, out, _ = _command(capsys, "show", "attention_net")
+    assert code == 0 and "attention_net" in out and "| simple_cnn" not in out
+
+
+def test_clear_forgets_one_model_or_all(tmp_path: Path, capsys) -> None:
+    _two_models(tmp_path)
+    code, out, _ = _command(capsys, "clear", "simple_cnn")
+    assert code == 0 and out.startswith("cleared 1 cached decision of simple_cnn")
+    assert {e["model"] for e in cache.read().values()} == {"attention_net"}
+    fake = FakeDevice({BF16_CL: 0.1, BF16_NCHW: 0.2, FP32_CL: 0.3, FP32_NCHW: 0.4})
+    assert _decide(_cfg(tmp_path), fake).source == "measured" and fake.built  # cleared: measured again
+    code, out, _ = _command(capsys, "clear")
+    assert code == 0 and out.startswith("cleared 2 cached decisions from") and cache.read() == {}
+    code, out, _ = _command(capsys, "show")
+    assert code == 0 and out.startswith("no cached decisions in")
+
+
+def test_the_command_refuses_bad_arguments_with_one_clear_message(tmp_path: Path, capsys) -> None:
+    _two_models(tmp_path)
+    code, _, err = _command(capsys, "clear", "resnet_se")
+    assert code == 2 and err.startswith("Error: no cached decision for model 'resnet_se'")
+    assert "(cached: attention_net, simple_cnn)" in err and len(cache.read()) == 2  # nothing cleared
+    with pytest.raises(SystemExit) as exit_:
+        _command(capsys, "forget")
+    assert exit_.value.code == 2 and "invalid choice: 'forget'" in capsys.readouterr().err
+    cache.cache_path().write_text("{not json")
+    code, _, err = _command(capsys, "show")
+    assert code == 2 and "is not a readable autotune cache" in err and "clear" in err
+    code, out, _ = _command(capsys, "clear")  # clearing all replaces an unreadable file
+    assert code == 0 and cache.read_file(cache.cache_path()) == {"version": cache.VERSION, "entries": {}}

@@ -94,8 +94,8 @@ def pair_name(precision: str, memory_format: str) -> str:
 
 def format_table(decision: Decision) -> str:
     """The decision and its measured table as Markdown (for the log and TensorBoard)."""
-    lines = [f"autotune ({decision.label}, {decision.seconds:.1f} s): precision={decision.precision}, "
-             f"memory_format={decision.memory_format}"]
+    lines = [f"autotune: precision={decision.precision}, memory_format={decision.memory_format} ({decision.label}; "
+             f"deciding took {decision.seconds:.1f} s)"]
     if decision.compile is not None:
         t = decision.compile_timing
         detail = (f" (step {1000 * t['eager_s']:.0f} ms eager, {1000 * t['compiled_s']:.0f} ms compiled, compiling "

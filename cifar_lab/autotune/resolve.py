@@ -221,8 +221,8 @@ def _say(decision: Decision, race: Race) -> None:
     close = ", ".join(pair_name(*t.name) for t in level) or "no candidate settled"
     figures = f"; the nearest {percent(decision.margin)} apart, spread {percent(decision.spread)}" \
         if decision.margin is not None and leader is not None else ""
-    log.info("autotune undecided: %s level after %d rounds (%.1f s)%s; using the usual %s", close, race.rounds,
-             race.spent_s, figures, pair_name(decision.precision, decision.memory_format))
+    log.info("autotune undecided: %s level after %d rounds (%.1f s, budget %.0f s)%s; using the usual %s", close,
+             race.rounds, race.spent_s, race.budget_s, figures, pair_name(decision.precision, decision.memory_format))
 
 
 # ----------------------------------------------------------------------------- compile

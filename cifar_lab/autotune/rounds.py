@@ -12,9 +12,9 @@ by round (paired). Definitions:
 * **spread**: twice the median distance of those per-round log ratios from their median (about
   the width of the middle half of the rounds; one disturbed round barely moves it).
 * X **stops** once, after ``min_rounds`` paired rounds, its margin exceeds the spread; or early,
-  when its step took over ``give_up`` times the leader's in each of the last 2 paired rounds (a
-  slow first round alone never stops a candidate). A non-finite loss drops a candidate; one whose
-  step raises (a precision this device lacks) is unsupported.
+  when even the fastest of its first 2 or more steps (warm-up included) took over ``give_up``
+  times the leader's median step (one slow round alone never stops a candidate). A non-finite
+  loss drops a candidate; one whose step raises (a precision this device lacks) is unsupported.
 * **decided**: the leader has ``min_rounds`` settled rounds and every other candidate stopped.
   Otherwise rounds go on until their time reaches the budget (or ``max_rounds``): undecided.
 
@@ -101,10 +101,6 @@ class Comparison:
         middle = statistics.median(ratios)
         return Comparison(len(ratios), middle, 2 * statistics.median(abs(x - middle) for x in ratios))
 
-    def last(self, trial: Trial, leader: Trial, n: int) -> list[float]:
-        mine, theirs = trial.counted(), leader.counted()
-        return [mine[r] / theirs[r] for r in sorted(mine) if r in theirs and theirs[r] > 0][-n:]
-
 
 @dataclass
 class Race:
@@ -173,13 +169,13 @@ def _stop_the_slower(trials: list[Trial], leader: Trial, rules: Rules) -> None:
     for trial in trials:
         if trial is leader or not trial.running:
             continue
-        found = Comparison.of(trial, leader)
-        if found is None:
+        leading = leader.median()
+        fastest = min(trial.times.values(), default=math.inf)
+        if len(trial.times) >= 2 and leading and fastest > rules.give_up * leading:
+            trial.running, trial.note = False, f"stopped early: its fastest step {fastest / leading:.1f}x the leader's"
             continue
-        recent = found.last(trial, leader, 2)
-        if len(recent) == 2 and min(recent) > rules.give_up:
-            trial.running, trial.note = False, f"stopped early: {min(recent):.1f}x the leader's step twice"
-        elif found.rounds >= rules.min_rounds and found.margin > found.spread:
+        found = Comparison.of(trial, leader)
+        if found is not None and found.rounds >= rules.min_rounds and found.margin > found.spread:
             trial.running = False
             trial.note = (f"stopped: {100 * math.expm1(found.margin):.0f}% slower (spread "
                           f"{100 * math.expm1(found.spread):.0f}%)")
