@@ -107,7 +107,9 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
         f"scheduler {choices.get('scheduler', 'none')}",
         f"training      : {cfg.trainer.max_epochs} epochs, seed {cfg.seed}",
         f"device        : {device}",
-        f"precision     : {tuned.precision}, memory format {tuned.memory_format} ({tuned.source})",
+        # where the choice came from: measured / cache / re-measured (why), with its margin
+        f"precision     : {tuned.precision}, memory format {tuned.memory_format} "
+        f"({getattr(tuned, 'label', tuned.source)})",
         f"full config   : {run_dir / 'config.yaml'} (print_config=true prints it here)",
     ]
     if os.environ.get("CIFAR_LAB_DATA"):

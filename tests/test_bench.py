@@ -180,15 +180,15 @@ def test_autotuned_writes_a_concrete_choice(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path))
     cfg = bench.compose(["data=synthetic", "model=simple_cnn", "trainer.precision=32"])
     assert cfg.module.memory_format == "auto"
-    calls = []
+    calls, stepped = [], []
 
     def fake_step_factory(cfg, precision, memory_format, device, batch_size):
         calls.append((precision, memory_format, batch_size))
-        return lambda: 1.0
+        return lambda: (stepped.append((precision, memory_format)), 1.0)[1]
 
     seconds = {("32", "channels_last"): 1.0, ("32", "contiguous"): 2.0}  # a fake clock per step
     decision = bench.autotuned(cfg, 24, step_factory=fake_step_factory,
-                               timer=lambda step: (step(), seconds[calls[-1][:2]])[1])
+                               timer=lambda step: (step(), seconds[stepped[-1]])[1])
     assert (decision.precision, decision.memory_format, decision.source) == ("32", "channels_last", "measured")
     assert (cfg.trainer.precision, cfg.module.memory_format, cfg.data.batch_size) == ("32", "channels_last", 24)
     assert {c[2] for c in calls} == {24}  # measured at the benchmark's batch size

@@ -216,6 +216,7 @@ def _train(job: _Job) -> float | None:
     use_atomic_checkpoints(trainer)
     stopper = next(c for c in safety if isinstance(c, GracefulStop))
     _fit(job, trainer, module, datamodule, stopper)
+    autotune.check_run(tuned, trainer)  # steps far slower than the cached promise: measured again next run
     fitted = {**scalars(trainer.callback_metrics, ("train/",)), **scalars(trainer.callback_metrics, ("val/",))}
     if not fitted:  # a resume with nothing left to train (killed while testing): the checkpoint's figures
         fitted = next(c for c in safety if isinstance(c, FitMetrics)).restored
