@@ -76,12 +76,14 @@ class Settled:
 
 
 def settle(cfg: DictConfig, role: Role, run_dir: Path | None = None, resume: Resume | None = None,
-           trained: tuple[Path, dict[str, Any]] | None = None, **measure: Any) -> Settled:
+           trained: tuple[Path, dict[str, Any]] | None = None, train_images: int | None = None,
+           **measure: Any) -> Settled:
     """``cfg`` checked for ``role`` and decided, as a read-only copy (``cfg`` itself is left as it was).
 
     ``resume`` (a resume: :func:`cifar_lab.checkpoints.prepare_resume`, checked before the run directory is
     taken) and ``trained`` (evaluate: the checkpoint tested) give the saved precision and memory format, which
-    are kept. ``run_dir`` receives rank 0's decision for the other DDP ranks. ``measure`` goes to
+    are kept. ``run_dir`` receives rank 0's decision for the other DDP ranks. ``train_images``: the training
+    set's size where the role states it without reading the data (the bench: CIFAR-10's). ``measure`` goes to
     :func:`cifar_lab.autotune.decide` (a fake clock in tests).
     """
     final = copy.deepcopy(cfg)
@@ -94,7 +96,7 @@ def settle(cfg: DictConfig, role: Role, run_dir: Path | None = None, resume: Res
         raise ConfigError(f"ckpt_path={final.ckpt_path}: {role.name} does not resume a run; drop ckpt_path "
                           "(init_from=<checkpoint> starts from a checkpoint's weights)")
     _probe(final)
-    images = _training_images(final) if role.reads_training_set and rank_zero_only.rank == 0 else None
+    images = _training_images(final) if role.reads_training_set and rank_zero_only.rank == 0 else train_images
     saved = resume.config if resume else (trained[1].get("hyper_parameters") if trained else None)
     decision = autotune.decide(final, run_dir, saved, rank=rank_zero_only.rank, train_images=images, **measure)
     with open_dict(final):
