@@ -106,6 +106,7 @@ def settle(cfg: DictConfig, role: Role, run_dir: Path | None = None, resume: Res
 
 
 def _check_memory_format(cfg: DictConfig) -> None:
+    """Checked here, before the decision, against the module's own list (cifar_lab.module.MEMORY_FORMATS)."""
     value = str(OmegaConf.select(cfg, "module.memory_format", default=autotune.AUTO))
     if value != autotune.AUTO and value not in MEMORY_FORMATS:
         raise ConfigError(f"invalid config: module.memory_format={value}: must be auto or one of "

@@ -197,7 +197,6 @@ RULES: dict[str, Check] = {
     # the LightningModule
     "module.label_smoothing": number(0, 1, hi_open=True),
     "module.no_decay_norm_and_bias": BOOL,
-    "module.memory_format": one_of("auto", "channels_last", "contiguous"),
     "autotune.warmup": integer(0),
     "autotune.steps": integer(1),
     "autotune.give_up": number(1, lo_open=True),
