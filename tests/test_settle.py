@@ -164,11 +164,12 @@ def test_train_evaluate_and_the_finders_call_settle_once_and_record_its_choice(
     run_dir = tmp_path / "run"
     train.train(compose_cfg([*TINY, "trainer.max_epochs=1"], run_dir))
     evaluated = evaluate.run([f"ckpt_path={run_dir}"], tmp_path / "eval")
-    lr = tune.find_lr(compose_cfg([*TINY, "task_name=tune"], tmp_path / "lr"), tmp_path / "lr", 4, 1e-4, 1e-1)
+    lr = tune.find_lr(compose_cfg([*TINY, "task_name=tune"], tmp_path / "lr"), tmp_path / "lr", 20, 1e-4, 1e-1)
     size = tune.find_batch_size(compose_cfg([*TINY, "task_name=tune"], tmp_path / "bs"), tmp_path / "bs", 64.0,
                                 "linear", max_trials=2, steps=1)
     assert settles == ["train", "evaluate", "tune lr", "tune batch_size"]
-    assert len(decisions) == 3  # evaluate keeps the checkpoint's choices: decided, not measured, in the one call
+    assert len(decisions) == 4  # one decision per settle call
+    assert decisions[1]["resume_config"]["module"]["memory_format"] == "channels_last"  # evaluate: the checkpoint's
     for run in built:
         _uses_the_decision(run)
     trained = json.loads((run_dir / "metrics.json").read_text())
