@@ -107,7 +107,8 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
         f"scheduler {choices.get('scheduler', 'none')}",
         f"training      : {cfg.trainer.max_epochs} epochs, seed {cfg.seed}",
         f"device        : {device}",
-        f"precision     : {tuned.precision}, memory format {tuned.memory_format} ({tuned.source})",
+        f"precision     : {tuned.precision}, memory format {tuned.memory_format}, compile "
+        f"{str(OmegaConf.select(cfg, 'module.compile', default=False)).lower()} ({tuned.source})",
         f"full config   : {run_dir / 'config.yaml'} (print_config=true prints it here)",
     ]
     if os.environ.get("CIFAR_LAB_DATA"):

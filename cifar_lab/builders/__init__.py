@@ -5,6 +5,9 @@ Lightning refuses (a negative learning rate, an unknown precision, a dropout of 
 the run within seconds as one :class:`~cifar_lab.errors.ConfigError` that names the config
 node, its ``_target_`` and the library's own words (:func:`refused`). The schema
 (:mod:`cifar_lab.config.schema`) checks only what these constructors do not.
+
+They build from a settled config (:mod:`cifar_lab.builders.settle`: no ``auto`` left; an ``auto``
+is refused by name); :mod:`cifar_lab.builders.assemble` calls them for every command.
 """
 
 from __future__ import annotations
