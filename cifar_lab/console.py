@@ -108,8 +108,8 @@ def header(cfg: DictConfig, run_dir: Path, params: int, choices: dict[str, str],
         f"training      : {cfg.trainer.max_epochs} epochs, seed {cfg.seed}",
         f"device        : {device}",
         # where the choice came from: measured / cache / re-measured (why), with its margin
-        f"precision     : {tuned.precision}, memory format {tuned.memory_format} "
-        f"({getattr(tuned, 'label', tuned.source)})",
+        f"precision     : {tuned.precision}, memory format {tuned.memory_format}, compile "
+        f"{str(OmegaConf.select(cfg, 'module.compile', default=False)).lower()} ({getattr(tuned, 'label', tuned.source)})",
         f"full config   : {run_dir / 'config.yaml'} (print_config=true prints it here)",
     ]
     if os.environ.get("CIFAR_LAB_DATA"):

@@ -123,31 +123,31 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: float = 0.0,
         no_decay_norm_and_bias: bool = False,
         memory_format: str = "channels_last",
-        compile: bool | str = False,
+        compile: bool = False,
         compile_mode: str | None = None,
         hparams: dict[str, Any] | None = None,
         run_overrides: list[str] | None = None,
         distill: dict[str, Any] | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(f"scheduler.interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
-        if memory_format != "auto" and memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"module.memory_format must be auto or one of {tuple(MEMORY_FORMATS)}, "
-                             f"got {memory_format!r}")
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"module.memory_format must be one of {tuple(MEMORY_FORMATS)} (auto is decided before "
+                             f"the module is built), got {memory_format!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"module.compile must be true or false (auto is decided before the module is built), "
+                             f"got {compile!r}")
         # The composed run config goes into the checkpoint and TensorBoard's HPARAMS tab.
         self.save_hyperparameters(hparams or {}, logger=False)
         self.run_overrides = list(run_overrides or [])
-        self.net = net
-        self.memory_format = "auto"  # until set_memory_format: measured by cifar_lab.autotune
-        self.channels_last = False
-        if memory_format != "auto":
-            self.set_memory_format(memory_format)
-        self.compile_mode = compile_mode
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"module.compile must be true, false or auto, got {compile!r}")
-        if compile is True:  # auto: decided by cifar_lab.autotune, then set_compile
-            self.set_compile(True)
+        self.net = net.to(memory_format=MEMORY_FORMATS[memory_format])
+        self.memory_format = memory_format
+        self.channels_last = memory_format == "channels_last"
+        if compile:
+            # in place (nn.Module.compile): the state_dict keeps one copy of each parameter under net.*
+            self.net.compile(mode=compile_mode)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -156,10 +156,12 @@ class ClassifierModule(L.LightningModule):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.no_decay_norm_and_bias = no_decay_norm_and_bias
-        # knowledge distillation: {teacher, temperature, weight}; the teacher network is attached by
-        # set_teacher (cifar_lab.builders.build_teacher) and is not part of this module's state
+        # knowledge distillation: {teacher, temperature, weight}; the teacher network
+        # (cifar_lab.builders.build_teacher) is frozen and not part of this module's state
         self.distill = dict(distill or {})
-        self._teacher: tuple[nn.Module, ...] = ()
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self._teacher: tuple[nn.Module, ...] = (teacher,) if teacher is not None else ()
 
         top5 = min(5, num_classes)
         self.train_totals = EpochTotals(top5)  # training: sums in place (EpochTotals says why)
@@ -180,41 +182,15 @@ class ClassifierModule(L.LightningModule):
         """The frozen network this module distils from (None: no distillation)."""
         return self._teacher[0] if self._teacher else None
 
-    def set_teacher(self, teacher: nn.Module | None) -> None:
-        """Distil from ``teacher`` (kept out of the state_dict: checkpoints hold the student only)."""
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
-        self._teacher = (teacher,) if teacher is not None else ()
-
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def set_compile(self, compile: bool) -> None:
-        """Compile the network's forward in place (nn.Module.compile): the state_dict keeps one copy of
-        each parameter under net.* (torch.compile(net) would register a second module holding them)."""
-        if compile:
-            self.net.compile(mode=self.compile_mode)
-
-    def set_memory_format(self, memory_format: str) -> None:
-        """Lay the network (and, through the datamodule, its input batches) out as ``memory_format``."""
-        self.net.to(memory_format=MEMORY_FORMATS[memory_format])
-        self.memory_format = memory_format
-        self.channels_last = memory_format == "channels_last"
-        if isinstance(self.hparams.get("module"), dict):
-            self.hparams["module"]["memory_format"] = memory_format  # the checkpoint records the choice
-
-    def setup(self, stage: str) -> None:
-        # The datamodule's normalisation writes batches in the layout the network reads.
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "channels_last"):
-            datamodule.channels_last = self.channels_last
-
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
         if self.distill.get("teacher") and self.teacher is None:
-            raise RuntimeError("module.distill.teacher is set but no teacher network was attached (set_teacher)")
+            raise RuntimeError("module.distill.teacher is set but no teacher network was built (builders.build_teacher)")
         if self.teacher is not None:
             self.teacher.to(self.device).eval()
 

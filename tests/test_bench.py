@@ -187,13 +187,16 @@ def test_autotuned_writes_a_concrete_choice(tmp_path: Path, monkeypatch) -> None
         return lambda: (stepped.append((precision, memory_format)), 1.0)[1]
 
     seconds = {("32", "channels_last"): 1.0, ("32", "contiguous"): 2.0}  # a fake clock per step
-    decision = bench.autotuned(cfg, 24, step_factory=fake_step_factory,
-                               timer=lambda step: (step(), seconds[stepped[-1]])[1])
+    settled = bench.autotuned(cfg, 24, step_factory=fake_step_factory,
+                              timer=lambda step: (step(), seconds[stepped[-1]])[1])
+    decision = settled.decision
     assert (decision.precision, decision.memory_format, decision.source) == ("32", "channels_last", "measured")
-    assert (cfg.trainer.precision, cfg.module.memory_format, cfg.data.batch_size) == ("32", "channels_last", 24)
+    final = settled.cfg
+    assert (final.trainer.precision, final.module.memory_format, final.data.batch_size) == ("32", "channels_last", 24)
+    assert final.module.compile is False and cfg.module.memory_format == "auto"  # the composed config is left as it was
     assert {c[2] for c in calls} == {24}  # measured at the benchmark's batch size
     again = bench.autotuned(bench.compose(["data=synthetic", "model=simple_cnn", "trainer.precision=32"]), 24)
-    assert again.source == "cache" and again.memory_format == "channels_last"  # the user's cache is read
+    assert again.decision.source == "cache" and again.cfg.module.memory_format == "channels_last"  # the user's cache
 
 
 @pytest.mark.slow
@@ -268,7 +271,7 @@ def test_speedrun_with_data_path_counts_the_image_size_its_batches_had(tmp_path:
 def test_lab_batches_are_those_of_the_runs_last_epoch() -> None:
     """The speedrun trains at 24 px in epochs 0-2 and at 32 px from epoch 3: the bench's batches are 32 px,
     the size the reference trains at."""
-    cfg = bench.compose(["data=synthetic", *bench.model_overrides("speedrun_net")])
+    cfg = bench.compose(["data=synthetic", *bench.model_overrides("speedrun_net"), "module.memory_format=contiguous"])
     dm = bench.lab_datamodule(cfg, 8)
     assert dm.trainer.current_epoch == cfg.trainer.max_epochs - 1 > 2
     x, _ = next(bench.lab_batches(dm, torch.device("cpu")))

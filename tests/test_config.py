@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from cifar_lab import autotune, builders
+from cifar_lab import builders
+from cifar_lab.builders.assemble import assemble
+from cifar_lab.builders.settle import TRAIN, settle
 from cifar_lab.errors import ConfigError
 from conftest import CONF, compose_cfg
 
@@ -47,23 +49,19 @@ def test_option_composes(group: str, option: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_default_composition_builds_every_object(tmp_path: Path) -> None:
     cfg = compose_cfg(["data=synthetic", "model=simple_cnn", "trainer=cpu", "data.batch_size=16"], tmp_path)
-    dm = builders.build_datamodule(cfg)
-    module = builders.build_module(cfg)
-    assert module.memory_format == "auto"  # undecided until measured
-    with pytest.raises(ConfigError, match="trainer.precision=auto is decided before the Trainer is built"):
-        builders.build_trainer(cfg, [], [])
-    decision = autotune.decide(cfg)  # the defaults, measured
-    module.set_memory_format(decision.memory_format)
-    callbacks = builders.build_callbacks(cfg)
-    loggers = builders.build_loggers(cfg)
-    trainer = builders.build_trainer(cfg, callbacks, loggers)
-    assert dm.batch_size == cfg.data.batch_size and module.num_classes == 10
-    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "LearningRateMonitor"}
-    assert trainer.max_epochs == cfg.trainer.max_epochs
+    for build in (builders.build_datamodule, builders.build_module, lambda c: builders.build_trainer(c, [], [])):
+        with pytest.raises(ConfigError, match="=auto is decided before anything is built"):
+            build(cfg)  # undecided until settled
+    run = assemble(settle(cfg, TRAIN, tmp_path), tmp_path, tmp_path / "checkpoints")  # the defaults, measured
+    cfg = run.settled.cfg
+    assert run.datamodule.batch_size == cfg.data.batch_size and run.module.num_classes == 10
+    assert run.module.memory_format == cfg.module.memory_format != "auto"
+    assert {type(c).__name__ for c in run.callbacks} >= {"ModelCheckpoint", "LearningRateMonitor"}
+    assert run.trainer.max_epochs == cfg.trainer.max_epochs
 
 
 def test_num_classes_flows_from_data_to_model(tmp_path: Path) -> None:
-    cfg = compose_cfg(["data=cifar100", "model=simple_cnn"], tmp_path)
+    cfg = compose_cfg(["data=cifar100", "model=simple_cnn", "module.memory_format=contiguous"], tmp_path)
     import torch
 
     module = builders.build_module(cfg)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cifar_lab.config.saved import load_yaml, plain_config
@@ -125,12 +125,9 @@ def _first_line(text: Any) -> str:
     return ""
 
 
-def read_run(metrics_file: Path, label: str) -> Run:
-    summary = json.loads(metrics_file.read_text())
-    if not isinstance(summary, dict):
-        raise ValueError("not a JSON object")
-    run_dir = metrics_file.parent
-    cfg: dict[str, Any] = {}
+def _saved_config(run_dir: Path) -> tuple[Any, DictConfig]:
+    """The run's saved config as plain data, and as an OmegaConf node for dotted look-ups."""
+    cfg: Any = {}
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         # A sweep job that failed before training started has only Hydra's copy of its config.
@@ -141,13 +138,21 @@ def read_run(metrics_file: Path, label: str) -> Run:
         except UserError as err:
             log.warning("%s: %s; its config is not shown", config_file, err)
             cfg = {}
-    # The config as an OmegaConf node, made once for the dotted look-ups below. Any YAML
-    # value (a date, say) is kept as it is; a file that is not a mapping, or has keys
-    # OmegaConf does not take, has nothing to look up.
+    # Made once for the dotted look-ups. Any YAML value (a date, say) is kept as it is; a file that is not a
+    # mapping, or has keys OmegaConf does not take, has nothing to look up.
     try:
         conf = OmegaConf.create(cfg if isinstance(cfg, dict) else {}, flags={"allow_objects": True})
     except OmegaConfBaseException:
         conf = OmegaConf.create({})
+    return cfg, conf
+
+
+def read_run(metrics_file: Path, label: str) -> Run:
+    summary = json.loads(metrics_file.read_text())
+    if not isinstance(summary, dict):
+        raise ValueError("not a JSON object")
+    run_dir = metrics_file.parent
+    cfg, conf = _saved_config(run_dir)
 
     def select(dotted: str) -> Any:
         """The value at ``dotted`` (e.g. ``optimizer.lr``); None when any part is missing."""

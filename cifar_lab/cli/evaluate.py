@@ -29,16 +29,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifar_lab import autotune, builders, checkpoints
+from cifar_lab import checkpoints
+from cifar_lab.builders.assemble import Assembly, assemble
+from cifar_lab.builders.settle import EVALUATE, runtime_record, settle
 from cifar_lab.deploy import robustness
 from cifar_lab.deploy.corruptions import SEVERITIES, check_corruptions
 from cifar_lab.deploy.robustness import corruption_accuracy
-from cifar_lab.callbacks.tta import TTACallback, as_tested, replace_run_tta
+from cifar_lab.callbacks.tta import as_tested
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.config.schema import check_tta
 from cifar_lab.models import trainable_params
@@ -94,68 +95,88 @@ def _is_evaluation(run_dir: Path) -> bool:
 
 def _evaluate(cfg: DictConfig, ckpt_file: Path, checkpoint: dict[str, Any], config_source: str, run_dir: Path,
               start: float) -> dict[str, Any]:
+    """Settle, assemble, test (and measure robustness), report."""
+    _check_evaluation_options(cfg)
+    settled = settle(cfg, EVALUATE, trained=(ckpt_file, checkpoint))
+    cfg = settled.cfg
     if rank_zero_only.rank == 0:
         print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
         log.info("evaluating %s with the config from %s", ckpt_file, config_source)
+        print(_runtime_line(settled), flush=True)
     L.seed_everything(cfg.seed, workers=True)
+    run = assemble(settled, run_dir)
+    try:
+        run.trainer.test(run.module, datamodule=run.datamodule)
+    except SystemExit:  # Lightning exits with status 1 after Ctrl-C: the command's own code is 130
+        if run.trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    robust = _robustness(cfg, run.trainer, run.module, run.datamodule, run_dir) if cfg.get("robustness") else None
+    summary = _summary(run, ckpt_file, checkpoint, config_source, robust, start)
+    if run.trainer.is_global_zero:
+        _write_results(run, summary, ckpt_file, checkpoint, robust)
+    return summary
+
+
+def _check_evaluation_options(cfg: DictConfig) -> None:
+    """evaluate's own keys (tta.*, corruption.*), before any work."""
     check_tta(cfg.get("tta"), int(OmegaConf.select(cfg, "data.source.image_size", default=32) or 32))
     if cfg.get("robustness"):  # a bad corruption name stops the job before the test runs
         check_corruptions((cfg.get("corruption") or {}).get("names", "all"),
                           list((cfg.get("corruption") or {}).get("severities", SEVERITIES)))
         robustness.check_max_images((cfg.get("corruption") or {}).get("max_images"))
 
-    datamodule = builders.build_datamodule(cfg)
-    if rank_zero_only.rank == 0:
-        datamodule.prepare_data()
-    module = builders.build_module(cfg)
-    # auto precision / memory format: the values the checkpoint was trained with (else measured)
-    tuned = autotune.decide(cfg, None, checkpoint.get("hyper_parameters"), rank=rank_zero_only.rank)
-    module.set_memory_format(tuned.memory_format)
-    checkpoints.load_network_weights(module.net, checkpoint, ckpt_file)
-    callbacks = _with_requested_tta(cfg, builders.build_callbacks(cfg))
-    tta = cfg.get("tta") or {}
-    loggers = builders.build_loggers(cfg)
-    trainer = builders.build_trainer(cfg, callbacks, loggers)
-    try:
-        trainer.test(module, datamodule=datamodule)
-    except SystemExit:  # Lightning exits with status 1 after Ctrl-C: the command's own code is 130
-        if trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
-    robust = _robustness(cfg, trainer, module, datamodule, run_dir) if cfg.get("robustness") else None
 
+def _runtime_line(settled: Any) -> str:
+    record = runtime_record(settled)
+    return (f"precision {record['precision']}, memory format {record['memory_format']}, compile "
+            f"{str(record['compile']).lower()} ({settled.decision.source})")
+
+
+def _summary(run: Assembly, ckpt_file: Path, checkpoint: dict[str, Any], config_source: str,
+             robust: dict[str, Any] | None, start: float) -> dict[str, Any]:
+    """metrics.json's content."""
+    cfg, trainer = run.settled.cfg, run.trainer
+    tta = cfg.get("tta") or {}
     trained = _training_summary(ckpt_file)
-    summary = {
+    return {
         "task": "evaluate",
-        "run_dir": str(run_dir),
+        "run_dir": str(cfg.paths.output_dir),
         "ckpt_path": str(ckpt_file),
         "train_run_dir": str(trained.get("run_dir") or checkpoints.run_dir_of_checkpoint(ckpt_file) or ""),
         "config_source": config_source,
         "model": trained.get("model") or str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1],
         "choices": trained.get("choices", {}),
-        "params": trainable_params(module.net),
-        "data": data_record(_data_choice(cfg), {"test": datamodule.splits["test"]}),
+        "params": trainable_params(run.module.net),
+        "data": data_record(_data_choice(cfg), {"test": run.datamodule.splits["test"]}),
         "epochs": int(checkpoint.get("epoch", -1)) + 1,
         "global_step": int(checkpoint.get("global_step", 0)),
         "seed": cfg.seed,
         "tta": OmegaConf.to_container(cfg.tta, resolve=True) if tta.get("enabled", False) else None,
+        **runtime_record(run.settled),
         "metrics": scalars(trainer.callback_metrics, ("test/",)),
         "robustness": {k: robust[k] for k in ("clean_acc", "mean_corruption_acc", "mean_relative_drop")
                        } if robust else None,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
-    if trainer.is_global_zero:
-        write_summary(run_dir, summary)
-        training, _ = checkpoints.saved_overrides(ckpt_file, checkpoint)
-        evaluation = [f"ckpt_path={ckpt_file}", *(["robustness=true"] if robust else [])]
-        card_for_run(run_dir, cfg, module.net, datamodule, trainer, choices={"model": summary["model"],
-                     **summary["choices"]}, overrides=training or [],
-                     wall_time_s=trained.get("wall_time_total_s", trained.get("wall_time_s")),
-                     checkpoint=str(ckpt_file), robustness=robust, recorded=summary,
-                     command=command_line("python train.py", training or []) + "\n"
-                     + command_line("python -m cifar_lab.evaluate", evaluation))
-        print(f"Run directory: {run_dir}")
-    return summary
+
+
+def _write_results(run: Assembly, summary: dict[str, Any], ckpt_file: Path, checkpoint: dict[str, Any],
+                   robust: dict[str, Any] | None) -> None:
+    """metrics.json and MODEL_CARD.md in the evaluation's directory (rank 0)."""
+    cfg = run.settled.cfg
+    run_dir = Path(cfg.paths.output_dir)
+    write_summary(run_dir, summary)
+    training, _ = checkpoints.saved_overrides(ckpt_file, checkpoint)
+    trained = _training_summary(ckpt_file)
+    evaluation = [f"ckpt_path={ckpt_file}", *(["robustness=true"] if robust else [])]
+    card_for_run(run_dir, cfg, run.module.net, run.datamodule, run.trainer, choices={"model": summary["model"],
+                 **summary["choices"]}, overrides=training or [],
+                 wall_time_s=trained.get("wall_time_total_s", trained.get("wall_time_s")),
+                 checkpoint=str(ckpt_file), robustness=robust, recorded=summary,
+                 command=command_line("python train.py", training or []) + "\n"
+                 + command_line("python -m cifar_lab.evaluate", evaluation))
+    print(f"Run directory: {run_dir}")
 
 
 def _data_choice(cfg: DictConfig) -> str:
@@ -167,22 +188,6 @@ def _data_choice(cfg: DictConfig) -> str:
     except ValueError:
         choice = None
     return str(choice or str(OmegaConf.select(cfg, "data.source._target_", default="")).rsplit(".", 1)[-1])
-
-
-def _with_requested_tta(cfg: DictConfig, callbacks: list) -> list:
-    """``tta.enabled=true`` adds evaluate's TTA; it replaces the run's own TTA layer (one layer, never stacked)."""
-    tta = cfg.get("tta") or {}
-    if not tta.get("enabled", False):
-        return callbacks
-    shifts = tta.get("shifts")
-    requested = TTACallback(flip=bool(tta.get("flip", True)), translate=int(tta.get("translate", 0)),
-                            shifts=OmegaConf.to_container(shifts) if shifts is not None else None,
-                            padding_mode=str(tta.get("padding_mode", "reflect")), stages=("test",))
-    callbacks, replaced = replace_run_tta(callbacks, requested)
-    if replaced and rank_zero_only.rank == 0:
-        print(f"tta: evaluate's {len(requested.views)} views (tta.*) replace the run's own test-time augmentation "
-              f"({'; '.join(c.describe() for c in replaced)}): one layer, never stacked", flush=True)
-    return callbacks
 
 
 def _robustness(cfg: DictConfig, trainer: L.Trainer, module: Any, datamodule: Any, run_dir: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Training: validate, seed, build, fit, test the best checkpoint, write metrics.json.
+"""Training: settle the config, assemble the run, fit, test the best checkpoint, report (metrics.json).
 
 ``train(cfg)`` raises the errors a user can fix as one-message exceptions
 (:mod:`cifar_lab.errors`): a bad config value, a checkpoint that does not fit the config or
@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import hydra
@@ -28,14 +28,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_lab import autotune, builders
+from cifar_lab.builders.assemble import Assembly, assemble
+from cifar_lab.builders.settle import RESUME, SWEEP_TRIAL, TRAIN, Role, runtime_record, settle
 from cifar_lab.callbacks import wandb_run
-from cifar_lab.callbacks.checkpoint_state import CheckpointStateGuard
 from cifar_lab.callbacks.compute import TrainingCompute
 from cifar_lab.callbacks.estimate import RunEstimate
 from cifar_lab.callbacks.peers import peer_lost_error
-from cifar_lab.callbacks.safety import FitMetrics, GracefulStop, safety_callbacks, use_atomic_checkpoints
-from cifar_lab.checkpoints import Resume, load_weights_from, prepare_resume
-from cifar_lab.config.schema import validate_config
+from cifar_lab.callbacks.safety import FitMetrics, GracefulStop
+from cifar_lab.checkpoints import Resume, prepare_resume
 from cifar_lab import console
 from cifar_lab.runs.summary import data_record, scalars, write_summary
 from cifar_lab.runs.tags import notes_of, tags_of
@@ -82,7 +82,6 @@ def _quiet_other_ranks() -> None:
 def train(cfg: DictConfig) -> float | None:
     """Run one training job as configured; return the metric named by ``optimized_metric``."""
     start = time.perf_counter()
-    validate_config(cfg)
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError("ckpt_path and init_from exclude each other: ckpt_path resumes a run (optimizer and "
                           "schedule included), init_from starts a new run from a checkpoint's weights only")
@@ -102,11 +101,15 @@ def train(cfg: DictConfig) -> float | None:
     if lock is not None and (resume is not None or continued):
         remove_stale_temp_files(run_dir)  # half-written files of a killed process (its writes were atomic)
     try:
-        return _train(_Job(cfg, run_dir, resume, start))
+        return _train(_Job(cfg, run_dir, resume, start, _role(resume)))
     finally:
         wandb_run.finish()  # logger=wandb: the next job of a sweep gets a run of its own
         if lock is not None:
             lock.release()
+
+
+def _role(resume: Resume | None) -> Role:
+    return RESUME if resume is not None else SWEEP_TRIAL if in_multirun() else TRAIN
 
 
 def _continue_restarted_job(cfg: DictConfig) -> None:
@@ -156,6 +159,7 @@ class _Job:
     run_dir: Path
     resume: Resume | None
     start: float
+    role: Role
 
     def last_good(self) -> str | None:
         """This run's last.ckpt, else its newest checkpoint, else the checkpoint it resumed from."""
@@ -194,87 +198,48 @@ class _Job:
 
 
 def _train(job: _Job) -> float | None:
-    """The steps of a run: build (cheap, validated), record, read data, fit, test, summarise."""
+    """Settle, assemble, fit, test, report."""
     _quiet_other_ranks()
+    settled = settle(job.cfg, job.role, job.run_dir, resume=job.resume)
+    job = replace(job, cfg=settled.cfg)  # the run's config from here on: final, read-only
     L.seed_everything(job.cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
-    module = builders.build_module(job.cfg)  # cheap: a value torch or Lightning refuses stops the run in seconds
-    builders.check_trainer(job.cfg)
-    datamodule = _datamodule(job.cfg)  # missing data or a batch larger than the data stop it before any work
-    tuned = _tune(job, module, datamodule)
-    safety = safety_callbacks(checkpoint_dir_of(job.cfg))
-    loggers = builders.build_loggers(job.cfg)
-    # every run counts its compute (metrics.json `compute`), whatever callbacks the config chose, and
-    # a resume restores no callback state that names a path outside the run's checkpoint folder
-    guards = [TrainingCompute(), CheckpointStateGuard(checkpoint_dir_of(job.cfg), job.resume.path if job.resume else None)]
-    trainer = builders.build_trainer(job.cfg, builders.build_callbacks(job.cfg) + safety + guards, loggers)
+    run = assemble(settled, job.run_dir, checkpoint_dir_of(job.cfg))
     if rank_zero_only.rank == 0:
-        _record_start(job, module, tuned, loggers)
+        _record_start(job, run)
     for warning in job.resume.warnings if job.resume else []:
         log.warning("resuming from %s: %s", job.resume.path, warning)
     if job.cfg.get("reuse_host_memory", False):
         keep_freed_memory()
-    use_atomic_checkpoints(trainer)
-    stopper = next(c for c in safety if isinstance(c, GracefulStop))
-    _fit(job, trainer, module, datamodule, stopper)
-    autotune.check_run(tuned, trainer)  # steps far slower than the cached promise: measured again next run
-    fitted = {**scalars(trainer.callback_metrics, ("train/",)), **scalars(trainer.callback_metrics, ("val/",))}
+    _fit(job, run)
+    autotune.check_run(run.settled.decision, run.trainer)  # steps far slower than the cached promise: measured again next run
+    fitted = {**scalars(run.trainer.callback_metrics, ("train/",)), **scalars(run.trainer.callback_metrics, ("val/",))}
     if not fitted:  # a resume with nothing left to train (killed while testing): the checkpoint's figures
-        fitted = next(c for c in safety if isinstance(c, FitMetrics)).restored
-    best_ckpt = _test(job, trainer, module, datamodule, stopper) if job.cfg.get("test", True) else ""
-    metrics = {**fitted, **scalars(trainer.callback_metrics, ("test/",))}
-    summary = _summary(job, trainer, module, tuned, metrics, best_ckpt)
-    if trainer.is_global_zero:
-        _write_results(job, summary, module, datamodule, trainer)
+        fitted = next(c for c in run.callbacks if isinstance(c, FitMetrics)).restored
+    best_ckpt = _test(job, run) if job.cfg.get("test", True) else ""
+    metrics = {**fitted, **scalars(run.trainer.callback_metrics, ("test/",))}
+    summary = _summary(job, run, metrics, best_ckpt)
+    if run.trainer.is_global_zero:
+        _write_results(job, summary, run)
     return _objective(job.cfg, metrics)
 
 
-def _tune(job: _Job, module: Any, datamodule: Any) -> autotune.Decision:
-    """`auto` precision, memory format and compilation (measured or cached), applied to the module;
-    init_from's weights; a distillation teacher."""
-    cfg = job.cfg
-    tuned = autotune.decide(cfg, job.run_dir, job.resume.config if job.resume else None, rank=rank_zero_only.rank,
-                            train_images=len(datamodule.splits["train"][0]) if datamodule.splits else None)
-    module.set_memory_format(tuned.memory_format)
-    if tuned.compile is not None:
-        module.set_compile(tuned.compile)
-    if isinstance(module.hparams.get("trainer"), dict):
-        module.hparams["trainer"]["precision"] = tuned.precision  # the checkpoint records the choice
-    if tuned.compile is not None and isinstance(module.hparams.get("module"), dict):
-        module.hparams["module"]["compile"] = tuned.compile
-    if cfg.get("init_from"):
-        load_weights_from(cfg.init_from, module.net, cfg)
-    module.set_teacher(builders.build_teacher(cfg))
-    return tuned
-
-
-def _record_start(job: _Job, module: Any, tuned: autotune.Decision, loggers: list) -> None:
-    """The run directory's .hydra files and config.yaml, the console header, the autotune table."""
-    cfg, run_dir = job.cfg, job.run_dir
+def _record_start(job: _Job, run: Assembly) -> None:
+    """The run directory's .hydra files and config.yaml (the settled config), the console header, the autotune
+    table."""
+    cfg, run_dir, tuned = job.cfg, job.run_dir, run.settled.decision
     save_hydra_files(run_dir, cfg)
     print_and_save(cfg, run_dir, print_tree=bool(cfg.get("print_config", False)))
-    print(console.header(cfg, run_dir, trainable_params(module.net), _choices(), builders.task_overrides(), tuned),
-          flush=True)
+    print(console.header(cfg, run_dir, trainable_params(run.module.net), _choices(), builders.task_overrides(),
+                         tuned), flush=True)
     if tuned.source == "measured":
         log.info("%s", autotune.format_table(tuned))
-    autotune.log_to_tensorboard(loggers, tuned)
+    autotune.log_to_tensorboard(run.loggers, tuned)
 
 
-def _datamodule(cfg: DictConfig) -> Any:
-    datamodule = builders.build_datamodule(cfg)
-    if rank_zero_only.rank == 0:
-        # Fail on missing data before anything expensive runs (other DDP ranks wait in fit), and
-        # on a batch larger than the training set before autotune times one.
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        images = len(datamodule.splits["train"][0])
-        if int(cfg.data.batch_size) > images:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({images} "
-                              f"images); choose data.batch_size <= {images}")
-    return datamodule
-
-
-def _fit(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: GracefulStop) -> None:
+def _fit(job: _Job, run: Assembly) -> None:
     """``trainer.fit``; a full disk, SIGTERM or a second Ctrl-C become one message naming the last checkpoint."""
+    trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    stopper = next(c for c in run.callbacks if isinstance(c, GracefulStop))
     try:
         with job.disk_full_as_error(), job.peer_lost_as_error(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=job.resume.path if job.resume else None,
@@ -287,8 +252,10 @@ def _fit(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: G
         raise stopper.interrupted(job.run_dir, fallback=job.last_good()) from None
 
 
-def _test(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: GracefulStop) -> str:
+def _test(job: _Job, run: Assembly) -> str:
     """Test the best checkpoint (else the current weights); return its path ("" for the current weights)."""
+    trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    stopper = next(c for c in run.callbacks if isinstance(c, GracefulStop))
     checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
     best_ckpt = checkpoint.best_model_path if checkpoint else ""
     if not best_ckpt:
@@ -304,9 +271,9 @@ def _test(job: _Job, trainer: L.Trainer, module: Any, datamodule: Any, stopper: 
     return best_ckpt
 
 
-def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decision, metrics: dict[str, float],
-             best_ckpt: str) -> dict[str, Any]:
+def _summary(job: _Job, run: Assembly, metrics: dict[str, float], best_ckpt: str) -> dict[str, Any]:
     """metrics.json's content."""
+    trainer, module = run.trainer, run.module
     wall_time = time.perf_counter() - job.start
     return {
         "run_dir": str(job.run_dir),  # where it ran (information only: paths below are relative to it)
@@ -321,9 +288,8 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
         "seed": job.cfg.seed,
         "tags": tags_of(job.cfg),
         "notes": notes_of(job.cfg),
-        "precision": tuned.precision,
-        "memory_format": tuned.memory_format,
-        "autotune": tuned.record(),
+        "role": job.role.name,
+        **runtime_record(run.settled),
         "metrics": metrics,
         # training FLOPs (all segments of a resumed run) and test FLOPs (TTA views included)
         "compute": _compute_record(trainer),
@@ -336,9 +302,10 @@ def _summary(job: _Job, trainer: L.Trainer, module: Any, tuned: autotune.Decisio
     }
 
 
-def _write_results(job: _Job, summary: dict[str, Any], module: Any, datamodule: Any, trainer: L.Trainer) -> None:
+def _write_results(job: _Job, summary: dict[str, Any], run: Assembly) -> None:
     """metrics.json and MODEL_CARD.md in the run directory (rank 0)."""
-    card_for_run(job.run_dir, job.cfg, module.net, datamodule, trainer, choices=_choices(),
+    trainer = run.trainer
+    card_for_run(job.run_dir, job.cfg, run.module.net, run.datamodule, trainer, choices=_choices(),
                  overrides=builders.task_overrides(), wall_time_s=summary["wall_time_total_s"],
                  checkpoint=summary["best_ckpt"], tested=bool(job.cfg.get("test", True)), recorded=summary)
     # metrics.json last: a run directory holding it is complete, and a run killed before it resumes

@@ -8,6 +8,11 @@ precision and the callbacks that change training, e.g. whitening), train a few s
 directory of their own (``logs/tune/runs/<time>/``) and print the override to use; neither
 changes a config file or the run directories of ``train.py``.
 
+The config is settled as ``train.py`` settles it (``auto`` precision, memory format and compilation
+decided, printed and recorded in the finder's JSON); ``init_from=<checkpoint>`` starts the finder
+from that checkpoint's weights (the network a fine-tuning run starts from), and ``ckpt_path`` is
+refused (a finder resumes no run).
+
 ``lr``: Lightning's learning-rate range test (``Tuner.lr_find``): the rate grows exponentially
 from ``--min-lr`` to ``--max-lr`` over ``--steps`` training steps, and the suggestion is the rate
 of the steepest descent of the (smoothed) loss. ``lr_find.png`` (loss against rate, suggestion
@@ -34,44 +39,30 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 import torch
 from lightning.pytorch.tuner import Tuner
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from cifar_lab import autotune, builders
+from cifar_lab.builders.assemble import assemble
+from cifar_lab.builders.settle import TUNE_BATCH_SIZE, TUNE_LR, Role, Settled, runtime_record, settle
 from cifar_lab.callbacks.memory_budget import MemoryBudget, OverBudget, supported
-from cifar_lab.callbacks.reports import ClassificationReport
-from cifar_lab.callbacks.tta import TTACallback
 from cifar_lab.config.compose import hydra_job
-from cifar_lab.config.schema import validate_config
 from cifar_lab.errors import ConfigError, InputError
 from cifar_lab.cli.exits import exit_on_user_error
 
-# Callbacks that only report or save (the finders train a few steps in their own directory)
-REPORTING = (ModelCheckpoint, LearningRateMonitor, ProgressBar, ModelSummary, EarlyStopping, ClassificationReport,
-             TTACallback)
 RULES = ("linear", "sqrt")
 
 
-def _build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, L.Trainer]:
-    """Module, datamodule and trainer as ``train.py`` builds them, minus reporting, checkpoints and loggers."""
-    validate_config(cfg)
-    L.seed_everything(cfg.seed, verbose=False)
-    module = builders.build_module(cfg)
-    tuned = autotune.decide(cfg, run_dir)
-    module.set_memory_format(tuned.memory_format)
-    module.set_teacher(builders.build_teacher(cfg))
-    callbacks = [c for c in builders.build_callbacks(cfg) if not isinstance(c, REPORTING)]
-    with open_dict(cfg):
-        cfg.trainer.enable_checkpointing = False
-        cfg.trainer.enable_model_summary = False
-        cfg.trainer.default_root_dir = str(run_dir)  # where the tuner keeps its temporary checkpoint
-    trainer = builders.build_trainer(cfg, callbacks, [])
-    datamodule = builders.build_datamodule(cfg)
-    datamodule.prepare_data()
+def _settled(cfg: DictConfig, role: Role, run_dir: Path) -> Settled:
+    """The config settled as ``train.py`` settles it (a finder starts from init_from's weights where given),
+    its choices printed and recorded in the finder's JSON."""
+    settled = settle(cfg, role, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return module, datamodule, trainer
+    record = runtime_record(settled)
+    print(f"{role.name}: precision {record['precision']}, memory format {record['memory_format']}, compile "
+          f"{str(record['compile']).lower()} ({settled.decision.source})", flush=True)
+    L.seed_everything(settled.cfg.seed, verbose=False)
+    return settled
 
 
 def find_lr(cfg: DictConfig, run_dir: Path, steps: int, min_lr: float, max_lr: float) -> dict[str, Any]:
@@ -82,12 +73,11 @@ def find_lr(cfg: DictConfig, run_dir: Path, steps: int, min_lr: float, max_lr: f
     or stops by time is refused before any step.
     """
     _refuse_finder_limits(cfg)
-    module, datamodule, trainer = _build(cfg, run_dir)
+    settled = _settled(cfg, TUNE_LR, run_dir)
     # --steps bounds the test: epochs (of limit_train_batches batches each) follow one another until then
-    trainer.fit_loop.max_epochs, trainer.fit_loop.min_epochs = -1, None
-    trainer.limit_val_batches, trainer.num_sanity_val_steps = 0, 0
-    finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
-                                    num_training=steps, update_attr=False)
+    run = assemble(settled, run_dir, max_epochs=-1, min_epochs=None, limit_val_batches=0, num_sanity_val_steps=0)
+    finder = Tuner(run.trainer).lr_find(run.module, datamodule=run.datamodule, min_lr=min_lr, max_lr=max_lr,
+                                        num_training=steps, update_attr=False)
     if finder is None:
         raise ConfigError("the learning-rate range test did not run (fast_dev_run?); drop debug=fast_dev_run")
     suggestion = finder.suggestion()
@@ -104,6 +94,7 @@ def find_lr(cfg: DictConfig, run_dir: Path, steps: int, min_lr: float, max_lr: f
     fig.axes[0].set_title(f"Learning-rate range test ({steps} steps): suggested {suggestion:.3g}")
     fig.savefig(run_dir / "lr_find.png", dpi=100, bbox_inches="tight")
     result = {"suggestion": suggestion, "configured_lr": OmegaConf.select(cfg, "optimizer.lr"),
+              **runtime_record(settled),
               "steps": steps, "min_lr": min_lr, "max_lr": max_lr, "lr": finder.results["lr"],
               "loss": finder.results["loss"]}
     (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2))
@@ -134,15 +125,11 @@ def _default_budget_gb() -> float:
     return int(found.group(1)) / 2**20 / 2
 
 
-def _trial(cfg: DictConfig, module: Any, datamodule: Any, callbacks: list, size: int, steps: int) -> None:
-    """``steps`` training steps at batch ``size`` with a fresh trainer (no validation)."""
-    datamodule.batch_size = size
-    trial = cfg.copy()
-    with open_dict(trial):
-        trial.trainer.update(max_epochs=1, max_steps=steps, limit_train_batches=steps, limit_val_batches=0,
-                             num_sanity_val_steps=0, enable_progress_bar=False)
-    trainer = builders.build_trainer(trial, callbacks, [])
-    trainer.fit(module, datamodule=datamodule)
+def _trial(settled: Settled, run_dir: Path, budget: MemoryBudget, size: int, steps: int) -> None:
+    """``steps`` training steps at batch ``size``, assembled afresh (no validation)."""
+    run = assemble(settled.with_batch_size(size), run_dir, extra_callbacks=(budget,), max_epochs=1, max_steps=steps,
+                   limit_train_batches=steps, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -152,24 +139,43 @@ def _out_of_memory(err: BaseException) -> bool:
 def find_batch_size(cfg: DictConfig, run_dir: Path, memory_gb: float | None, rule: str,
                     max_trials: int, steps: int = 3) -> dict[str, Any]:
     """The largest batch (``data.batch_size`` doubled while it fits) whose training steps stay in memory."""
-    module, datamodule, trainer = _build(cfg, run_dir)
-    device = trainer.strategy.root_device
+    settled = _settled(cfg, TUNE_BATCH_SIZE, run_dir)
+    device = torch.device("cuda" if _on_gpu(settled.cfg) else "cpu")
     if device.type != "cuda" and memory_gb is None:
         memory_gb = _default_budget_gb()
     if not supported(device):
         raise InputError("peak memory cannot be measured on this system (Linux /proc/self/clear_refs is needed); "
                          "run on Linux or a GPU")
     budget = MemoryBudget(None if memory_gb is None else int(memory_gb * 2**30))
-    callbacks = [*trainer.callbacks, budget]
-    datamodule.setup("fit")
-    largest = len(datamodule.splits["train"][0])  # no batch is larger than the training set
+    largest = int(settled.train_images or 0)  # no batch is larger than the training set
     start = int(cfg.data.batch_size)
+    found, failure, peaks = _double_while_it_fits(settled, run_dir, budget, device, start, largest, max_trials, steps)
+    if found is None:
+        raise ConfigError(f"data.batch_size={start} does not fit: {failure}; start from a smaller data.batch_size"
+                          + (" or raise --memory-gb" if memory_gb is not None else ""))
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    result = {"batch_size": found, "start": start, "device": str(device), "memory_gb": memory_gb,
+              "stopped_by": failure or f"--max-trials {max_trials}", "rule": rule, "lr": lr,
+              "rescaled_lr": rescaled_lr(float(lr), start, found, rule) if lr else None,
+              "peaks_gib": {str(k): round(v, 3) for k, v in peaks.items()}, **runtime_record(settled)}
+    (run_dir / "batch_size.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _on_gpu(cfg: DictConfig) -> bool:
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+
+
+def _double_while_it_fits(settled: Settled, run_dir: Path, budget: MemoryBudget, device: torch.device, start: int,
+                          largest: int, max_trials: int, steps: int) -> tuple[int | None, str, dict[int, float]]:
+    """The largest size that trained, why the doubling stopped, and each size's peak memory (GiB)."""
     peaks: dict[int, float] = {}
     found, failure = None, ""
     size = min(start, largest)
     for _ in range(max_trials):
         try:
-            _trial(cfg, module, datamodule, callbacks, size, steps)
+            _trial(settled, run_dir, budget, size, steps)
         except Exception as err:  # noqa: BLE001 - out of memory ends the search; anything else is raised
             if not _out_of_memory(err):
                 raise
@@ -187,16 +193,7 @@ def find_batch_size(cfg: DictConfig, run_dir: Path, memory_gb: float | None, rul
             failure = f"batch {size} is the whole training set"
             break
         size = min(2 * size, largest)
-    if found is None:
-        raise ConfigError(f"data.batch_size={start} does not fit: {failure}; start from a smaller data.batch_size"
-                          + (" or raise --memory-gb" if memory_gb is not None else ""))
-    lr = OmegaConf.select(cfg, "optimizer.lr")
-    result = {"batch_size": found, "start": start, "device": str(device), "memory_gb": memory_gb,
-              "stopped_by": failure or f"--max-trials {max_trials}", "rule": rule, "lr": lr,
-              "rescaled_lr": rescaled_lr(float(lr), start, found, rule) if lr else None,
-              "peaks_gib": {str(k): round(v, 3) for k, v in peaks.items()}}
-    (run_dir / "batch_size.json").write_text(json.dumps(result, indent=2))
-    return result
+    return found, failure, peaks
 
 
 def _print_lr(result: dict[str, Any], run_dir: Path) -> None:

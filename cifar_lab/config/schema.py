@@ -201,7 +201,6 @@ RULES: dict[str, Check] = {
     # the LightningModule
     "module.label_smoothing": number(0, 1, hi_open=True),
     "module.no_decay_norm_and_bias": BOOL,
-    "module.memory_format": one_of("auto", "channels_last", "contiguous"),
     "autotune.budget_s": NON_NEGATIVE,
     "autotune.budget_fraction": number(0, 1),
     "autotune.budget_max_s": NON_NEGATIVE,

@@ -100,6 +100,7 @@ class CIFARDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         folds: int = 0,
         fold: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -112,8 +113,10 @@ class CIFARDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.num_workers = num_workers
         self.pipeline = pipeline
-        self.train_augment = BatchAugment(augment or {}, mean, std)
-        self.eval_augment = BatchAugment({}, mean, std)
+        # batches leave in the network's layout (module.memory_format, given by cifar_lab.builders)
+        self.channels_last = bool(channels_last)
+        self.train_augment = BatchAugment(augment or {}, mean, std, channels_last=self.channels_last)
+        self.eval_augment = BatchAugment({}, mean, std, channels_last=self.channels_last)
         self.mixer = mixing
         self.seed = seed
         self.drop_last = drop_last
@@ -125,20 +128,6 @@ class CIFARDataModule(L.LightningDataModule):
         self._generator: torch.Generator | None = None
         self._train_batches = 0  # training batches augmented in the current epoch
         self._resume: dict[str, Any] | None = None  # position loaded from a checkpoint
-
-    @property
-    def channels_last(self) -> bool:
-        """Whether batches leave in ``torch.channels_last`` memory format.
-
-        Not a data option: the training module sets it to its own memory format
-        (``module.memory_format``) so the normalisation writes the layout the network reads.
-        """
-        return self.train_augment.normalize.channels_last
-
-    @channels_last.setter
-    def channels_last(self, value: bool) -> None:
-        for augment in (self.train_augment, self.eval_augment):
-            augment.normalize.channels_last = bool(value)
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:

@@ -21,7 +21,7 @@ medians are reported next to every single value:
 2. ``train``: images per second of whole training steps (data, forward, backward,
    optimizer) per model: the reference feeds float32 NCHW batches from the PIL loader
    into the plain network; cifar-lab's side uses the batched path with the precision and
-   memory format a training run of that config would use: ``cifar_lab.autotune.decide``
+   memory format a training run of that config would use: ``cifar_lab.builders.settle.settle``
    (``auto`` measured, or read from ``$CIFAR_LAB_CACHE_DIR/autotune.json``; explicit values
    kept), whose choice, source, own table and seconds are recorded (``autotune``); and
    the configured ``compile``. (The first run of a setup includes autotune's own

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_lab.models.flops import TRAIN_STEP_FORWARDS, forward_flops
-from cifar_lab.tools.bench.lab import autotuned, compose, model_overrides
+from cifar_lab.tools.bench.lab import assembled_module, autotuned, compose, model_overrides
 from cifar_lab.tools.bench.settings import Settings
 from cifar_lab.tools.bench.timing import _median, _sync
 from cifar_lab.tools.bench.training import _autocast, _optimizer, _train_step_fn
@@ -104,16 +104,16 @@ def bench_speedrun(base_overrides: list[str], settings: Settings, device: torch.
     """GFLOP/s of ``model``'s training step (its experiment's config, the autotuned precision and
     memory format) and the matmul peaks beside it; with ``train`` (the training measurement of
     ``model``) also the GFLOP/s of that whole step, data path included."""
-    from cifar_lab import builders
     from cifar_lab.module import MEMORY_FORMATS
 
     bs = settings.speedrun_batch_size
     cfg = compose([*base_overrides, *model_overrides(model), "data.val_size=0"])
-    decision = autotuned(cfg, bs)
+    settled = autotuned(cfg, bs)
+    cfg, decision = settled.cfg, settled.decision
     precision, memory_format = decision.precision, decision.memory_format
     log(f"  {model} batch {bs}: autotune ({decision.source}, {decision.seconds:.1f} s): {precision} {memory_format}")
     torch.manual_seed(0)
-    module = builders.build_module(cfg).to(device).train()  # the module applies the memory format
+    module = assembled_module(settled, device)  # the module applies the memory format
     size = int(cfg.data.source.get("image_size", 32) or 32)
     x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=MEMORY_FORMATS[memory_format])
     y = torch.randint(0, int(cfg.data.num_classes), (bs,), device=device)

@@ -55,15 +55,22 @@ def _open(cfg):
         yield
 
 
-def autotuned(cfg, batch_size: int, **decide_kwargs: Any):
-    """``autotune.decide`` on ``cfg`` at ``batch_size``: the precision and memory format a training
-    run of this config would use (``auto`` measured or read from the user's cache, explicit values
-    kept), written into ``cfg``; returns the :class:`cifar_lab.autotune.Decision`."""
-    from cifar_lab import autotune
+def autotuned(cfg, batch_size: int, **measure: Any):
+    """``cfg`` at ``batch_size`` settled as a training run of it would be (``auto`` measured or read from
+    the user's cache, explicit values kept): a :class:`cifar_lab.builders.settle.Settled` whose ``cfg`` is
+    final and whose ``decision`` says where the choice came from."""
+    from cifar_lab.builders.settle import BENCH, settle
 
     with _open(cfg):
         cfg.data.batch_size = batch_size
-    return autotune.decide(cfg, **decide_kwargs)
+    return settle(cfg, BENCH, **measure)
+
+
+def assembled_module(settled, device: torch.device):
+    """The training module of a settled config, built as every command builds it, on ``device`` in training mode."""
+    from cifar_lab.builders.assemble import assemble
+
+    return assemble(settled).module.to(device).train()
 
 
 class _TrainingStub:
@@ -105,13 +112,12 @@ def build_datamodule(cfg, cached: bool = True):
 
 def lab_datamodule(cfg, batch_size: int, cached: bool = True):
     """A set-up datamodule that augments as in training (a stand-in for the Trainer)."""
-    with _open(cfg):
-        cfg.data.batch_size = batch_size
-    dm = build_datamodule(cfg, cached)
+    if cfg.data.batch_size != batch_size:
+        with _open(cfg):
+            cfg.data.batch_size = batch_size
+    dm = build_datamodule(cfg, cached)  # batches in the network's layout (module.memory_format)
     dm.setup("fit")
     dm.trainer = _TrainingStub(max(0, int(cfg.trainer.get("max_epochs") or 1) - 1))
-    # batches in the network's layout, as the training module's setup() arranges in a Trainer
-    dm.channels_last = cfg.module.memory_format == "channels_last"
     return dm
 
 

@@ -41,7 +41,7 @@ def _paired_steps(plain_step: Callable[[], None], device: torch.device, lightnin
     return PairedSteps()
 
 
-def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def _paired_fit(settled, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
     """Step times of ``Trainer.fit`` and of a hand-written step, interleaved step by step.
 
     After every Lightning step a callback runs one hand-written step (its own module,
@@ -52,20 +52,21 @@ def _paired_fit(cfg, steps: int, warmup: int, device: torch.device) -> dict[str,
     """
     import lightning as L
 
-    from cifar_lab import builders
+    from cifar_lab.builders.assemble import assemble
 
+    cfg = settled.cfg
     lightning_times: list[float] = []
     plain_times: list[float] = []
     plain_dm = lab_datamodule(cfg, int(cfg.data.batch_size))
-    plain_module = builders.build_module(cfg).to(device).train()
+    plain_module = assemble(settled).module.to(device).train()
     plain_step = _train_step_fn(plain_module, _optimizer(cfg, plain_module.net.parameters()),
                                 str(cfg.trainer.precision), device)
     plain_batches = lab_batches(plain_dm, device)
     paired = _paired_steps(lambda: plain_step(*next(plain_batches)),  # batch fetch + augmentation + step
                            device, lightning_times, plain_times)
 
-    dm = build_datamodule(cfg)
-    module = builders.build_module(cfg)
+    run = assemble(settled)
+    dm, module = build_datamodule(cfg), run.module
     t = cfg.trainer
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
@@ -139,11 +140,11 @@ def bench_overhead(base_overrides: list[str], settings: Settings, device: torch.
             continue
         if label == "tiny":  # the model's precision and memory format: its overhead is what is estimated
             extra = [*extra, f"trainer.precision={out['precision']}", f"module.memory_format={out['memory_format']}"]
-        cfg = compose([*base_overrides, *extra])
-        decision = autotuned(cfg, settings.batch_size)  # both sides run what a training run would
+        settled = autotuned(compose([*base_overrides, *extra]), settings.batch_size)  # as a training run would
+        cfg, decision = settled.cfg, settled.decision
         times: dict[str, list[float]] = {"lightning": [], "plain": []}
         for r in range(settings.overhead_repeats):
-            res = _paired_fit(cfg, settings.overhead_steps, settings.overhead_warmup, device)
+            res = _paired_fit(settled, settings.overhead_steps, settings.overhead_warmup, device)
             for k in times:
                 times[k].extend(res[k])
             log(f"    {label:<6s} repeat {r + 1}/{settings.overhead_repeats}: median step "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cifar_lab.autotune import autocast_for as _autocast
-from cifar_lab.tools.bench.lab import _open, autotuned, compose, lab_batches, lab_datamodule, model_overrides
+from cifar_lab.tools.bench.lab import _open, assembled_module, autotuned, compose, lab_batches, lab_datamodule, model_overrides
 from cifar_lab.tools.bench.reference import reference_batches
 from cifar_lab.tools.bench.settings import Settings
 from cifar_lab.tools.bench.timing import _interleaved, _median, _sync
@@ -92,14 +92,13 @@ class LabVariant:
 
 
 def _lab_runner(cfg, variant: LabVariant, bs: int, settings: Settings, device: torch.device) -> Callable[[], float]:
-    from cifar_lab import builders
-
-    with _open(cfg):
+    with _open(cfg):  # the variant, stated: settling it measures nothing
+        cfg.trainer.precision = variant.precision
         cfg.module.memory_format = "channels_last" if variant.channels_last else "contiguous"
         cfg.module.compile = variant.compile
-    dm = lab_datamodule(cfg, bs)
-    module = builders.build_module(cfg).to(device).train()
-    dm.channels_last = module.channels_last  # what the module's setup() does in a Trainer
+    settled = autotuned(cfg, bs)
+    dm = lab_datamodule(settled.cfg, bs)
+    module = assembled_module(settled, device)
     step = _train_step_fn(module, _optimizer(cfg, module.net.parameters()), variant.precision, device)
     warmup = _Warmup(settings.train_warmup)
 
@@ -156,9 +155,10 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
     cfg = compose(overrides)
     # what a training run of this config uses; compilation (module.compile=auto) is decided for a
     # run over CIFAR-10's training set
-    decision = autotuned(cfg, bs, train_images=CIFAR_TRAIN_IMAGES)
+    settled = autotuned(cfg, bs, train_images=CIFAR_TRAIN_IMAGES)
+    decision = settled.decision
     log(f"  autotune ({decision.source}, {decision.seconds:.1f} s): {decision.precision} {decision.memory_format}")
-    default = LabVariant(decision.precision, decision.memory_format == "channels_last", bool(cfg.module.compile))
+    default = LabVariant(decision.precision, decision.memory_format == "channels_last", bool(settled.cfg.module.compile))
 
     torch.manual_seed(0)
     net = instantiate(cfg.model, _convert_="all").to(device).train()

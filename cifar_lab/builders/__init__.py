@@ -5,6 +5,9 @@ Lightning refuses (a negative learning rate, an unknown precision, a dropout of 
 the run within seconds as one :class:`~cifar_lab.errors.ConfigError` that names the config
 node, its ``_target_`` and the library's own words (:func:`refused`). The schema
 (:mod:`cifar_lab.config.schema`) checks only what these constructors do not.
+
+They build from a settled config (:mod:`cifar_lab.builders.settle`: no ``auto`` left; an ``auto``
+is refused by name); :mod:`cifar_lab.builders.assemble` calls them for every command.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import inspect
 import logging
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -62,20 +65,41 @@ def task_overrides() -> list[str]:
         return []
 
 
+def _decided(cfg: DictConfig, key: str) -> Any:
+    """A value ``auto`` stands for until the config is settled (cifar_lab.builders.settle)."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if str(value) == "auto":
+        raise ConfigError(f"{key}=auto is decided before anything is built: settle the config first "
+                          f"(cifar_lab.builders.settle.settle), or set {key} explicitly")
+    return value
+
+
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The ``data`` node's datamodule, its batches in the network's layout (``module.memory_format``)."""
+    channels_last = _decided(cfg, "module.memory_format") == "channels_last"
     with refused("data", cfg.data):
-        return instantiate(cfg.data, _convert_="all")
+        return instantiate(cfg.data, channels_last=channels_last, _convert_="all")
 
 
-def build_module(cfg: DictConfig) -> ClassifierModule:
-    """The network from ``model``, optimizer and scheduler partials, wrapped in the module.
+def check_module(cfg: DictConfig) -> None:
+    """Build the module once and throw it away: a value torch refuses stops the command before data is read."""
+    build_module(cfg)
+
+
+def build_module(cfg: DictConfig, teacher: torch.nn.Module | None = None,
+                 load_weights: Callable[[torch.nn.Module], Any] | None = None) -> ClassifierModule:
+    """The network from ``model`` (``load_weights`` fills its weights: init_from, a tested checkpoint), the
+    optimizer and scheduler partials and the distillation ``teacher``, wrapped in the module.
 
     The optimizer and scheduler are built once here on the network's parameters and thrown
     away, so their constructors check their arguments now rather than when fitting starts.
     """
+    _decided(cfg, "module.memory_format"), _decided(cfg, "module.compile")
     scheduler_cfg = cfg.get("scheduler") or {}
     with refused("model", cfg.model):
         net = instantiate(cfg.model, _convert_="all")
+    if load_weights is not None:
+        load_weights(net)
     with refused("optimizer", cfg.optimizer):
         optimizer = instantiate(cfg.optimizer)
         probe = optimizer(params=net.parameters())
@@ -97,6 +121,7 @@ def build_module(cfg: DictConfig) -> ClassifierModule:
             scheduler_monitor=scheduler_cfg.get("monitor", "val/loss"),
             hparams=OmegaConf.to_container(cfg, resolve=True),
             run_overrides=task_overrides(),
+            teacher=teacher,
         )
 
 
@@ -171,25 +196,21 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    """Build the Trainer once with nothing attached (precision `auto` as 32), so a value Lightning refuses
-    stops the run before any data is read; the real Trainer is built once precision is decided."""
-    probe = cfg.copy()
-    with open_dict(probe):
-        if str(OmegaConf.select(probe, "trainer.precision", default="")) == "auto":
-            probe.trainer.precision = "32"
+    """Build the Trainer once with nothing attached, so a value Lightning refuses stops the command before any
+    data is read; the real Trainer is built from the settled config."""
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its device lines are said once, by the real Trainer
     try:
-        build_trainer(probe, [], [])
+        build_trainer(cfg, [], [])
     finally:
         quiet.setLevel(level)
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    if str(OmegaConf.select(cfg, "trainer.precision", default="")) == "auto":
-        raise ConfigError("trainer.precision=auto is decided before the Trainer is built: call "
-                          "cifar_lab.autotune.decide(cfg) first, or set trainer.precision=32|bf16-mixed|16-mixed")
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, **settings: Any) -> L.Trainer:
+    """The ``trainer`` node's Trainer; ``settings`` are a command's own Trainer arguments over the config's
+    (the finders' step limits)."""
+    _decided(cfg, "trainer.precision")
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -203,7 +224,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) and not interactive():
         # not a terminal (a log file, CI, a cluster job): one plain line per epoch instead of a bar
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)] + [EpochLines(), TestLines()]
-        cfg = cfg.copy()
+        cfg = _writable_copy(cfg)
         with open_dict(cfg):
             cfg.trainer.enable_progress_bar = False
     elif not OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
@@ -215,7 +236,14 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     cfg, strategy = _strategy(cfg)
     with refused("trainer", cfg.trainer):
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all",
-                           **strategy, **_plugins(cfg))
+                           **strategy, **_plugins(cfg), **settings)
+
+
+def _writable_copy(cfg: DictConfig) -> DictConfig:
+    """A copy of (a settled, read-only) ``cfg`` the Trainer's arguments may be derived in."""
+    copy = cfg.copy()
+    OmegaConf.set_readonly(copy, False)
+    return copy
 
 
 def _strategy(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
@@ -224,7 +252,7 @@ def _strategy(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     timeout = OmegaConf.select(cfg, "trainer.process_group_timeout_s", default=None)
     if "process_group_timeout_s" not in cfg.trainer:
         return cfg, {}
-    cfg = cfg.copy()
+    cfg = _writable_copy(cfg)
     with open_dict(cfg):
         del cfg.trainer["process_group_timeout_s"]
         if timeout is None or cfg.trainer.get("strategy") != "ddp":
