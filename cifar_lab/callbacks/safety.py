@@ -4,10 +4,11 @@ checkpoint, resume with the same random state, and write checkpoints atomically.
 ``train()`` adds :func:`safety_callbacks` to every run and :func:`use_atomic_checkpoints`
 to every trainer; nothing here needs configuring.
 
-- :class:`NonFiniteLossGuard` checks the training loss before each backward pass and
-  raises :class:`NonFiniteLossError` naming the step (the weights are still the last
-  finite ones), and refuses to write a checkpoint whose weights are not finite, so
-  ``last.ckpt`` always holds the last good state.
+- :class:`NonFiniteLossGuard` keeps every training step's loss on its device and reads them at
+  the steps the loggers write, at each epoch's end and before any checkpoint is written; a nan/inf
+  loss raises :class:`NonFiniteLossError` naming its step, and no checkpoint is written after it.
+  Checkpoints whose weights are not finite are refused too, so ``last.ckpt`` always holds the
+  last good state.
 - :class:`GracefulStop` turns the first Ctrl-C or SIGTERM into a stop after the current
   training batch (after the epoch's validation on its last batch) and saves
   ``checkpoints/last.ckpt`` from which ``ckpt_path=last`` continues exactly; a second
@@ -44,6 +45,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cifar_lab.callbacks.dispatch import SkipIdleHooks
 from cifar_lab.errors import NonFiniteLossError, TrainingInterrupted
 from cifar_lab.fileio import atomic_torch_save
 from cifar_lab.module import logs_this_step
@@ -554,6 +556,6 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> bool:
 
 
 def safety_callbacks(checkpoint_dir: str | Path) -> list[L.Callback]:
-    """The callbacks every training run gets."""
-    return [NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), LatestCheckpoint(checkpoint_dir),
+    """The callbacks every training run gets (and per-batch dispatch only where a callback acts)."""
+    return [SkipIdleHooks(), NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), LatestCheckpoint(checkpoint_dir),
             ResumeRNG(), FitMetrics()]
