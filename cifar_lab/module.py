@@ -172,7 +172,8 @@ class ClassifierModule(L.LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
-            setattr(self, f"{stage}_loss", MeanMetric())
+            # no nan check: it reads a flag back from the device at every batch (a nan loss shows as nan)
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resume, so val/acc_best stays right
         # Training time spent before this fit: 0 for a new run, the checkpoint's elapsed_s when
