@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from cifar_lab import builders
+from cifar_lab.callbacks.compute import TrainingCompute
+from cifar_lab.callbacks.progress import EpochLines
+from cifar_lab.callbacks.safety import safety_callbacks
 from cifar_lab.cli.train import train
 from conftest import CONF, compose_cfg
 from device_reads import DeviceReads, StepWindows
@@ -54,6 +58,23 @@ def _check(windows: StepWindows) -> None:
     assert len(steady) >= 8, f"too few steady steps to count ({len(steady)})"
     offending = windows.offending("train")
     assert not offending, "device reads in steady-state training steps:\n" + "\n".join(offending)
+
+
+def test_module_and_safety_callbacks_read_only_at_logging_steps(tmp_path: Path) -> None:
+    """The quick version: the module, the safety callbacks and the per-step ones, on a Trainer of their own."""
+    cfg = compose_cfg([*TINY, "model=simple_cnn", "model.filters=[4,8]", "model.fc_units=16"], tmp_path / "run")
+    module, datamodule = builders.build_module(cfg), builders.build_datamodule(cfg)
+    reads = DeviceReads()
+    windows = StepWindows(reads)
+    callbacks = [windows, *safety_callbacks(tmp_path / "checkpoints"), TrainingCompute(), EpochLines()]
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=8, default_root_dir=tmp_path,
+                        callbacks=callbacks, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    with reads:
+        trainer.fit(module, datamodule=datamodule)
+    _check(windows)
+    logging = [w for w in windows.windows if w.stage == "train" and w.logs and w.step >= windows.warmup]
+    assert logging and all(any("safety.py" in site for _, site in w.reads) for w in logging), logging
 
 
 @pytest.mark.slow  # about 15 s: a whole run, reports included, every op through the counter
