@@ -65,6 +65,13 @@ def distillation_loss(student: Tensor, teacher: Tensor, hard_loss: Tensor, tempe
     return (1.0 - weight) * hard_loss + weight * t * t * soft
 
 
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers write the current training step's metrics: Lightning's own rule (every
+    ``trainer.log_every_n_steps`` steps, and when the run stops), the same answer from ``training_step``
+    to ``on_train_batch_end``. A training step reads values back from the device only then."""
+    return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+
+
 class EpochTotals:
     """Loss and top-1/top-k hits of the training batches of one epoch, summed in place on the device.
 
@@ -168,7 +175,8 @@ class ClassifierModule(L.LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
-            setattr(self, f"{stage}_loss", MeanMetric())
+            # no nan check: it reads a flag back from the device at every batch (a nan loss shows as nan)
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resume, so val/acc_best stays right
         # Training time spent before this fit: 0 for a new run, the checkpoint's elapsed_s when
@@ -253,14 +261,15 @@ class ClassifierModule(L.LightningModule):
         # Each self.log call costs about a millisecond of Python, as much as a small model's
         # whole step on a CPU. So the epoch metrics (accumulated by update() every step) are
         # logged on the epoch's last batch only, where callbacks' on_train_epoch_end sees them,
-        # and the per-step loss and batch accuracy only on the steps the logger writes
-        # (Lightning writes when steps taken + 1 is a multiple of log_every_n_steps).
+        # and the per-step loss and batch accuracy only on the steps the logger writes. Not as
+        # prog_bar values: Lightning converts those to numbers (a read from the device) after every
+        # batch; the bar reads train/loss_step itself when it changes (CompactRichProgressBar).
         trainer = self.trainer
         if batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= self.global_step + 1:
             self._log_stage("train")
-        if (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.fast_dev_run:
+        if logs_this_step(trainer):
             correct = (logits.detach().argmax(dim=1) == labels).float().mean()
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
             self.log("train/acc_step", correct, on_step=True, on_epoch=False)
         return loss
 

@@ -109,9 +109,18 @@ def test_format_table_reports_every_part() -> None:
                                          "median_paired_difference_ms": 0.31}},
         "memory": {"available": True, "peak_rss_increase_mb": 300.0, "peak_ratio": 1.6, "dataset_uint8_mb": 180.0, "val_size": 5000},
     }
+    res["overhead"]["callbacks"] = {
+        "none": {"lightning_median_step_ms": 1.50}, "default": {"lightning_median_step_ms": 1.62},
+        "default_minus_none_ms": 0.12, "per_callback_total_us": 95.0,
+        "per_callback_us": {"ModelCheckpoint": 8.5, "NonFiniteLossGuard": 6.25, "FitMetrics": 0.25}}
     table = bench.format_table(res)
-    for text in ("6.8x", "3.00x", "1.020 ratio", "1.60x", "ablation simple_cnn", "+0.31 ms  Lightning's floor"):
-        assert text in table
+    for text in ("6.8x", "3.00x", "1.020 ratio", "1.60x", "ablation simple_cnn", "+0.31 ms  Lightning's floor",
+                 "no callbacks vs the default set", "+0.12 ms", "3 callbacks, 95 us a step"):
+        assert text in table, text
+    # one row per callback, the costliest first
+    rows = [line.split(", us per step")[0].strip() for line in table.splitlines() if ", us per step" in line]
+    assert rows == ["callback ModelCheckpoint", "callback NonFiniteLossGuard", "callback FitMetrics"]
+    assert "6.2" in next(line for line in table.splitlines() if "NonFiniteLossGuard" in line)
     # the autotuned pair against the best pair of the ablation, and the speedrun's GFLOP/s
     res["train"]["simple_cnn"]["default_over_best"] = {
         "ratio": 0.8, "default": "bf16", "default_images_per_s": 320.0, "best": "32 NCHW", "best_images_per_s": 400.0}
@@ -220,6 +229,9 @@ def test_quick_benchmark_on_generated_data_writes_json(tmp_path: Path, monkeypat
         assert t["autotune"]["memory_format"] in ("channels_last", "contiguous")
         assert t["cifar_lab"]["settings"].startswith(t["autotune"]["precision"])
     assert res["overhead"]["precision"] != "auto"
+    callbacks = res["overhead"]["callbacks"]  # the default set against none, and each callback's microseconds
+    assert {"NonFiniteLossGuard", "ModelCheckpoint", "EpochLines"} <= set(callbacks["per_callback_us"])
+    assert callbacks["default"]["steps_timed"] > 0 and callbacks["none"]["steps_timed"] > 0
     floor = res["overhead"]["lightning_floor"]  # Lightning alone: both sides timed, paired step by step
     assert floor["steps_timed"] > 0 and floor["plain_median_step_ms"] > 0 and floor["lightning_median_step_ms"] > 0
     assert "speedrun" not in res and res["default_over_best"] == {}  # --quick: neither

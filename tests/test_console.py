@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cifar_lab.callbacks.progress import format_duration
 from conftest import SYNTH, run_cli
@@ -58,10 +60,10 @@ def test_compact_bar_fits_80_columns(monkeypatch) -> None:
     from cifar_lab.callbacks.progress import CompactRichProgressBar
 
     bar = CompactRichProgressBar()
-    monkeypatch.setattr(RichProgressBar, "get_metrics",
-                        lambda self, t, m: {"train/loss_step": 0.0331, "val/acc": 0.97, "v_num": 3})
-    metrics = bar.get_metrics(None, None)
-    assert metrics == {"loss": 0.0331, "val_acc": 0.97}
+    monkeypatch.setattr(RichProgressBar, "get_metrics", lambda self, t, m: {"val/acc": 0.97, "v_num": 3})
+    trainer = SimpleNamespace(logged_metrics={"train/loss_step": torch.tensor(0.0331)})
+    metrics = bar.get_metrics(trainer, None)
+    assert metrics == {"loss": pytest.approx(0.0331), "val_acc": 0.97}
     console = Console(width=80, record=True, force_terminal=True)
     progress = Progress(*bar.configure_columns(None), console=console, auto_refresh=False)
     progress.add_task("Epoch 12/29", total=391, completed=390)
@@ -69,6 +71,25 @@ def test_compact_bar_fits_80_columns(monkeypatch) -> None:
     line = console.export_text().splitlines()[0]
     # leaves room for "loss: 0.033 val_acc: 0.970" (27 characters) on the same 80-column line
     assert len(line.rstrip()) + 1 + len("loss: 0.033 val_acc: 0.970") <= 80, line
+
+
+def test_compact_bar_reads_the_step_loss_once_per_logged_value(monkeypatch) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from cifar_lab.callbacks.progress import CompactRichProgressBar
+    from device_reads import DeviceReads
+
+    bar = CompactRichProgressBar()
+    monkeypatch.setattr(RichProgressBar, "get_metrics", lambda self, t, m: {})
+    trainer = SimpleNamespace(logged_metrics={"train/loss_step": torch.tensor(2.5)})
+    reads = DeviceReads()
+    reads.recording = True
+    with reads:
+        shown = [bar.get_metrics(trainer, None)["loss"] for _ in range(3)]  # refreshed after 3 batches
+        trainer.logged_metrics["train/loss_step"] = torch.tensor(1.5)  # the next logging step
+        shown += [bar.get_metrics(trainer, None)["loss"] for _ in range(2)]
+    assert shown == [2.5, 2.5, 2.5, 1.5, 1.5]
+    assert [name for name, _ in reads.reads] == ["__float__", "__float__"], reads.reads
 
 
 def test_compact_model_summary_lists_layers_not_metrics(capsys) -> None:

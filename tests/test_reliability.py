@@ -53,8 +53,9 @@ def test_nan_loss_stops_with_step_and_causes_keeping_last_good_checkpoint(tmp_pa
         train(compose_cfg(TINY, run_dir))
     message = str(err.value)
     last = run_dir / "checkpoints" / "last.ckpt"
+    # read at the epoch's last batch (batch 3, 4 batches an epoch), before its validation and checkpoints
     assert message.splitlines()[0] == ("training loss is nan at epoch 1, batch 1 (global step 5); "
-                                       "training stopped before applying this step.")
+                                       "training stopped at global step 8; no checkpoint was written after it.")
     assert "a learning rate too high for this model (now 0.0005: lower optimizer.lr" in message  # cosine, epoch 1
     assert f"Last good checkpoint: {last}" in message
     saved = torch.load(last, map_location="cpu", weights_only=True)

@@ -60,7 +60,7 @@ class ScheduledAveraging(WeightAveraging):
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if ramp_power < 0:
             raise ValueError(f"ramp_power must be >= 0, got {ramp_power}")
-        super().__init__(device=device, use_buffers=use_buffers, avg_fn=self._average)
+        super().__init__(device=device, use_buffers=use_buffers)
         self.decay = float(decay)
         self.every_n_steps = int(every_n_steps)
         self.ramp_power = float(ramp_power)
@@ -77,11 +77,6 @@ class ScheduledAveraging(WeightAveraging):
             return base
         return base * min(1.0, step / total) ** self.ramp_power
 
-    def _average(self, averaged: Tensor, current: Tensor, num_averaged: Any) -> Tensor:
-        if not averaged.is_floating_point():
-            return current
-        return averaged.lerp(current.to(averaged.dtype), 1.0 - self.current_decay)
-
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None:
             return False
@@ -95,10 +90,36 @@ class ScheduledAveraging(WeightAveraging):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.current_decay = self.decay_at(trainer.global_step, self.total_steps)
-        before = self._latest_update_step
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.write_back and self._latest_update_step != before:
-            self._copy_average_to_current(pl_module)
+        # the base class's rule (step_idx is 0-based), with an update that reads nothing from the device
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
+            self._update_average(pl_module)
+            self._latest_update_step = trainer.global_step
+            if self.write_back:
+                self._copy_average_to_current(pl_module)
+
+    @torch.no_grad()
+    def _update_average(self, pl_module: L.LightningModule) -> None:
+        """``AveragedModel.update_parameters`` (the first update copies, later ones average) with the first
+        update told apart on the device: the torch version reads its update count back twice per update."""
+        model = self._average_model
+        assert model is not None
+        averaged_tensors = [*model.module.parameters(), *(model.module.buffers() if self._use_buffers else ())]
+        current_tensors = [*pl_module.parameters(), *(pl_module.buffers() if self._use_buffers else ())]
+        # avg <- avg + (1 - decay) * (w - avg); the first update's weight is 1: lerp then returns w exactly
+        weight = torch.where(model.n_averaged == 0, 1.0, 1.0 - self.current_decay)
+        weights: dict[torch.dtype, Tensor] = {}
+        for averaged, current in zip(averaged_tensors, current_tensors, strict=True):
+            current = current.detach().to(averaged.device)
+            if averaged.is_floating_point():
+                if averaged.dtype not in weights:
+                    weights[averaged.dtype] = weight.to(averaged.dtype)
+                averaged.lerp_(current.to(averaged.dtype), weights[averaged.dtype])
+            else:
+                averaged.copy_(current)
+        if not self._use_buffers:  # the buffers follow the training model
+            for averaged, current in zip(model.module.buffers(), pl_module.buffers(), strict=True):
+                averaged.copy_(current.detach().to(averaged.device))
+        model.n_averaged += 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._warn_if_stale(trainer.global_step)

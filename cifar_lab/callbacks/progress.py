@@ -147,6 +147,12 @@ class CompactRichProgressBar(RichProgressBar):
     """
 
     SHORT_NAMES = {"train/loss_step": "loss", "val/acc": "val_acc"}
+    # logged values the bar shows besides Lightning's prog_bar ones, read only when a new one is logged
+    SHOWN = ("train/loss_step",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read: dict[str, tuple[Any, float]] = {}  # name -> (the logged tensor, its value)
 
     def configure_columns(self, trainer: L.Trainer) -> list:
         return [
@@ -158,8 +164,18 @@ class CompactRichProgressBar(RichProgressBar):
         ]
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
+        metrics = {**super().get_metrics(trainer, pl_module), **self._logged(trainer)}
         return {self.SHORT_NAMES.get(k, k): v for k, v in metrics.items() if k != "v_num"}
+
+    def _logged(self, trainer: L.Trainer) -> dict[str, float]:
+        """The :attr:`SHOWN` values the module logged, each read from the device once: the module logs
+        a new tensor only at the steps the loggers write, so the bar refreshed after every batch costs
+        no read in between."""
+        for name in self.SHOWN:
+            value = trainer.logged_metrics.get(name)
+            if value is not None and (name not in self._read or self._read[name][0] is not value):
+                self._read[name] = (value, float(value))
+        return {name: number for name, (_, number) in self._read.items()}
 
 
 class CompactModelSummary(RichModelSummary):

@@ -4,10 +4,11 @@ checkpoint, resume with the same random state, and write checkpoints atomically.
 ``train()`` adds :func:`safety_callbacks` to every run and :func:`use_atomic_checkpoints`
 to every trainer; nothing here needs configuring.
 
-- :class:`NonFiniteLossGuard` checks the training loss before each backward pass and
-  raises :class:`NonFiniteLossError` naming the step (the weights are still the last
-  finite ones), and refuses to write a checkpoint whose weights are not finite, so
-  ``last.ckpt`` always holds the last good state.
+- :class:`NonFiniteLossGuard` keeps every training step's loss on its device and reads them at
+  the steps the loggers write, at each epoch's end and before any checkpoint is written; a nan/inf
+  loss raises :class:`NonFiniteLossError` naming its step, and no checkpoint is written after it.
+  Checkpoints whose weights are not finite are refused too, so ``last.ckpt`` always holds the
+  last good state.
 - :class:`GracefulStop` turns the first Ctrl-C or SIGTERM into a stop after the current
   training batch (after the epoch's validation on its last batch) and saves
   ``checkpoints/last.ckpt`` from which ``ckpt_path=last`` continues exactly; a second
@@ -28,6 +29,7 @@ to every trainer; nothing here needs configuring.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -43,8 +45,10 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cifar_lab.callbacks.dispatch import SkipIdleHooks
 from cifar_lab.errors import NonFiniteLossError, TrainingInterrupted
 from cifar_lab.fileio import atomic_torch_save
+from cifar_lab.module import logs_this_step
 from cifar_lab.runs import identity
 
 log = logging.getLogger(__name__)
@@ -84,27 +88,70 @@ def _existing_checkpoint(trainer: L.Trainer, default_dir: Path) -> str | None:
 
 # ----------------------------------------------------------------------------- non-finite loss
 class NonFiniteLossGuard(L.Callback):
-    """Stop at the first nan/inf training loss, before it reaches the weights.
+    """Stop at the first nan/inf training loss, naming its step, without reading the device every step.
 
-    The check runs in ``on_before_backward``, so the failing step changes no weight; under
-    DDP the ranks agree first so they stop together. Checkpoints whose weights are not
-    finite (a finite loss with an inf gradient one step earlier) are refused as well.
+    Each step's loss is copied, on its device, into a buffer (one small copy: no synchronisation); the
+    buffer is read at the steps the loggers write (:func:`~cifar_lab.module.logs_this_step`), at each
+    epoch's last training batch (before validation, epoch metrics and checkpoints), before any
+    checkpoint is written and when training ends. A non-finite loss there stops the run naming the
+    first step whose loss was not finite; the steps after it (at most ``log_every_n_steps``) are
+    trained, and thrown away: no checkpoint is written after that step. Under DDP the ranks agree on
+    the first bad step at each read. Checkpoints whose weights are not finite (a finite loss with an
+    inf gradient) are refused as well.
     """
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
+        self._losses: torch.Tensor | None = None       # the unread steps' losses, on the loss's device
+        self._steps: list[tuple[int, int, int, Any]] = []  # epoch, batch, global step, lr of each unread loss
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._steps = []
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if trainer.world_size > 1:
-            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            value = loss.detach().float().cpu()
-            shown = "nan" if torch.isnan(value).any() else ("inf" if value.numel() == 1 else "not finite")
-            raise NonFiniteLossError(self._message(trainer, f"training loss is {shown}",
-                                                   "training stopped before applying this step"))
+        slot = len(self._steps)
+        if self._losses is None or self._losses.device != loss.device:
+            self._losses = torch.empty(64, device=loss.device)
+        elif slot == len(self._losses):
+            self._losses = torch.cat((self._losses, torch.empty_like(self._losses)))
+        value = loss.detach()
+        self._losses[slot].copy_(value.reshape(()) if value.numel() == 1 else value.sum())
+        self._steps.append((trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx, trainer.global_step,
+                            _learning_rate(trainer)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if logs_this_step(trainer) or batch_idx + 1 >= trainer.num_training_batches:
+            self.check(trainer, "training stopped at global step {now}; no checkpoint was written after it")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer, "training stopped at global step {now}; no checkpoint was written after it")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer, "training stopped at global step {now}; no checkpoint was written after it")
+
+    def check(self, trainer: L.Trainer, consequence: str) -> None:
+        """Read the losses since the last check (one read); raise NonFiniteLossError at the first non-finite one."""
+        count, records = len(self._steps), self._steps
+        if not count or self._losses is None:
+            return
+        self._steps = []
+        values = self._losses[:count].tolist()
+        first = next((i for i, v in enumerate(values) if not math.isfinite(v)), count)
+        if trainer.world_size > 1:  # the first bad step of any rank (every rank checks at the same steps)
+            agreed = trainer.strategy.reduce(torch.tensor(first, device=trainer.strategy.root_device), reduce_op="min")
+            first = int(agreed)
+        if first == count:
+            return
+        value = values[first]
+        shown = "nan" if math.isnan(value) else ("inf" if math.isinf(value) else "not finite on another process")
+        epoch, batch, step, lr = records[first]
+        where = f"at epoch {epoch}, batch {batch} (global step {step})"
+        raise NonFiniteLossError(self._message(trainer, f"training loss is {shown} {where}",
+                                               consequence.format(now=trainer.global_step), lr))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.check(trainer, "the checkpoint of global step {now} was not written, so the last good one is kept")
         # Parameters and buffers (BatchNorm statistics) only: metric states such as a running
         # maximum legitimately start at -inf.
         weights = {name for name, _ in pl_module.named_parameters()} | {name for name, _ in pl_module.named_buffers()}
@@ -112,18 +159,16 @@ class NonFiniteLossGuard(L.Callback):
             if key not in weights:
                 continue
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                epoch_loop = trainer.fit_loop.epoch_loop
+                where = (f"at epoch {trainer.current_epoch}, batch {max(epoch_loop.batch_idx, 0)} "
+                         f"(global step {trainer.global_step})")
                 raise NonFiniteLossError(self._message(
-                    trainer, f"the weights are not finite ({key})",
-                    "the checkpoint was not written, so the last good one is kept"))
+                    trainer, f"the weights are not finite ({key}) {where}",
+                    "the checkpoint was not written, so the last good one is kept", _learning_rate(trainer)))
 
-    def _message(self, trainer: L.Trainer, what: str, consequence: str) -> str:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        where = (f"at epoch {trainer.current_epoch}, batch {max(epoch_loop.batch_idx, 0)} "
-                 f"(global step {trainer.global_step})")
+    def _message(self, trainer: L.Trainer, what: str, consequence: str, lr: Any) -> str:
         causes = []
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if optimizer is not None:
-            lr = optimizer.param_groups[0].get("lr")
+        if lr is not None:
             causes.append(f"a learning rate too high for this model (now {lr:.3g}: lower optimizer.lr, "
                           "or warm up with scheduler=cosine_warmup)")
         precision = str(trainer.precision)
@@ -135,7 +180,12 @@ class NonFiniteLossGuard(L.Callback):
         last = _existing_checkpoint(trainer, self.checkpoint_dir)
         resume = (f"Last good checkpoint: {last} (resume with ckpt_path={last} once the cause is fixed)."
                   if last else "No checkpoint was written before this step.")
-        return (f"{what} {where}; {consequence}.\nLikely causes: " + "; ".join(causes) + f".\n{resume}")
+        return (f"{what}; {consequence}.\nLikely causes: " + "; ".join(causes) + f".\n{resume}")
+
+
+def _learning_rate(trainer: L.Trainer) -> Any:
+    """The first optimizer's learning rate now (None without an optimizer)."""
+    return trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
 
 
 # ----------------------------------------------------------------------------- Ctrl-C / SIGTERM
@@ -506,6 +556,6 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> bool:
 
 
 def safety_callbacks(checkpoint_dir: str | Path) -> list[L.Callback]:
-    """The callbacks every training run gets."""
-    return [NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), LatestCheckpoint(checkpoint_dir),
+    """The callbacks every training run gets (and per-batch dispatch only where a callback acts)."""
+    return [SkipIdleHooks(), NonFiniteLossGuard(checkpoint_dir), GracefulStop(checkpoint_dir), LatestCheckpoint(checkpoint_dir),
             ResumeRNG(), FitMetrics()]

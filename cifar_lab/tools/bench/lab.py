@@ -14,7 +14,8 @@ from cifar_lab.config import CONF_DIR
 
 
 def compose(overrides: list[str]):
-    """``conf/train.yaml`` composed with ``overrides``, without a Hydra run directory."""
+    """``conf/train.yaml`` composed with ``overrides``, without a Hydra run directory (no logger and no
+    callbacks unless ``overrides`` choose them)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -26,8 +27,9 @@ def compose(overrides: list[str]):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["logger=none", "callbacks=none", *overrides],
-                            return_hydra_config=True)
+        chosen = {o.split("=")[0] for o in overrides}
+        quiet = [o for o in ("logger=none", "callbacks=none") if o.split("=")[0] not in chosen]
+        cfg = hydra_compose("train", overrides=[*quiet, *overrides], return_hydra_config=True)
     GlobalHydra.instance().clear()
     with open_dict(cfg):  # what a Hydra run would set; the benchmark writes no run files
         cfg.hydra.runtime.output_dir = str(Path(tempfile.gettempdir()) / "cifar_lab_bench")

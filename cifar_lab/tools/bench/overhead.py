@@ -41,16 +41,21 @@ def _paired_steps(plain_step: Callable[[], None], device: torch.device, lightnin
     return PairedSteps()
 
 
-def _paired_fit(settled, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def _paired_fit(settled, steps: int, warmup: int, device: torch.device,
+                callbacks: list | None = None) -> dict[str, list[float]]:
     """Step times of ``Trainer.fit`` and of a hand-written step, interleaved step by step.
 
     After every Lightning step a callback runs one hand-written step (its own module,
     optimizer and datamodule, same config) and times it; a Lightning step is the time
     from the end of that hand-written step to the end of the next Lightning step (batch
     fetch, hooks, training_step with its metrics and logging, backward, optimizer). Each
-    pair shares the machine's load, which separate runs on a shared machine do not.
+    pair shares the machine's load, which separate runs on a shared machine do not. ``callbacks``
+    (a run's set, :func:`cifar_lab.tools.bench.callback_cost.default_callbacks`) join the timed
+    Trainer, with a TensorBoard logger when they need one.
     """
     import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from cifar_lab.builders.assemble import assemble
 
@@ -68,12 +73,15 @@ def _paired_fit(settled, steps: int, warmup: int, device: torch.device) -> dict[
     run = assemble(settled)
     dm, module = build_datamodule(cfg), run.module
     t = cfg.trainer
+    callbacks = list(callbacks or [])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
             default_root_dir=tmp, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-            precision=t.precision, max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            limit_val_batches=0, callbacks=[paired], log_every_n_steps=t.log_every_n_steps,
+            precision=t.precision, max_steps=steps, max_epochs=-1,
+            logger=TensorBoardLogger(tmp) if callbacks else False,
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_progress_bar=False,
+            enable_model_summary=any(isinstance(c, ModelSummary) for c in callbacks), num_sanity_val_steps=0,
+            limit_val_batches=0, callbacks=[*callbacks, paired], log_every_n_steps=t.log_every_n_steps,
             use_distributed_sampler=False, gradient_clip_val=t.gradient_clip_val,
             accumulate_grad_batches=t.accumulate_grad_batches, benchmark=t.benchmark, deterministic=t.deterministic,
         )
@@ -158,6 +166,13 @@ def bench_overhead(base_overrides: list[str], settings: Settings, device: torch.
                       "steps_timed": len(diffs)}
         if label == "model":
             out["precision"], out["memory_format"] = str(cfg.trainer.precision), str(cfg.module.memory_format)
+        if label == "tiny":  # the callbacks' cost where it shows: a step that is almost all overhead
+            from cifar_lab.tools.bench.callback_cost import bench_callbacks
+
+            out["callbacks"] = bench_callbacks(autotuned(compose([*base_overrides, *extra, "callbacks=default"]),
+                                                         settings.batch_size),
+                                               settings.overhead_steps, settings.overhead_warmup,
+                                               settings.overhead_repeats, device, log)
     out["ratio"] = out["model"]["ratio"]
     # many more steps: each is a fraction of a millisecond
     out["lightning_floor"] = lightning_floor(10 * settings.overhead_steps, 10 * settings.overhead_warmup)

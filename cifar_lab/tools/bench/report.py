@@ -50,6 +50,19 @@ def _speedrun_rows(s: dict[str, Any] | None) -> list[tuple[str, ...]]:
     return rows
 
 
+def _callback_rows(c: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    """The default callback set's step (tiny network) against none, then each callback's microseconds a step."""
+    if not c:
+        return []
+    none, default = c["none"], c["default"]
+    rows = [("step ms, tiny network: no callbacks vs the default set", f"{none['lightning_median_step_ms']:.2f}",
+             f"{default['lightning_median_step_ms']:.2f}", f"{c['default_minus_none_ms']:+.2f} ms",
+             f"{len(c['per_callback_us'])} callbacks, {c['per_callback_total_us']:.0f} us a step in their hooks")]
+    for name, us in sorted(c["per_callback_us"].items(), key=lambda kv: -kv[1]):
+        rows.append((f"  callback {name}, us per step", "", f"{us:.1f}", "", ""))
+    return rows
+
+
 def format_table(res: dict[str, Any]) -> str:
     lines = []
     m = res["machine"]
@@ -86,6 +99,7 @@ def format_table(res: dict[str, Any]) -> str:
             rows.append(("step ms, Lightning alone (one layer, SGD, no hooks)", f"{f_['plain_median_step_ms']:.3f}",
                          f"{f_['lightning_median_step_ms']:.3f}", f"{f_['median_paired_difference_ms']:+.2f} ms",
                          "Lightning's floor"))
+        rows += _callback_rows(o.get("callbacks"))
     rows += _speedrun_rows(res.get("speedrun"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for i, r in enumerate(rows):
