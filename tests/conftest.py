@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 import cifar_lab  # noqa: F401  (registers resolvers)
 from cifar_lab.console import quiet_third_party
 from cifar_lab.config.compose import hydra_job
+from zygote import Zygote, runnable
 
 # Autotune decisions go to a cache of this test session only (hermetic, and no stale entries).
 os.environ["CIFAR_LAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
@@ -198,7 +199,26 @@ def run_cli(args: list[str], tmp_path: Path, script: str = "train.py", timeout: 
     full_env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1",
                 "COLUMNS": "200", **(env or {})}
     cmd = [sys.executable, script, *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_command(cmd, cwd=ROOT, env=full_env, timeout=timeout)
+
+
+_ZYGOTE = Zygote()
+
+
+def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float | None = None,
+                fresh: bool = False) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True)``; a ``python SCRIPT``/``python -m MODULE``
+    command is forked from the zygote (tests/zygote.py: the same process, less the 4 s of imports)
+    unless ``fresh`` asks for a new interpreter (a test about start-up itself)."""
+    env = dict(os.environ if env is None else env)
+    if fresh or not runnable(argv):
+        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    _refuse_outside_slow_tests(f"a command ({str(argv)[:120]})")
+    return _ZYGOTE.run(argv, cwd, env, timeout)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _ZYGOTE.close()
 
 
 # Small, quick synthetic runs for end-to-end tests.

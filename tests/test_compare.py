@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cifar_lab.cli import compare
-from conftest import ROOT
+from conftest import ROOT, run_command
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -95,8 +95,8 @@ def test_nothing_to_compare(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_cli(runs: tuple[Path, Path], tmp_path: Path) -> None:
     single, sweep = runs
-    proc = subprocess.run([sys.executable, "-m", "cifar_lab.compare", str(single), str(sweep), "--plot",
-                           str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-m", "cifar_lab.compare", str(single), str(sweep), "--plot",
+                           str(tmp_path / "c.png")], cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "resnet_se" in proc.stdout and (tmp_path / "c.png").read_bytes()[:8] == PNG
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SYNTH
+from conftest import ROOT, SYNTH, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +57,8 @@ def test_torchrun_on_two_nodes_writes_one_run_directory_with_the_ddp_cpu_result(
     assert sum(output.count("Run directory:") for output in outputs) == 1
 
     single_node = tmp_path / "ddp_cpu"
-    proc = subprocess.run([sys.executable, "train.py", *DDP, f"hydra.run.dir={single_node}"], cwd=ROOT,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "train.py", *DDP, f"hydra.run.dir={single_node}"], cwd=ROOT,
+                          env=_env(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two_nodes, one_node = _metrics(runs[0]), _metrics(single_node)
     assert two_nodes["metrics"]["test/acc"] == one_node["metrics"]["test/acc"]
@@ -105,8 +105,8 @@ def test_a_killed_rank_ends_the_run_with_one_message_and_the_run_resumes(tmp_pat
     assert f"ckpt_path=last hydra.run.dir={run_dir}" in errors[0] and "Traceback" not in stderr
     assert f"the last checkpoint is {run_dir / 'checkpoints' / 'last.ckpt'}" in errors[0]
 
-    resumed = subprocess.run([sys.executable, "train.py", *args, "ckpt_path=last"], cwd=ROOT, env=_env(tmp_path),
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_command([sys.executable, "train.py", *args, "ckpt_path=last"], cwd=ROOT, env=_env(tmp_path),
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = _metrics(run_dir)
     assert summary["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt") and summary["epochs"] == 4

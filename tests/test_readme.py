@@ -52,13 +52,14 @@ import glob
 import os
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import run_command
 
 # every test here starts a process (a command, or a fixture's run made by the command line)
 pytestmark = pytest.mark.slow
@@ -246,7 +247,7 @@ def shared_run(logs: Path) -> Path:
     """The run `<run dir>` stands for: the speedrun (make train on a CPU), at the smallest size."""
     command = Command("README.md", 0, "python train.py experiment=speedrun")
     args = substitute(command, "smallest", Path("unused"), logs.parent, logs)
-    proc = subprocess.run(args, cwd=ROOT, env=_env(logs), capture_output=True, text=True, timeout=600)
+    proc = run_command(args, ROOT, _env(logs), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Path(re.findall(r"^Run directory: (.+)$", proc.stdout, re.M)[-1])
 
@@ -307,17 +308,32 @@ def test_the_rule_changes_only_data_epochs_and_paths(tmp_path: Path) -> None:
                               "+trainer.limit_train_batches=2", *FIXED])]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
-def test_readme_command_runs(command: Command, variant: str, shared_run: Path, logs: Path, inputs: Path) -> None:
-    reason = command.skip_reason()
-    if reason:
-        pytest.skip(f"{command.text}: {reason}")
-    args = substitute(command, variant, shared_run, inputs, logs)
-    proc = subprocess.run(args, cwd=ROOT, env=_env(logs, command.env), capture_output=True, text=True, timeout=900)
-    shown = f"{command.id}: {command.text}\nran: {shlex.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, shown
-    assert "Traceback" not in proc.stderr and "Error:" not in proc.stderr, shown
+def _document_commands(doc: str) -> type:
+    """The commands of one document as a test class: a document's commands run in their order on one test
+    worker (a later command reads what an earlier one made), and the documents run side by side."""
+
+    class DocumentCommands:
+        @pytest.mark.parametrize("variant", VARIANTS)
+        @pytest.mark.parametrize("command", [c for c in COMMANDS if c.doc == doc],
+                                 ids=[c.id for c in COMMANDS if c.doc == doc])
+        def test_command_runs(self, command: Command, variant: str, shared_run: Path, logs: Path,
+                              inputs: Path) -> None:
+            reason = command.skip_reason()
+            if reason:
+                pytest.skip(f"{command.text}: {reason}")
+            args = substitute(command, variant, shared_run, inputs, logs)
+            proc = run_command(args, ROOT, _env(logs, command.env), timeout=900)
+            shown = f"{command.id}: {command.text}\nran: {shlex.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            assert proc.returncode == 0, shown
+            assert "Traceback" not in proc.stderr and "Error:" not in proc.stderr, shown
+
+    DocumentCommands.__name__ = DocumentCommands.__qualname__ = "TestCommandsOf_" + re.sub(r"\W", "_", doc)
+    return DocumentCommands
+
+
+for _doc in dict.fromkeys(c.doc for c in COMMANDS):
+    _class = _document_commands(_doc)
+    globals()[_class.__name__] = _class
 
 
 if __name__ == "__main__":  # the list of commands and what the test does with each

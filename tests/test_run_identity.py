@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cifar_lab.runs import identity
-from conftest import ROOT, SYNTH, run_cli
+from conftest import ROOT, SYNTH, run_cli, run_command
 
 
 # ----------------------------------------------------------------------------- names
@@ -77,15 +77,15 @@ def _metrics(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_a_slurm_job_writes_its_named_directory_and_a_second_fresh_run_is_refused(tmp_path: Path) -> None:
     args = [*QUICK, "trainer.max_epochs=1"]
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=_env(tmp_path, SLURM_JOB_ID="4242"),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "train.py", *args], cwd=ROOT, env=_env(tmp_path, SLURM_JOB_ID="4242"),
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "logs" / "train" / "runs" / "slurm-4242"
     assert _runs(tmp_path) == ["slurm-4242"] and (run_dir / "metrics.json").is_file()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     # the same job id again without a restart (a second run in one job): refused, nothing rewritten
-    again = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=_env(tmp_path, SLURM_JOB_ID="4242"),
-                           capture_output=True, text=True, timeout=300)
+    again = run_command([sys.executable, "train.py", *args], cwd=ROOT, env=_env(tmp_path, SLURM_JOB_ID="4242"),
+                           timeout=300)
     assert again.returncode == 2, again.stderr[-3000:]
     assert "already holds a run, and this job was not restarted" in again.stderr
     assert "Traceback" not in again.stderr
@@ -118,8 +118,8 @@ def _stop_mid_training(tmp_path: Path, args: list[str], env: dict[str, str], sig
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    proc = subprocess.run([sys.executable, "train.py", *QUICK, "trainer.max_epochs=4"], cwd=ROOT,
-                          env=_env(tmp, SLURM_JOB_ID="1000"), capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "train.py", *QUICK, "trainer.max_epochs=4"], cwd=ROOT,
+                          env=_env(tmp, SLURM_JOB_ID="1000"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _metrics(tmp / "logs" / "train" / "runs" / "slurm-1000")
 
@@ -137,9 +137,9 @@ def test_a_requeued_job_continues_in_its_directory_to_the_uninterrupted_result(
     if signum == signal.SIGUSR1:  # no SLURM here: the message says the job was not requeued, in one line
         assert re.search(r"(SLURM job 2000 was not requeued|`scontrol requeue 2000` failed: .+)\n", first.stderr_text)
 
-    restarted = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT,
+    restarted = run_command([sys.executable, "train.py", *args], cwd=ROOT,
                                env=_env(tmp_path, SLURM_JOB_ID="2000", SLURM_RESTART_COUNT="1"),
-                               capture_output=True, text=True, timeout=300)
+                               timeout=300)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "slurm-2000 (restart 1): resuming from" in restarted.stderr + restarted.stdout
     assert _runs(tmp_path) == ["slurm-2000"]  # one directory for the whole job
@@ -160,12 +160,12 @@ def test_the_srun_hint_appears_only_inside_an_allocation(tmp_path: Path) -> None
     path = f"{bin_dir}:{os.environ['PATH']}"
     hint = "The `srun` command is available on your system but is not used"
     args = [*QUICK, "debug=fast_dev_run"]
-    login = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'login'}"], cwd=ROOT,
-                           env=_env(tmp_path, PATH=path), capture_output=True, text=True, timeout=300)
+    login = run_command([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'login'}"], cwd=ROOT,
+                           env=_env(tmp_path, PATH=path), timeout=300)
     assert login.returncode == 0, login.stderr[-3000:]
     assert hint not in login.stderr + login.stdout
     # inside a job (an allocation) without srun: the hint applies
-    job = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'job'}"], cwd=ROOT,
-                         env=_env(tmp_path, PATH=path, SLURM_JOB_ID="31"), capture_output=True, text=True, timeout=300)
+    job = run_command([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'job'}"], cwd=ROOT,
+                         env=_env(tmp_path, PATH=path, SLURM_JOB_ID="31"), timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]
     assert (job.stderr + job.stdout).count(hint) == 1
