@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from cifar_lab import checkpoints
 from cifar_lab.callbacks.estimate import RunEstimate
+from cifar_lab.callbacks.peers import let_the_main_thread_report
 from cifar_lab.callbacks.progress import EpochLines, TestLines, interactive
 from cifar_lab.callbacks.tta import check_single_layer
 from cifar_lab.callbacks.sync_batchnorm import CPUSyncBatchNorm
@@ -262,6 +263,7 @@ def _strategy(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
 
     from lightning.pytorch.strategies import DDPStrategy
 
+    let_the_main_thread_report(grace_s=float(timeout) + 60)
     return cfg, {"strategy": DDPStrategy(timeout=timedelta(seconds=float(timeout)))}
 
 

@@ -11,13 +11,14 @@ command that resumes the run from its last checkpoint.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from cifar_lab.errors import PeerLost
 
-__all__ = ["peer_lost_error"]
+__all__ = ["peer_lost_error", "let_the_main_thread_report"]
 
 # what torch's gloo and NCCL backends and its store say when a peer process is gone or silent
 _LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|timed out|Timed out|"
@@ -64,3 +65,26 @@ def peer_lost_error(err: BaseException, trainer: Any, run_dir: Path, last_good: 
         f"stopped too instead of waiting; {kept}. Resume every process with the same command plus "
         f"ckpt_path=last hydra.run.dir={run_dir}"
     )
+
+
+def let_the_main_thread_report(grace_s: float) -> None:
+    """Lightning's launcher watches the processes it started, and within 5 s of one dying it SIGKILLs
+    the others and itself. That races the main thread, whose next collective fails at once when the
+    dead process's connections close and ends the run with :func:`peer_lost_error`'s message: under
+    load the watcher won and the run ended killed, without a word. Here the watcher still finds the
+    dead process but kills only a run whose main thread has not ended within ``grace_s`` (the
+    collective timeout and a margin: a frozen process)."""
+    import time
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    class PatientObserver(_ChildProcessObserver):
+        def _terminate_all(self) -> None:
+            time.sleep(grace_s)  # a daemon thread: it ends with the process when the main thread ends the run
+            super()._terminate_all()
+
+    def launch_observer(child_processes: list) -> None:
+        PatientObserver(main_pid=os.getpid(), child_processes=child_processes).start()
+
+    subprocess_script._launch_process_observer = launch_observer
