@@ -446,7 +446,7 @@ def test_a_run_marks_a_promise_its_steps_do_not_keep_stale(tmp_path: Path, capsy
     _decide(compose_cfg(overrides, tmp_path / "first"), impossible)
     train(compose_cfg(overrides, tmp_path / "run"))
     out = capsys.readouterr().out
-    assert "memory format channels_last (cache: " in out  # the header: where the decision came from
+    assert "memory format channels_last, compile false (cache: " in out  # the header: where it came from
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["autotune"]
     assert recorded["source"] == "cache" and recorded["check"]["stale"] is True and recorded["check"]["ratio"] > 100
     entries = [e for e in cache.read().values() if e["kind"] == "pair"]
