@@ -8,10 +8,10 @@ channels, 32x32, 3x3, channels_last), forward and backward, in fp32 and in the r
 one warm-up call each, then ``REPEATS`` interleaved pairs (fp32, reduced, fp32, reduced, ...); each
 side's fastest call counts (load only ever slows a call down). Convolutions make most of every
 network's step here, and a matmul is no test: on an AVX2-only AMD EPYC (Zen 3) bf16 took 5.3x
-fp32's time for this convolution at batch 8, but 1.3x for a 256 x 256 matmul. When the reduced precision takes more than
-``autotune.probe_slower`` times fp32's time, its candidates are not timed: they stay in the table
-with a note. The result is cached with the decisions (kind ``probe``) under the device, torch
-version and threads, so it runs once per machine setup.
+fp32's time for this convolution at batch 8, but 1.3x for a 256 x 256 matmul. When the reduced
+precision takes more than ``autotune.probe_slower`` times fp32's time, its candidates are not
+timed: they stay in the table with a note. The result is cached with the decisions (kind
+``probe``) under the device, torch version and threads, so it runs once per machine setup.
 """
 
 from __future__ import annotations
