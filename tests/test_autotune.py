@@ -1,6 +1,7 @@
 """Autotune: `auto` precision and memory format are measured in interleaved rounds until sure (on a fake
 clock here), cached with what they were measured under, checked by the run, never override an explicit
-value, drop unstable candidates, and agree across DDP ranks."""
+value, drop unstable candidates, leave a precision the probe found far slower than fp32 untimed, and agree
+across DDP ranks."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifar_lab import autotune
 from cifar_lab.autotune import cache, device as autotune_device
+from cifar_lab.autotune.probe import ProbeStep
 from cifar_lab.callbacks.estimate import Plan, RunEstimate
 from cifar_lab.cli.train import train
 from conftest import SYNTH, compose_cfg
@@ -32,13 +34,19 @@ def _own_cache_and_a_bf16_cpu(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(autotune_device, "_native_bf16_cpu", lambda: True)
 
 
+NATIVE = {"32": 0.002, "bf16-mixed": 0.0016}  # the probe's convolution where bf16 is native: faster than fp32
+
+
 class FakeDevice:
     """Step functions on a fake clock: ``seconds[pair]`` per step, or a list giving the first steps' times
-    (the last repeats), and a loss per pair."""
+    (the last repeats), and a loss per pair; the precision probe's convolution takes ``probe[precision]``
+    (the same form) per call."""
 
-    def __init__(self, seconds: dict, losses: dict | None = None):
+    def __init__(self, seconds: dict, losses: dict | None = None, probe: dict | None = None):
         self.seconds, self.losses = seconds, losses or {}
+        self.probe = {("probe", p): t for p, t in (NATIVE if probe is None else probe).items()}
         self.built: list[tuple[str, str]] = []
+        self.probed: list[str] = []  # the precisions the probe built
         self.steps: dict[tuple[str, str], int] = {}
         self.order: list[tuple[str, str]] = []
         self.current: tuple[str, str] | None = None
@@ -55,9 +63,20 @@ class FakeDevice:
 
         return step
 
+    def probe_steps(self, precision, device) -> ProbeStep:
+        self.probed.append(precision)
+        key = ("probe", precision)
+
+        def step() -> None:
+            self.current = key
+            self.steps[key] = self.steps.get(key, 0) + 1
+            self.order.append(key)
+
+        return ProbeStep(precision, step)
+
     def timer(self, step) -> float:
         step()
-        times = self.seconds[self.current]
+        times = {**self.seconds, **self.probe}[self.current]
         if isinstance(times, list):
             return times[min(self.steps[self.current], len(times)) - 1]
         return times
@@ -68,7 +87,12 @@ def _cfg(tmp_path: Path, *extra: str):
 
 
 def _decide(cfg, fake: FakeDevice, run_dir=None, rank: int = 0, **kwargs):
-    return autotune.decide(cfg, run_dir, rank=rank, timer=fake.timer, step_factory=fake.step_factory, **kwargs)
+    return autotune.decide(cfg, run_dir, rank=rank, timer=fake.timer, step_factory=fake.step_factory,
+                           probe_steps=fake.probe_steps, **kwargs)
+
+
+def _pairs_stepped(fake: FakeDevice) -> list:
+    return [key for key in fake.order if key[0] != "probe"]
 
 
 def _speeds(decision) -> dict:
@@ -81,7 +105,7 @@ def test_the_fastest_pair_wins_in_interleaved_rounds_and_is_written_into_the_con
     decision = _decide(cfg, fake)
     assert (decision.precision, decision.memory_format, decision.source) == ("bf16-mixed", "contiguous", "measured")
     assert cfg.trainer.precision == "bf16-mixed" and cfg.module.memory_format == "contiguous"
-    assert fake.order[:4] == [BF16_CL, BF16_NCHW, FP32_CL, FP32_NCHW]  # A B C D A B ...: interleaved
+    assert _pairs_stepped(fake)[:4] == [BF16_CL, BF16_NCHW, FP32_CL, FP32_NCHW]  # A B C D A B ...: interleaved
     assert decision.decided is True and decision.rounds == 4  # min_rounds settled rounds, no noise: sure
     assert decision.margin == pytest.approx(0.5) and decision.spread == pytest.approx(0.0)
     assert decision.measuring_s == pytest.approx(4 * 0.2 + 4 * 0.3 + 4 * 0.5 + 2 * 0.7)
@@ -104,6 +128,109 @@ def test_a_noisy_first_round_still_gives_the_right_decision(tmp_path: Path) -> N
     assert noisy.images_per_s == pytest.approx(decision.batch_size / 0.10)
     assert decision.margin == pytest.approx(0.2)  # 0.12 / 0.10
     assert all(fake.steps[p] >= 3 for p in (FP32_CL, FP32_NCHW))  # twice as slow is not stopped early
+
+
+def test_a_candidate_far_slower_in_its_first_step_costs_one_step(tmp_path: Path) -> None:
+    # bf16 channels_last leads round 0 at 0.1 s; fp32 channels_last's first step 4.5x that (an emulated
+    # precision, minutes a step on a heavy network) stops at once; 3.5x is under give_up_first (4)
+    fake = FakeDevice({BF16_CL: 0.10, BF16_NCHW: 0.12, FP32_CL: 0.45, FP32_NCHW: 0.35})
+    decision = _decide(_cfg(tmp_path), fake)
+    assert (decision.precision, decision.memory_format, decision.decided) == ("bf16-mixed", "channels_last", True)
+    notes = {(c.precision, c.memory_format): c.note for c in decision.table}
+    assert fake.steps[FP32_CL] == 1 and notes[FP32_CL] == "stopped after its first step: 4.5x the leader's first step"
+    assert fake.steps[FP32_NCHW] == 2 and notes[FP32_NCHW].startswith("stopped early")  # give_up after 2 steps
+    # set wider, the same first step is not enough
+    wider = FakeDevice(fake.seconds)
+    _decide(_cfg(tmp_path, "autotune.give_up_first=5", "model.fc_units=40"), wider)
+    assert wider.steps[FP32_CL] == 2
+
+
+def test_a_slow_first_step_before_the_leader_ran_is_not_held_against_a_candidate(tmp_path: Path) -> None:
+    # the first candidate of round 0 pays the process's one-time start-up costs (5x its settled step): the
+    # leader had none to pay, so that first step says nothing, and it goes on to win
+    fake = FakeDevice({BF16_CL: [0.5, 0.10], BF16_NCHW: 0.12, FP32_CL: 0.3, FP32_NCHW: 0.35})
+    decision = _decide(_cfg(tmp_path), fake)
+    assert (decision.precision, decision.memory_format, decision.decided) == ("bf16-mixed", "channels_last", True)
+    assert fake.steps[BF16_CL] > 1
+
+
+def test_a_reduced_precision_far_slower_on_the_probe_is_never_timed(tmp_path: Path) -> None:
+    # bf16 emulated: the probe's convolution 6.3x fp32's time once warm (the warm-up calls, 10x, do not
+    # count; nor does a disturbed call: each side's fastest counts)
+    probe = {"32": [0.05, 0.002, 0.003, 0.002], "bf16-mixed": [0.5, 0.0126, 0.02, 0.013]}
+    fake = FakeDevice({FP32_CL: 0.2, FP32_NCHW: 0.1}, probe=probe)  # a bf16 step would raise KeyError
+    decision = _decide(_cfg(tmp_path), fake)
+    assert (decision.precision, decision.memory_format, decision.decided) == ("32", "contiguous", True)
+    assert fake.built == [FP32_CL, FP32_NCHW] and set(_pairs_stepped(fake)) == {FP32_CL, FP32_NCHW}
+    # the probe: one warm-up call each, then 3 interleaved pairs, before any candidate's step
+    assert fake.probed == ["32", "bf16-mixed"]
+    assert fake.order[:8] == [("probe", "32"), ("probe", "bf16-mixed")] * 4
+    assert ("probe", "32") not in fake.order[8:]
+    notes = {(c.precision, c.memory_format): (c.images_per_s, c.steps, c.note) for c in decision.table}
+    for pair in (BF16_CL, BF16_NCHW):
+        assert notes[pair] == (None, 0, "not timed: bf16-mixed convolution 6.3x slower than fp32 here (probe)")
+    assert decision.probe["bf16-mixed"]["ratio"] == pytest.approx(6.3) and decision.probe["bf16-mixed"]["source"] \
+        == "measured"
+    table = autotune.format_table(decision)
+    assert "precision probe (measured): a bf16-mixed convolution took 6.3x fp32's time; its candidates not timed" \
+        in table and "| bf16-mixed | channels_last | - | 0/0 | - | not timed: bf16-mixed convolution 6.3x" in table
+    assert decision.record()["probe"]["bf16-mixed"]["note"].startswith("not timed")  # metrics.json
+
+
+@pytest.mark.parametrize("reduced_s", [0.0016, 0.0058])  # faster than fp32; 2.9x, under probe_slower (3)
+def test_a_probe_at_native_speed_keeps_the_reduced_precision(tmp_path: Path, reduced_s: float) -> None:
+    fake = FakeDevice({BF16_CL: 0.1, BF16_NCHW: 0.2, FP32_CL: 0.3, FP32_NCHW: 0.4},
+                      probe={"32": 0.002, "bf16-mixed": reduced_s})
+    decision = _decide(_cfg(tmp_path), fake)
+    assert (decision.precision, decision.memory_format) == BF16_CL and len(set(fake.built)) == 4
+    assert decision.probe["bf16-mixed"]["note"] == "" and not any("not timed" in c.note for c in decision.table)
+
+
+def test_the_probe_runs_once_per_machine_setup(tmp_path: Path, monkeypatch, capsys) -> None:
+    emulated = {"32": 0.002, "bf16-mixed": 0.0126}
+    _decide(_cfg(tmp_path), FakeDevice({FP32_CL: 0.2, FP32_NCHW: 0.1}, probe=emulated))
+    # another network on the same machine: the cached probe, no probe step, bf16 still not timed
+    again = FakeDevice({FP32_CL: 0.2, FP32_NCHW: 0.1}, probe={})
+    decision = _decide(_cfg(tmp_path, "model.fc_units=40"), again)
+    assert again.probed == [] and decision.probe["bf16-mixed"]["source"] == "cache"
+    assert set(again.built) == {FP32_CL, FP32_NCHW}
+    # the verdict is the current config's: the same cached figure under a wider probe_slower times bf16
+    wider = FakeDevice({BF16_CL: 0.05, BF16_NCHW: 0.2, FP32_CL: 0.3, FP32_NCHW: 0.4}, probe={})
+    decision = _decide(_cfg(tmp_path, "model.fc_units=24", "autotune.probe_slower=8"), wider)
+    assert wider.probed == [] and (decision.precision, decision.memory_format) == BF16_CL
+    # `show` lists it with its figures
+    code, out, _ = _command(capsys, "show")
+    probe_rows = [line for line in out.splitlines() if "| bf16-mixed | 2.00 | 12.60 | 6.3x |" in line]
+    assert code == 0 and "Precision probes" in out and len(probe_rows) == 1
+    assert "bf16-mixed channels_last not timed (probe)" in out  # the pair rows say which were not timed
+    # another thread count is another machine setup: probed again
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    third = FakeDevice({FP32_CL: 0.2, FP32_NCHW: 0.1}, probe=emulated)
+    assert _decide(_cfg(tmp_path), third).probe["bf16-mixed"]["source"] == "measured"
+    assert third.probed == ["32", "bf16-mixed"]
+
+
+def test_an_explicit_precision_is_never_probed(tmp_path: Path) -> None:
+    fake = FakeDevice({BF16_CL: 0.2, BF16_NCHW: 0.1}, probe={"32": 0.002, "bf16-mixed": 0.02})
+    decision = _decide(_cfg(tmp_path, "trainer.precision=bf16-mixed"), fake)
+    assert fake.probed == [] and decision.probe == {} and (decision.precision, decision.memory_format) == BF16_NCHW
+
+
+def test_the_real_probe_runs_a_convolution_at_both_precisions(tmp_path: Path) -> None:
+    from cifar_lab.autotune.probe import conv_step, measure
+
+    calls = []
+
+    def counting_timer(step) -> float:  # a fake clock: the real steps run, nothing is timed
+        grads = step()
+        calls.append((step.precision, [tuple(g.shape) for g in grads], {g.dtype for g in grads}))
+        return 1.0 if step.precision == "32" else 2.0
+
+    found = measure("bf16-mixed", torch.device("cpu"), counting_timer)
+    assert found == {"fp32_s": 1.0, "reduced_s": 2.0} and len(calls) == 8
+    assert [c[0] for c in calls] == ["32", "bf16-mixed"] * 4
+    assert calls[0][1] == [(4, 64, 32, 32), (64, 64, 3, 3)] and all(c[2] == {torch.float32} for c in calls)
+    assert conv_step("bf16-mixed", torch.device("cpu")).precision == "bf16-mixed"
 
 
 def test_equal_candidates_stop_at_the_budget_undecided_with_the_usual_pair(tmp_path: Path, caplog) -> None:
@@ -252,7 +379,8 @@ def test_a_candidate_with_a_non_finite_loss_is_dropped_and_an_unsupported_one_no
             raise RuntimeError("bf16 convolution is not implemented here")
         return build(cfg, precision, memory_format, device, batch_size)
 
-    decision = autotune.decide(_cfg(tmp_path), timer=fake.timer, step_factory=factory)
+    decision = autotune.decide(_cfg(tmp_path), timer=fake.timer, step_factory=factory,
+                               probe_steps=fake.probe_steps)
     assert (decision.precision, decision.memory_format) == FP32_CL
     notes = {(c.precision, c.memory_format): (c.images_per_s, c.note) for c in decision.table}
     assert notes[BF16_CL][0] is None and "not finite" in notes[BF16_CL][1] and fake.steps[BF16_CL] == 1
@@ -283,7 +411,7 @@ def test_measuring_leaves_the_runs_random_stream_alone(tmp_path: Path) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    autotune.decide(_cfg(tmp_path), timer=fake.timer, step_factory=drawing_factory)
+    autotune.decide(_cfg(tmp_path), timer=fake.timer, step_factory=drawing_factory, probe_steps=fake.probe_steps)
     assert fake.built and torch.equal(torch.rand(3), expected)
 
 
@@ -318,10 +446,10 @@ def test_a_run_marks_a_promise_its_steps_do_not_keep_stale(tmp_path: Path, capsy
     _decide(compose_cfg(overrides, tmp_path / "first"), impossible)
     train(compose_cfg(overrides, tmp_path / "run"))
     out = capsys.readouterr().out
-    assert "memory format channels_last (cache: " in out  # the header: where the decision came from
+    assert "memory format channels_last, compile false (cache: " in out  # the header: where it came from
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["autotune"]
     assert recorded["source"] == "cache" and recorded["check"]["stale"] is True and recorded["check"]["ratio"] > 100
-    entries = list(cache.read().values())
+    entries = [e for e in cache.read().values() if e["kind"] == "pair"]
     assert len(entries) == 1 and entries[0]["stale"].startswith("a run's forward and backward took")
     again = FakeDevice({BF16_CL: 0.2, BF16_NCHW: 0.1, FP32_CL: 0.3, FP32_NCHW: 0.4})
     assert _decide(compose_cfg(overrides, tmp_path / "next"), again).reason.startswith("stale: ")
@@ -442,20 +570,23 @@ def test_clear_forgets_one_model_or_all(tmp_path: Path, capsys) -> None:
     _two_models(tmp_path)
     code, out, _ = _command(capsys, "clear", "simple_cnn")
     assert code == 0 and out.startswith("cleared 1 cached decision of simple_cnn")
-    assert {e["model"] for e in cache.read().values()} == {"attention_net"}
+    kinds = [(e["kind"], e.get("model")) for e in cache.read().values()]
+    assert sorted(kinds) == [("pair", "attention_net"), ("probe", None)]  # the machine's probe outlives a model
     fake = FakeDevice({BF16_CL: 0.1, BF16_NCHW: 0.2, FP32_CL: 0.3, FP32_NCHW: 0.4})
     assert _decide(_cfg(tmp_path), fake).source == "measured" and fake.built  # cleared: measured again
     code, out, _ = _command(capsys, "clear")
     assert code == 0 and out.startswith("cleared 2 cached decisions from") and cache.read() == {}
+    assert out.rstrip().endswith(", and 1 precision probe")
     code, out, _ = _command(capsys, "show")
     assert code == 0 and out.startswith("no cached decisions in")
 
 
 def test_the_command_refuses_bad_arguments_with_one_clear_message(tmp_path: Path, capsys) -> None:
     _two_models(tmp_path)
+    before = cache.read()
     code, _, err = _command(capsys, "clear", "resnet_se")
     assert code == 2 and err.startswith("Error: no cached decision for model 'resnet_se'")
-    assert "(cached: attention_net, simple_cnn)" in err and len(cache.read()) == 2  # nothing cleared
+    assert "(cached: attention_net, simple_cnn)" in err and cache.read() == before  # nothing cleared
     with pytest.raises(SystemExit) as exit_:
         _command(capsys, "forget")
     assert exit_.value.code == 2 and "invalid choice: 'forget'" in capsys.readouterr().err

@@ -36,6 +36,8 @@ BAD_VALUES = [
     (["seed=-3"], "seed=-3", "an integer in [0, 4294967295]"),
     (["scheduler.interval=batch"], "scheduler.interval=batch", "one of 'epoch', 'step'"),
     (["module.label_smoothing=1.0"], "module.label_smoothing=1.0", "a number in [0, 1)"),
+    (["autotune.probe_slower=1"], "autotune.probe_slower=1", "a number > 1"),
+    (["autotune.give_up_first=0.5"], "autotune.give_up_first=0.5", "a number > 1"),
     (["optimized_metric=val/accuracy"], "optimized_metric=val/accuracy", "'val/acc'"),
     (["optimized_metric=test/acc"], "optimized_metric=test/acc", "'val/acc_best'"),
     (["callbacks.model_checkpoint.monitor=val/acc1"], "callbacks.model_checkpoint.monitor=val/acc1", "'val/acc'"),

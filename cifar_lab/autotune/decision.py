@@ -44,6 +44,7 @@ class Decision:
     measured_at: str = ""
     cache_key: str | None = None
     check: dict[str, Any] | None = None  # the run's own check of this promise (cifar_lab.autotune.check)
+    probe: dict[str, Any] = field(default_factory=dict)  # reduced precision -> its probe (cifar_lab.autotune.probe)
     stale_above: float = field(default=0.25, repr=False)  # the check's tolerance (autotune.stale_above)
 
     def record(self) -> dict[str, Any]:
@@ -101,6 +102,11 @@ def format_table(decision: Decision) -> str:
         detail = (f" (step {1000 * t['eager_s']:.0f} ms eager, {1000 * t['compiled_s']:.0f} ms compiled, compiling "
                   f"{t['compile_s']:.0f} s, {t.get('steps')} steps)") if "eager_s" in t else ""
         lines[0] += f", compile={str(decision.compile).lower()}{detail}"
+    for precision, found in decision.probe.items():
+        ratio = found.get("ratio")
+        figure = f"{ratio:.1f}x fp32's time" if ratio is not None else "did not run"
+        lines.append(f"precision probe ({found.get('source')}): a {precision} convolution took {figure}"
+                     + ("; its candidates not timed" if found.get("note") else ""))
     if decision.table:
         lines.append(f"{decision.rounds} interleaved rounds, {decision.measuring_s:.1f} s of steps; margin "
                      f"{percent(decision.margin)}, spread between rounds {percent(decision.spread)}"

@@ -55,11 +55,15 @@ def image_size(cfg: DictConfig) -> int:
     return int(OmegaConf.select(cfg, "data.source.image_size", default=32) or 32)
 
 
+def machine(device: torch.device) -> dict[str, Any]:
+    """The machine setup a measurement was made under (the precision probe's conditions)."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
+
+
 def conditions(device: torch.device, batch_size: int, size: int) -> dict[str, Any]:
     """What a measurement was made under: any change means it is measured again."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "batch_size": int(batch_size), "image_size": int(size)}
+    return {**machine(device), "batch_size": int(batch_size), "image_size": int(size)}
 
 
 def step_fn(cfg: DictConfig, precision: str, memory_format: str, device: torch.device, batch_size: int,

@@ -19,6 +19,7 @@ from cifar_lab.autotune import cache
 from cifar_lab.autotune.decision import AUTO, Candidate, Decision, format_table, pair_name, percent
 from cifar_lab.autotune.device import (StepFactory, candidate_pairs, conditions, device_of, image_size,
                                        isolated_rng, step_fn)
+from cifar_lab.autotune.probe import ProbeSteps, conv_step, probed
 from cifar_lab.autotune.rounds import Race, Rules, StepTimer, Trial, UNSUPPORTED, run_race
 
 log = logging.getLogger("cifar_lab.autotune")
@@ -35,10 +36,11 @@ def wall_timer(step: Any) -> float:
 
 def decide(cfg: DictConfig, run_dir: Path | None = None, resume_config: dict[str, Any] | None = None,
            rank: int = 0, timer: StepTimer = wall_timer, step_factory: StepFactory = step_fn,
-           train_images: int | None = None) -> Decision:
+           train_images: int | None = None, probe_steps: ProbeSteps = conv_step) -> Decision:
     """Resolve ``auto`` in ``trainer.precision``, ``module.memory_format`` and ``module.compile``, writing the
     choice into ``cfg``. ``train_images`` (the training set's size) gives the run's length: the measuring
-    budget's share of it, and whether compiling pays."""
+    budget's share of it, and whether compiling pays. ``timer`` times every step, the precision probe's
+    (``probe_steps``, :mod:`cifar_lab.autotune.probe`) included."""
     start = time.perf_counter()
     precision = str(OmegaConf.select(cfg, "trainer.precision", default=AUTO))
     memory_format = str(OmegaConf.select(cfg, "module.memory_format", default=AUTO))
@@ -55,7 +57,8 @@ def decide(cfg: DictConfig, run_dir: Path | None = None, resume_config: dict[str
     elif rank != 0:
         decision = _from_rank_zero(run_dir)
     else:
-        decision = _measured_or_cached(cfg, precision, memory_format, batch_size, steps, timer, step_factory)
+        decision = _measured_or_cached(cfg, precision, memory_format, batch_size, steps, timer, step_factory,
+                                       probe_steps)
     decision.stale_above = float(OmegaConf.select(cfg, "autotune.stale_above", default=0.25))
     if str(OmegaConf.select(cfg, "module.compile", default=False)) == AUTO and decision.compile is None:
         if rank != 0 and decision.source == "rank 0":
@@ -132,7 +135,7 @@ def rules_of(cfg: DictConfig) -> Rules:
 
 
 def _measured_or_cached(cfg: DictConfig, precision: str, memory_format: str, batch_size: int, steps: int | None,
-                        timer: StepTimer, step_factory: StepFactory) -> Decision:
+                        timer: StepTimer, step_factory: StepFactory, probe_steps: ProbeSteps) -> Decision:
     device = device_of(cfg)
     pairs = candidate_pairs(device, precision, memory_format)
     under = conditions(device, batch_size, image_size(cfg))
@@ -149,10 +152,13 @@ def _measured_or_cached(cfg: DictConfig, precision: str, memory_format: str, bat
             return cached
     else:
         reason = cache.why_again(entries, key, setup, under)
+    probes = _probes(cfg, precision, pairs, device, timer, probe_steps)
     with isolated_rng(device):
-        trials = [_trial(pair, cfg, device, batch_size, step_factory) for pair in pairs]
+        trials = [_trial(pair, cfg, device, batch_size, step_factory, probes.get(pair[0], {}).get("note", ""))
+                  for pair in pairs]
         race = run_race(trials, timer, rules, run_steps=steps)
     decision = _decision(race, pairs, batch_size, under["image_size"], reason)
+    decision.probe = probes
     decision.measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     decision.cache_key = key
     _say(decision, race)
@@ -174,8 +180,21 @@ def _more_time(cached: Decision, rules: Rules, steps: int | None) -> str:
     return f"undecided within {cached.budget_s:.0f} s; this run allows {budget:.0f} s"
 
 
+def _probes(cfg: DictConfig, precision: str, pairs: list[tuple[str, str]], device: torch.device,
+            timer: StepTimer, probe_steps: ProbeSteps) -> dict[str, dict[str, Any]]:
+    """The precision probe of each reduced precision among automatic candidates (an explicit precision is
+    never probed): its figures, and the note of one not worth timing."""
+    if precision != AUTO:
+        return {}
+    slower = float(OmegaConf.select(cfg, "autotune.probe_slower", default=3.0))
+    reduced = dict.fromkeys(p for p, _ in pairs if p != "32")
+    return {p: probed(p, device, timer, probe_steps, slower) for p in reduced}
+
+
 def _trial(pair: tuple[str, str], cfg: DictConfig, device: torch.device, batch_size: int,
-           step_factory: StepFactory) -> Trial:
+           step_factory: StepFactory, not_timed: str = "") -> Trial:
+    if not_timed:  # the probe found this precision far slower than fp32 here
+        return Trial(pair, None, note=not_timed)
     try:
         return Trial(pair, step_factory(cfg, pair[0], pair[1], device, batch_size))
     except UNSUPPORTED as err:  # e.g. a precision this device lacks
@@ -200,7 +219,8 @@ def _decision(race: Race, pairs: list[tuple[str, str]], batch_size: int, size: i
                                behind=math.expm1(behind.margin) if behind else None))
     nearest = min(against.values(), key=lambda c: c.margin, default=None)
     if chosen is None:
-        fallback = pairs[-1]
+        # the last candidate the probe did not rule out
+        fallback = next((t.name for t in reversed(race.trials) if not t.note.startswith("not timed")), pairs[-1])
         log.warning("autotune: no candidate finished a step (%s); using %s", "; ".join(
             f"{pair_name(*t.name)}: {t.note}" for t in race.trials), pair_name(*fallback))
         return Decision(fallback[0], fallback[1], "measured", table, decided=None, rounds=race.rounds,

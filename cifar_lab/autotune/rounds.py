@@ -13,7 +13,10 @@ by round (paired). Definitions:
   the width of the middle half of the rounds; one disturbed round barely moves it).
 * X **stops** once, after ``min_rounds`` paired rounds, its margin exceeds the spread; or early,
   when even the fastest of its first 2 or more steps (warm-up included) took over ``give_up``
-  times the leader's median step (one slow round alone never stops a candidate). A non-finite
+  times the leader's median step (one slow round alone never stops a candidate); or right after
+  its first step, when that took over ``give_up_first`` times the leader's first step in the same
+  round, warm-up against warm-up, the leader having run before it in that round (so any one-time
+  start-up cost fell on the leader): a pathological candidate costs one step. A non-finite
   loss drops a candidate; one whose step raises (a precision this device lacks) is unsupported.
 * **decided**: the leader has ``min_rounds`` settled rounds and every other candidate stopped.
   Otherwise rounds go on until their time reaches the budget (or ``max_rounds``): undecided.
@@ -43,6 +46,7 @@ class Rules:
     max_rounds: int = 100
     settle: float = 0.1
     give_up: float = 2.5
+    give_up_first: float = 4.0
 
     def budget(self, run_s: float | None) -> float:
         """budget_s, or budget_fraction of the run's expected time when larger, up to budget_max_s."""
@@ -169,6 +173,10 @@ def _stop_the_slower(trials: list[Trial], leader: Trial, rules: Rules) -> None:
     for trial in trials:
         if trial is leader or not trial.running:
             continue
+        first = _first_step_behind(trials, trial, leader)
+        if first is not None and first > rules.give_up_first:
+            trial.running, trial.note = False, f"stopped after its first step: {first:.1f}x the leader's first step"
+            continue
         leading = leader.median()
         fastest = min(trial.times.values(), default=math.inf)
         if len(trial.times) >= 2 and leading and fastest > rules.give_up * leading:
@@ -179,3 +187,15 @@ def _stop_the_slower(trials: list[Trial], leader: Trial, rules: Rules) -> None:
             trial.running = False
             trial.note = (f"stopped: {100 * math.expm1(found.margin):.0f}% slower (spread "
                           f"{100 * math.expm1(found.spread):.0f}%)")
+
+
+def _first_step_behind(trials: list[Trial], trial: Trial, leader: Trial) -> float | None:
+    """``trial``'s lone first step over the leader's first step in the same round, where the leader ran
+    before it in that round; None otherwise."""
+    if len(trial.times) != 1 or trials.index(leader) > trials.index(trial):
+        return None
+    (round_, seconds), = trial.times.items()
+    theirs = leader.times.get(round_)
+    if theirs is None or theirs <= 0 or min(leader.times) != round_:
+        return None
+    return seconds / theirs

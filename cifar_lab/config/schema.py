@@ -208,6 +208,8 @@ RULES: dict[str, Check] = {
     "autotune.max_rounds": integer(1),
     "autotune.settle": number(0, 1, hi_open=True),
     "autotune.give_up": number(1, lo_open=True),
+    "autotune.give_up_first": number(1, lo_open=True),
+    "autotune.probe_slower": number(1, lo_open=True),
     "autotune.stale_above": POSITIVE,
     "module.compile": either(BOOL, one_of("auto")),
     "module.distill.temperature": POSITIVE,
