@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
+from cifar_lab.tools.bench.paired import _paired_fit
 from cifar_lab.tools.bench.timing import _median
 
 EMPTY = "(dispatch to no callback)"
@@ -87,8 +88,6 @@ def timed_dispatch(costs: dict[str, list[float]], warmup: int) -> Iterator[None]
 def bench_callbacks(settled, steps: int, warmup: int, repeats: int, device: torch.device, log) -> dict[str, Any]:
     """The default set's paired step cost (ms, median over ``repeats`` fits) and each callback's per-step
     microseconds (median over the steps of one instrumented fit)."""
-    from cifar_lab.tools.bench.overhead import _paired_fit
-
     cfg = settled.cfg
     out: dict[str, Any] = {"steps": steps, "method": "paired fits, none vs the default set; per callback: "
                            "dispatcher time per step, medians"}
