@@ -24,12 +24,15 @@ def orthogonalize(update: Tensor, steps: int = 5, eps: float = 1e-7,
     The quintic iteration ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` (after scaling
     ``X`` to unit Frobenius norm) pushes every singular value towards 1 in a few steps; the
     coefficients trade exactness for speed (the result's singular values land roughly in
-    [0.7, 1.2]), which is all an update direction needs. Runs in bfloat16.
+    [0.7, 1.2]), which is all an update direction needs. Runs in bfloat16 on a GPU, in the update's
+    own dtype elsewhere.
     """
     if update.ndim != 2:
         raise ValueError(f"orthogonalize needs a matrix, got shape {tuple(update.shape)}")
     a, b, c = coefficients
-    x = update.to(torch.bfloat16)
+    # bf16 halves a GPU's time (airbench); on a CPU without native bf16 it is emulated: orthogonalising a
+    # 256 x 2304 filter update took 1,339 ms in bf16 against 29 ms in fp32 (2-core AMD EPYC Zen 3, torch 2.14.1).
+    x = update.to(torch.bfloat16) if update.is_cuda else update
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
