@@ -72,6 +72,17 @@ def logs_this_step(trainer: L.Trainer) -> bool:
     return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
 
+class WeightedMean(MeanMetric):
+    """torchmetrics' MeanMetric without its per-batch nan check, which reads a flag back from the device
+    at every batch (a nan loss shows as nan). Its own ``nan_strategy="disable"`` drops the weights too,
+    which made the test loss a mean of batch means."""
+
+    def _cast_and_nan_check_input(self, x: Any, weight: Any = None) -> tuple[Tensor, Tensor]:
+        x = torch.as_tensor(x, dtype=self.dtype, device=self.device)
+        weight = torch.ones_like(x) if weight is None else torch.as_tensor(weight, dtype=self.dtype, device=self.device)
+        return x, weight
+
+
 class EpochTotals:
     """Loss and top-1/top-k hits of the training batches of one epoch, summed in place on the device.
 
@@ -175,8 +186,7 @@ class ClassifierModule(L.LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_acc_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
-            # no nan check: it reads a flag back from the device at every batch (a nan loss shows as nan)
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_loss", WeightedMean())
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives resume, so val/acc_best stays right
         # Training time spent before this fit: 0 for a new run, the checkpoint's elapsed_s when

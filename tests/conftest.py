@@ -194,12 +194,13 @@ def _clear_hydra():
 
 
 def run_cli(args: list[str], tmp_path: Path, script: str = "train.py", timeout: int = 300,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would, with logs under tmp_path; returns the finished process."""
+            env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would, with logs under tmp_path; returns the finished process (forked
+    from the zygote unless ``fresh``: see :func:`run_command`)."""
     full_env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1",
                 "COLUMNS": "200", **(env or {})}
     cmd = [sys.executable, script, *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
-    return run_command(cmd, cwd=ROOT, env=full_env, timeout=timeout)
+    return run_command(cmd, cwd=ROOT, env=full_env, timeout=timeout, fresh=fresh)
 
 
 _ZYGOTE = Zygote()

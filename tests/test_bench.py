@@ -256,30 +256,6 @@ def test_ablation_and_speedrun_on_a_tiny_run(tmp_path: Path, monkeypatch) -> Non
     assert s["fraction_of_peak"] > 0 and res["speedrun_fraction_of_peak"] == s["fraction_of_peak"]
 
 
-@pytest.mark.slow
-def test_speedrun_with_data_path_counts_the_image_size_its_batches_had(tmp_path: Path, monkeypatch) -> None:
-    """The training measurement serves the batches of the run's last epoch; with one epoch that is the
-    speedrun recipe's first, smaller size: its GFLOP/s is counted at that size, not at the 32 px of the
-    step measurement."""
-    monkeypatch.setenv("CIFAR_LAB_DATA", str(tmp_path / "no_data_here"))
-    monkeypatch.setenv("CIFAR_LAB_CACHE_DIR", str(tmp_path / "cache"))
-    out = tmp_path / "bench.json"
-    code = bench.main(["--quick", "--steps", "1", "--repeats", "1", "--generated-size", "200", "--workers", "1",
-                       "--models", "speedrun_net", "--speedrun", "--speedrun-batch-size", "4",
-                       "--skip", "data", "memory", "overhead", "--out", str(out),
-                       "trainer.precision=32", "module.memory_format=contiguous", "trainer.max_epochs=1"])
-    assert code == 0
-    res = json.loads(out.read_text())
-    s, train = res["speedrun"], res["train"]["speedrun_net"]
-    first = bench.compose(["data=synthetic", *bench.model_overrides("speedrun_net")]).data.augment.resize.schedule[0][1]
-    assert first < 32 and train["cifar_lab"]["image_size"] == first and s["image_size"] == 32
-    d = s["with_data_path"]
-    pixels = (first / 32) ** 2  # the convolutions' FLOPs scale with the pixels, the stem's a little less
-    assert d["image_size"] == first and 0.7 * pixels < d["train_flops"] / s["train_flops"] < 1.1 * pixels
-    assert d["achieved_gflops"] == pytest.approx(d["train_flops"] / 4 * train["cifar_lab"]["median"] / 1e9)
-    assert f"at {first} px" in bench.format_table(res)
-
-
 def test_lab_batches_are_those_of_the_runs_last_epoch() -> None:
     """The speedrun trains at 24 px in epochs 0-2 and at 32 px from epoch 3: the bench's batches are 32 px,
     the size the reference trains at."""

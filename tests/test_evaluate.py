@@ -151,7 +151,7 @@ def test_evaluate_with_explicit_tta_shifts(trained: Path, tmp_path: Path) -> Non
     assert summary["tta"]["shifts"] == [[1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [-1, -1], [1, -1], [-1, 1]]
     assert 0.0 <= summary["metrics"]["test/acc"] <= 1.0
     from cifar_lab.callbacks.tta import TTACallback
-    from cifar_lab.cli.evaluate import _with_requested_tta
+    from cifar_lab.builders.assemble import _with_requested_tta
 
     cfg = OmegaConf.create({"tta": {**summary["tta"]}})
     (requested,) = [c for c in _with_requested_tta(cfg, []) if isinstance(c, TTACallback)]

@@ -104,3 +104,13 @@ def test_epoch_totals_reduce_over_ranks_gives_the_whole_epoch() -> None:
     for name, value in whole.values().items():
         assert reduced[name].item() == pytest.approx(value.item(), rel=1e-6), name
     assert reduced["acc"].item() != pytest.approx(ranks[0].values()["acc"].item())
+
+
+def test_the_evaluation_loss_is_the_mean_over_images_not_over_batches() -> None:
+    """Uneven batches (DDP shards, a last short batch) weigh by their images, with no read from the device."""
+    from cifar_lab.module import WeightedMean
+
+    mean = WeightedMean()
+    mean.update(torch.tensor(1.0), 16)
+    mean.update(torch.tensor(4.0), 2)
+    assert mean.compute().item() == pytest.approx((16 * 1.0 + 2 * 4.0) / 18)

@@ -128,6 +128,7 @@ class CIFARDataModule(L.LightningDataModule):
         self._generator: torch.Generator | None = None
         self._train_batches = 0  # training batches augmented in the current epoch
         self._resume: dict[str, Any] | None = None  # position loaded from a checkpoint
+        self._announced = False
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -159,10 +160,13 @@ class CIFARDataModule(L.LightningDataModule):
             (train_x, val_x), (train_y, val_y) = (partition_rows_(t, keep, held) for t in (data.train_x, data.train_y))
             train, val = (train_x, train_y), (val_x, val_y)
         self.splits = {"train": train, "val": val, "test": (data.test_x, data.test_y)}
-        log.info(
-            "%s: %d train / %d val / %d test images",
-            self.source.describe(), len(train[0]), len(val[0]), len(data.test_x),
-        )
+
+    def _announce(self) -> None:
+        """The data a run uses, said once, when it first asks for batches (not when a config check reads it)."""
+        if not self._announced:
+            self._announced = True
+            sizes = (len(self.splits[split][0]) for split in ("train", "val", "test"))
+            log.info("%s: %d train / %d val / %d test images", self.source.describe(), *sizes)
 
     # ------------------------------------------------------------- dataloaders
     def _rank_and_world(self) -> tuple[int, int]:
@@ -173,6 +177,7 @@ class CIFARDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if not self.splits:
             raise RuntimeError("call setup() before asking for dataloaders")
+        self._announce()
         images, labels = self.splits[split]
         rank, world = self._rank_and_world()
         sampler = (_ResumableBatchSampler if train else ShardedBatchSampler)(
