@@ -595,3 +595,20 @@ def test_the_command_refuses_bad_arguments_with_one_clear_message(tmp_path: Path
     assert code == 2 and "is not a readable autotune cache" in err and "clear" in err
     code, out, _ = _command(capsys, "clear")  # clearing all replaces an unreadable file
     assert code == 0 and cache.read_file(cache.cache_path()) == {"version": cache.VERSION, "entries": {}}
+
+
+@pytest.mark.slow
+def test_the_command_runs_as_python_dash_m(tmp_path: Path) -> None:
+    """The entry point itself, in a fresh interpreter: it loads no torch and reports the cache it reads."""
+    from conftest import run_command
+    import os
+    import sys
+
+    _two_models(tmp_path)
+    env = {**os.environ, "CIFAR_LAB_CACHE_DIR": str(cache.cache_path().parent)}
+    shown = run_command([sys.executable, "-m", "cifar_lab.autotune", "show", "simple_cnn"], tmp_path, env,
+                        timeout=120, fresh=True)
+    assert shown.returncode == 0 and "| simple_cnn" in shown.stdout and "Traceback" not in shown.stderr, shown.stderr
+    refused = run_command([sys.executable, "-m", "cifar_lab.autotune", "clear", "resnet_se"], tmp_path, env,
+                          timeout=120, fresh=True)
+    assert refused.returncode == 2 and refused.stderr.startswith("Error: no cached decision for model 'resnet_se'")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from cifar_lab.autotune import cache
 from cifar_lab.autotune.decision import pair_name, percent
-from cifar_lab.errors import InputError, UserError
+from cifar_lab.errors import EXIT_INTERRUPTED, InputError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,4 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:  # the same one-line report as every command, returned as the exit code
         print(f"Error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # clear writes its file atomically: it is the old one or the new one
+        print("Error: interrupted (Ctrl-C); the cache file was left whole", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
