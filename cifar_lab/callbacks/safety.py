@@ -298,7 +298,6 @@ class GracefulStop(L.Callback):
             return
         path = last_checkpoint_path(trainer, self.checkpoint_dir)
         # safe: this writes (never reads) our own full, resumable checkpoint; every load is weights_only=True
-        # safe: this writes a checkpoint (optimizer state included); every load is weights_only (cifar_lab/checkpoints.py)
         trainer.save_checkpoint(path, weights_only=False)
         self.saved = str(path)
         if self.signum == signal.SIGUSR1:
@@ -384,7 +383,6 @@ class LatestCheckpoint(L.Callback):
         if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
             return  # the ModelCheckpoint saved at this very step, last.ckpt included
         # safe: a write of our own checkpoint (optimizer state included); loads use weights_only=True
-        # safe: a write, as above; loads are weights_only
         trainer.save_checkpoint(last_checkpoint_path(trainer, self.checkpoint_dir), weights_only=False)
         self._saved_step = trainer.global_step
 
