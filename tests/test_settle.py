@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from cifar_lab import autotune
+from cifar_lab import autotune, builders
 from cifar_lab.builders import assemble as assembly
 from cifar_lab.builders import settle as settling
 from cifar_lab.checkpoints import Resume
@@ -75,6 +75,30 @@ def test_each_role_builds_from_its_one_settle_call(role: settling.Role, tmp_path
     _uses_the_decision(run)
     assert (run.trainer is None) == (role == settling.BENCH)
     assert (run.loggers == []) if not role.loggers else True
+
+
+@pytest.mark.parametrize("role", [settling.TRAIN, settling.SWEEP_TRIAL, settling.TUNE_BATCH_SIZE, settling.TUNE_LR,
+                                  settling.BENCH], ids=lambda r: r.name)
+def test_a_run_reads_its_data_once(role: settling.Role, tmp_path: Path, decisions: list,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """settle reads the training set (missing data fails before timing); the run's datamodule reuses those splits
+    as they were split (held-out rows moved in place), and a role that reads nothing first reads it once itself."""
+    from cifar_lab.data.synthetic import SyntheticSource
+
+    loads = []
+    load = SyntheticSource.load
+    monkeypatch.setattr(SyntheticSource, "load", lambda self: loads.append(1) or load(self))
+    settled = settling.settle(compose_cfg(TINY, tmp_path), role, tmp_path)
+    run = assembly.assemble(settled, tmp_path, tmp_path / "checkpoints")
+    run.datamodule.prepare_data()
+    run.datamodule.setup("fit")
+    assert len(loads) == 1
+    fresh = builders.build_datamodule(run.settled.cfg)
+    fresh.setup("fit")
+    assert fresh.classes == run.datamodule.classes
+    for split in ("train", "val", "test"):
+        for got, expected in zip(run.datamodule.splits[split], fresh.splits[split]):
+            assert torch.equal(got, expected), split
 
 
 def test_a_resume_keeps_its_checkpoints_choices(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from cifar_lab.callbacks.estimate import RunEstimate
 from cifar_lab.callbacks.peers import let_the_main_thread_report
 from cifar_lab.callbacks.progress import EpochLines, TestLines, interactive
 from cifar_lab.callbacks.tta import check_single_layer
+from cifar_lab.data.datamodule import ReadSplits
 from cifar_lab.callbacks.sync_batchnorm import CPUSyncBatchNorm
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import ClassifierModule, Renormalize
@@ -75,11 +76,13 @@ def _decided(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The ``data`` node's datamodule, its batches in the network's layout (``module.memory_format``)."""
+def build_datamodule(cfg: DictConfig, read: ReadSplits | None = None) -> L.LightningDataModule:
+    """The ``data`` node's datamodule, its batches in the network's layout (``module.memory_format``);
+    ``read``: the splits this data config gave already (settle read them), not read again."""
     channels_last = _decided(cfg, "module.memory_format") == "channels_last"
     with refused("data", cfg.data):
-        return instantiate(cfg.data, channels_last=channels_last, _convert_="all")
+        given = {"read": read} if read is not None else {}
+        return instantiate(cfg.data, channels_last=channels_last, **given, _convert_="all")
 
 
 def check_module(cfg: DictConfig) -> None:

@@ -54,7 +54,7 @@ def assemble(settled: Settled, run_dir: Path | None = None, checkpoint_dir: Path
     cfg, role = settled.cfg, settled.role
     module = builders.build_module(cfg, teacher=builders.build_teacher(cfg) if role.teacher else None,
                                    load_weights=_starting_weights(settled))
-    datamodule = builders.build_datamodule(cfg)
+    datamodule = builders.build_datamodule(cfg, read=settled.data)  # the data settle read, not read again
     if not role.trainer:
         return Assembly(settled, module, datamodule, None, [], [])
     callbacks = [*_callbacks(settled, checkpoint_dir), *extra_callbacks]

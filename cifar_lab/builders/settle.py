@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cifar_lab import autotune, builders
 from cifar_lab.checkpoints import Resume
 from cifar_lab.config.schema import validate_config
+from cifar_lab.data.datamodule import ReadSplits
 from cifar_lab.errors import ConfigError
 from cifar_lab.module import MEMORY_FORMATS
 
@@ -63,6 +64,7 @@ class Settled:
     resume: Resume | None = None  # a resume's checked checkpoint
     trained: tuple[Path, dict[str, Any]] | None = None  # evaluate: the checkpoint file and contents tested
     train_images: int | None = None  # the training set's size, where the role read it (rank 0)
+    data: ReadSplits | None = None  # the splits rank 0 read while settling: the run's datamodule reuses them
     notes: list[str] = field(default_factory=list)  # keys the role does not use, and what happens to them
 
     def with_batch_size(self, batch_size: int) -> "Settled":
@@ -96,13 +98,14 @@ def settle(cfg: DictConfig, role: Role, run_dir: Path | None = None, resume: Res
         raise ConfigError(f"ckpt_path={final.ckpt_path}: {role.name} does not resume a run; drop ckpt_path "
                           "(init_from=<checkpoint> starts from a checkpoint's weights)")
     _probe(final)
-    images = _training_images(final) if role.reads_training_set and rank_zero_only.rank == 0 else train_images
+    data = _read_training_set(final) if role.reads_training_set and rank_zero_only.rank == 0 else None
+    images = data.train_images if data else train_images
     saved = resume.config if resume else (trained[1].get("hyper_parameters") if trained else None)
     decision = autotune.decide(final, run_dir, saved, rank=rank_zero_only.rank, train_images=images, **measure)
     with open_dict(final):
         final.module.compile = bool(final.module.compile) if decision.compile is None else decision.compile
     OmegaConf.set_readonly(final, True)
-    return Settled(final, role, decision, resume, trained, images, notes)
+    return Settled(final, role, decision, resume, trained, images, data, notes)
 
 
 def _check_memory_format(cfg: DictConfig) -> None:
@@ -149,20 +152,20 @@ def _probe(cfg: DictConfig) -> None:
     builders.check_trainer(probe)
 
 
-def _training_images(cfg: DictConfig) -> int:
-    """The training set's size, read once before deciding: missing data and a batch larger than the training
-    set fail here, before steps are timed; the size gives the run's length to the compile decision."""
+def _read_training_set(cfg: DictConfig) -> ReadSplits:
+    """The data, read once before deciding: missing data and a batch larger than the training set fail here,
+    before steps are timed; its size gives the run's length to the compile decision."""
     probe = copy.deepcopy(cfg)
     with open_dict(probe):
         probe.module.memory_format = "contiguous"  # the layout of batches is not looked at here
     datamodule = builders.build_datamodule(probe)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    images = len(datamodule.splits["train"][0])
-    if int(cfg.data.batch_size) > images:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set ({images} "
-                          f"images); choose data.batch_size <= {images}")
-    return images
+    read = datamodule.read_splits()
+    if int(cfg.data.batch_size) > read.train_images:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
+                          f"({read.train_images} images); choose data.batch_size <= {read.train_images}")
+    return read
 
 
 def runtime_record(settled: Settled) -> dict[str, Any]:

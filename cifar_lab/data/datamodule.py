@@ -72,6 +72,18 @@ class _ResumableBatchSampler(ShardedBatchSampler):
         return shard
 
 
+class ReadSplits:
+    """The splits a datamodule has read (its classes and its train, val and test tensors), handed to the
+    datamodule the run trains with so the data is read once (a plain class: Hydra keeps it as it is)."""
+
+    def __init__(self, classes: list[str], splits: dict[str, tuple[Tensor, Tensor]]) -> None:
+        self.classes, self.splits = classes, splits
+
+    @property
+    def train_images(self) -> int:
+        return len(self.splits["train"][0])
+
+
 class CIFARDataModule(L.LightningDataModule):
     """CIFAR-style classification data from any source (archive, image folder, synthetic).
 
@@ -101,6 +113,7 @@ class CIFARDataModule(L.LightningDataModule):
         folds: int = 0,
         fold: int = 0,
         channels_last: bool = False,
+        read: ReadSplits | None = None,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -122,8 +135,9 @@ class CIFARDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.folds, self.fold = folds, fold  # k-fold cross-validation (folds=0: off, val_size applies)
-        self.classes: list[str] = []
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        # ``read``: the same data's splits, read already by this config (settling a run): not read again
+        self.classes: list[str] = list(read.classes) if read else []
+        self.splits: dict[str, tuple[Tensor, Tensor]] = dict(read.splits) if read else {}
         self._aug_epoch: int | None = None
         self._generator: torch.Generator | None = None
         self._train_batches = 0  # training batches augmented in the current epoch
@@ -160,6 +174,12 @@ class CIFARDataModule(L.LightningDataModule):
             (train_x, val_x), (train_y, val_y) = (partition_rows_(t, keep, held) for t in (data.train_x, data.train_y))
             train, val = (train_x, train_y), (val_x, val_y)
         self.splits = {"train": train, "val": val, "test": (data.test_x, data.test_y)}
+
+    def read_splits(self) -> ReadSplits:
+        """What ``setup`` read, for a datamodule of the same data config (``read=``)."""
+        if not self.splits:
+            raise RuntimeError("the datamodule has read nothing yet: call setup() first")
+        return ReadSplits(self.classes, self.splits)
 
     def _announce(self) -> None:
         """The data a run uses, said once, when it first asks for batches (not when a config check reads it)."""
