@@ -1,5 +1,6 @@
 """The README's and docs' lists agree with the code (no training: files are parsed, lists imported).
 
+- the Data table's options against ``conf/data/*.yaml``;
 - the Configuration table: every config group's options against ``conf/<group>/*.yaml``, both ways
   (the model row points to the Models table, checked against ``conf/model/``);
 - the optimizer and scheduler lists of "Recipes", and which schedulers step per batch
@@ -68,6 +69,14 @@ def test_every_config_group_lists_its_options() -> None:
             problems.append(f"{group}: README lists {sorted(listed - shipped)} not in conf/, "
                             f"misses {sorted(shipped - listed)}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_data_table_lists_every_data_option() -> None:
+    rows = _table_rows(_section(README.read_text(), "## Data"), "option")
+    listed = {m.group(1) for cell in rows for m in [re.match(r"`data=([A-Za-z0-9_]+)", cell)] if m}
+    assert len(listed) == len(rows), f"rows that are not `data=<option>`: {sorted(rows)}"
+    assert listed == _options("data"), (f"README's Data table lists {sorted(listed - _options('data'))} not in "
+                                        f"conf/data/, misses {sorted(_options('data') - listed)}")
 
 
 def test_the_models_table_lists_every_model_config() -> None:
