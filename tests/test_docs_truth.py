@@ -1,6 +1,6 @@
 """The README's and docs' lists agree with the code (no training: files are parsed, lists imported).
 
-- the Data table's options against ``conf/data/*.yaml``;
+- the Data table's options against ``conf/data/*.yaml``, its augmentation sets against ``conf/augment/``;
 - the Configuration table: every config group's options against ``conf/<group>/*.yaml``, both ways
   (the model row points to the Models table, checked against ``conf/model/``);
 - the optimizer and scheduler lists of "Recipes", and which schedulers step per batch
@@ -77,6 +77,11 @@ def test_the_data_table_lists_every_data_option() -> None:
     assert len(listed) == len(rows), f"rows that are not `data=<option>`: {sorted(rows)}"
     assert listed == _options("data"), (f"README's Data table lists {sorted(listed - _options('data'))} not in "
                                         f"conf/data/, misses {sorted(_options('data') - listed)}")
+
+
+def test_the_data_sections_augmentation_sets_are_conf_augment() -> None:
+    data = _section(README.read_text(), "## Data")
+    assert _listed_after(data, "selected with `augment=<name>`:") == _options("augment")
 
 
 def test_the_models_table_lists_every_model_config() -> None:
