@@ -7,12 +7,18 @@ Sweeps: ``python train.py -m optimizer=sgd,adam model=simple_cnn,simple_cnn_bn``
 
 import os
 import sys
+from pathlib import Path
 
 from cifar_lab.cli.exits import exit_on_config_error, interrupted_while_starting
+from cifar_lab.cli.usage import help_config_dirs, help_text
 
 # Hydra's options that only print (help, the config, its info): they answer without torch and Lightning,
 # in about a second instead of five.
 _PRINT_ONLY = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion")
+
+if __name__ == "__main__" and (_help := help_config_dirs(sys.argv[1:], Path(__file__).resolve().parent / "conf")):
+    print(help_text(_help), end="")  # the groups from the file names: no composing (cifar_lab/cli/usage.py)
+    sys.exit(0)
 
 with interrupted_while_starting("train.py"):
     import hydra
