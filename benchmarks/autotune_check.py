@@ -3,15 +3,20 @@
 For speedrun_net (as ``experiment=speedrun``), simple_cnn and attention_net, the benchmark
 (``python -m cifar_lab.bench``) decides each model's precision and memory format as a training run
 over CIFAR-10 would (``autotune.decide``, with a fresh, empty cache so every decision is measured),
-then times every precision x memory format pair on the batched path in interleaved repeats. The
+then times every precision x memory format pair on the batched path in interleaved repeats, by
+autotune's rules: a pair whose precision the precision probe rules out here (emulated bf16, over
+``autotune.probe_slower`` x fp32's time) is listed as "not timed (probe Nx)", and a pair whose
+first repeat took over ``autotune.give_up_first`` x the fastest's time is timed no further. The
 table puts each decision (its margin, spread, rounds and measuring time, decided or the usual
-pair) next to the ablation and checks that every default runs at 0.9x of the best pair or better.
+pair) next to the ablation and checks that every default runs at 0.9x of the best timed pair or
+better.
 
     python benchmarks/autotune_check.py --data-root DIR --out autotune_check.json
     python benchmarks/autotune_check.py --generated     # no CIFAR-10 copy: generated images
 
-About 12-15 minutes on a 2-core CPU (the earlier full ablation of the same three models took 635 s
-on a 2-core AMD EPYC; autotune's rounds add up to a minute per model). Run it on a quiet machine;
+About 12-16 minutes on a 2-core CPU (15.4 on an AMD EPYC Zen 3, whose emulated bf16 pairs are not
+timed; autotune's rounds add up to a minute per model). ``--repeats`` and ``--steps`` shrink the
+bench's counts. Run it on a quiet machine;
 the exit code is 1 when a default is below 0.9x of the best pair.
 """
 
