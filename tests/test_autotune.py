@@ -210,6 +210,27 @@ def test_the_probe_runs_once_per_machine_setup(tmp_path: Path, monkeypatch, caps
     assert third.probed == ["32", "bf16-mixed"]
 
 
+def test_the_bench_ablation_leaves_out_what_autotune_left_out(tmp_path: Path) -> None:
+    from cifar_lab.tools import bench
+
+    _decide(_cfg(tmp_path), FakeDevice({FP32_CL: 0.2, FP32_NCHW: 0.1}, probe={"32": 0.002, "bf16-mixed": 0.0126}))
+    # the same probe, read from the cache: nothing is measured again
+    fake = FakeDevice({}, probe={})
+    found = autotune.precision_probes(_cfg(tmp_path), ["32", "bf16-mixed"], torch.device("cpu"), fake.timer,
+                                      fake.probe_steps)
+    assert fake.probed == [] and list(found) == ["bf16-mixed"] and found["bf16-mixed"]["source"] == "cache"
+    note = "not timed: bf16-mixed convolution 6.3x slower than fp32 here (probe)"
+    assert found["bf16-mixed"]["note"] == note
+    # the bench's ablation asks the same probe, with the same threshold
+    default = bench.LabVariant("32", True)
+    variants = bench.ablation_variants(default, torch.device("cpu"))
+    untimed = bench.not_timed(_cfg(tmp_path), variants, default, torch.device("cpu"))
+    assert sorted(untimed) == ["bf16-mixed NCHW", "bf16-mixed channels_last"]
+    assert {(u["note"], u["ratio"], u["source"]) for u in untimed.values()} == {(note, 6.3, "cache")}
+    # under a wider probe_slower every pair is timed
+    assert bench.not_timed(_cfg(tmp_path, "autotune.probe_slower=8"), variants, default, torch.device("cpu")) == {}
+
+
 def test_an_explicit_precision_is_never_probed(tmp_path: Path) -> None:
     fake = FakeDevice({BF16_CL: 0.2, BF16_NCHW: 0.1}, probe={"32": 0.002, "bf16-mixed": 0.02})
     decision = _decide(_cfg(tmp_path, "trainer.precision=bf16-mixed"), fake)

@@ -152,6 +152,118 @@ def test_default_over_best_is_taken_from_the_ablation() -> None:
     assert bench.default_over_best(ablation, "16-mixed NCHW", pairs)["ratio"] is None
 
 
+def test_default_over_best_counts_only_timed_pairs() -> None:
+    ablation = {"32 channels_last": {"median": 300.0}, "32 NCHW": {"median": 280.0},
+                "bf16-mixed channels_last": {"median": None, "probe_ratio": 13.6}}
+    r = bench.default_over_best(ablation, "32 NCHW", list(ablation))
+    assert r["best"] == "32 channels_last" and r["ratio"] == pytest.approx(280 / 300)
+    assert bench.default_over_best(ablation, "bf16-mixed channels_last", list(ablation))["ratio"] is None
+
+
+def test_interleaved_stops_a_runner_far_behind_after_its_first_repeat() -> None:
+    calls: list[str] = []
+
+    def runner(name: str, value: float):
+        return lambda: (calls.append(name), value)[1]
+
+    runners = {"a": runner("a", 100.0), "slow": runner("slow", 20.0), "b": runner("b", 30.0)}
+    stopped: dict[str, str] = {}
+    runs = bench._interleaved(4, runners, lambda _: None, give_up=4.0, stopped=stopped)
+    # 5x behind the fastest first repeat: one repeat; 3.3x is within give_up: every repeat
+    assert runs == {"a": [100.0] * 4, "slow": [20.0], "b": [30.0] * 4} and calls.count("slow") == 1
+    assert stopped == {"slow": "stopped after its first repeat: 5.0x slower than the fastest"}
+    assert bench._interleaved(2, runners, lambda _: None)["slow"] == [20.0, 20.0]  # no give_up: every repeat
+
+
+EMULATED = {"bf16-mixed": {"source": "cache", "fp32_s": 0.001, "reduced_s": 0.0136, "ratio": 13.6,
+                           "note": "not timed: bf16-mixed convolution 13.6x slower than fp32 here (probe)"}}
+
+
+def _fake_ablation(default, probe: dict, speeds: dict, repeats: int = 4):
+    """bench_ablation on fake runners (images/s per variant) and a fake precision probe."""
+    built, asked = [], []
+
+    def runner(cfg, variant, bs, settings, device):
+        built.append(variant.name)
+        return lambda: speeds[variant.name]
+
+    def probes(cfg, precisions, device):
+        asked.append(list(precisions))
+        return {p: probe.get(p, {"ratio": 0.8, "note": ""}) for p in precisions if p != "32"}
+
+    settings = bench.Settings(repeats=2 * repeats)
+    res = bench.bench_ablation("simple_cnn", ["data=synthetic", "model=simple_cnn"], default, 8, settings,
+                               torch.device("cpu"), lambda _: None, probes=probes, runner=runner)
+    return res, built, asked
+
+
+def test_ablation_leaves_a_precision_the_probe_rules_out_untimed(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    speeds = {"32 channels_last": 300.0, "32 NCHW": 280.0, "32 NCHW 1 thread": 200.0}
+    res, built, asked = _fake_ablation(bench.LabVariant("32", False), EMULATED, speeds)
+    assert sorted(built) == ["32 NCHW", "32 NCHW 1 thread", "32 channels_last"]  # no bf16 runner even built
+    ab = res["ablation"]
+    assert list(ab) == [v.name for v in bench.ablation_variants(bench.LabVariant("32", False), torch.device("cpu"))] \
+        + ["32 NCHW 1 thread"]  # every pair listed, in autotune's order
+    for name in ("bf16-mixed channels_last", "bf16-mixed NCHW"):
+        assert ab[name] == {"images_per_s": [], "median": None, "probe_ratio": 13.6,
+                            "note": "not timed: bf16-mixed convolution 13.6x slower than fp32 here (probe)"}
+        assert bench.ablation_cell(ab[name]) == "not timed (probe 13.6x)"
+    assert ab["32 NCHW"]["images_per_s"] == [280.0] * 4 and "note" not in ab["32 NCHW"]
+    r = res["default_over_best"]
+    assert r["best"] == "32 channels_last" and r["ratio"] == pytest.approx(280 / 300)
+    assert len(asked) == 1 and "bf16-mixed" in asked[0]  # the probe asked once, for the pairs but the default
+
+
+def test_ablation_times_the_default_and_a_precision_at_native_speed(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    speeds = {"32 channels_last": 300.0, "32 NCHW": 60.0, "bf16-mixed channels_last": 500.0, "bf16-mixed NCHW": 450.0}
+    # explicit bf16 NCHW where the probe rules bf16 out: the default is timed, its sibling pair is not
+    res, built, _ = _fake_ablation(bench.LabVariant("bf16-mixed", False), EMULATED, speeds)
+    assert "bf16-mixed NCHW" in built and "bf16-mixed channels_last" not in built
+    assert res["ablation"]["bf16-mixed channels_last"]["median"] is None
+    # the NCHW fp32 pair 5x behind after its first repeat: stopped there, its one figure kept
+    assert res["ablation"]["32 NCHW"]["images_per_s"] == [60.0] and "stopped" in res["ablation"]["32 NCHW"]["note"]
+    assert bench.ablation_cell(res["ablation"]["32 NCHW"]) == "60.0 (1 repeat: stopped)"
+    assert res["default_over_best"]["best"] == "bf16-mixed NCHW"
+    # bf16 at native speed: every pair timed
+    res, built, _ = _fake_ablation(bench.LabVariant("bf16-mixed", True), {}, speeds)
+    assert sorted(built) == sorted(speeds) and res["default_over_best"]["ratio"] == 1.0
+
+
+def _autotune_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "autotune_check.py"
+    spec = importlib.util.spec_from_file_location("autotune_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_autotune_check_table_shows_untimed_pairs_and_judges_the_timed() -> None:
+    untimed = {"images_per_s": [], "median": None, "probe_ratio": 13.6, "note": EMULATED["bf16-mixed"]["note"]}
+    decision = {"precision": "32", "memory_format": "channels_last", "decided": True, "margin": 0.08,
+                "spread": 0.03, "rounds": 6, "measuring_s": 9.5, "probe": {"bf16-mixed": EMULATED["bf16-mixed"]}}
+
+    def model(default: float, best: float) -> dict:
+        ablation = {"32 channels_last": {"median": default}, "32 NCHW": {"median": best},
+                    "bf16-mixed channels_last": untimed, "bf16-mixed NCHW": untimed}
+        return {"batch_size": 128, "ablation": ablation, "autotune": decision,
+                "default_over_best": bench.default_over_best(ablation, "32 channels_last", list(ablation))}
+
+    res = {"machine": {"cpu": "AMD EPYC", "cpu_bf16": [], "torch_threads": 2, "torch": "2", "date": "2026-12-06"},
+           "data_source": "batches in /data", "wall_s": 600.0, "train": {"simple_cnn": model(300.0, 290.0)}}
+    text, ok = _autotune_check().table(res)
+    row = next(line for line in text.splitlines() if line.startswith("| simple_cnn"))
+    assert ok and row.count("not timed (probe 13.6x)") == 2 and "**300**" in row and "| 290 |" in row
+    assert row.endswith("| 1.000 |") and "| 8% | 3% | 6 | 9.5 s |" in row
+    assert "a bf16-mixed convolution took 13.6x fp32's time here; over autotune.probe_slower" in text
+    res["train"]["attention_net"] = model(25.0, 30.0)  # 0.83x of the best timed pair: below the target
+    text, ok = _autotune_check().table(res)
+    assert not ok and "| 0.833 |" in text and "or better: NO" in text
+
+
 def test_ablation_holds_the_autotuned_pair() -> None:
     cpu = torch.device("cpu")
     default = bench.LabVariant("bf16-mixed", False)

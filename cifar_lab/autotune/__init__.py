@@ -32,6 +32,7 @@ _EXPORTS = {
     "conv_step": "probe", "probed": "probe",
     "autocast_for": "device", "candidate_pairs": "device", "MEMORY_FORMATS": "device",
     "decide": "resolve", "expected_steps": "resolve", "log_to_tensorboard": "resolve", "compile_key": "resolve",
+    "precision_probes": "resolve",
     "check_run": "check",
 }
 

@@ -10,7 +10,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -183,11 +183,18 @@ def _more_time(cached: Decision, rules: Rules, steps: int | None) -> str:
 def _probes(cfg: DictConfig, precision: str, pairs: list[tuple[str, str]], device: torch.device,
             timer: StepTimer, probe_steps: ProbeSteps) -> dict[str, dict[str, Any]]:
     """The precision probe of each reduced precision among automatic candidates (an explicit precision is
-    never probed): its figures, and the note of one not worth timing."""
+    never probed)."""
     if precision != AUTO:
         return {}
+    return precision_probes(cfg, [p for p, _ in pairs], device, timer, probe_steps)
+
+
+def precision_probes(cfg: DictConfig, precisions: Iterable[str], device: torch.device, timer: StepTimer = wall_timer,
+                     probe_steps: ProbeSteps = conv_step) -> dict[str, dict[str, Any]]:
+    """The precision probe (cached) of each reduced precision among ``precisions``: its figures, and the note
+    of one not worth timing here (over ``autotune.probe_slower`` x fp32's time). The bench's ablation asks too."""
     slower = float(OmegaConf.select(cfg, "autotune.probe_slower", default=3.0))
-    reduced = dict.fromkeys(p for p, _ in pairs if p != "32")
+    reduced = dict.fromkeys(p for p in precisions if p != "32")
     return {p: probed(p, device, timer, probe_steps, slower) for p in reduced}
 
 

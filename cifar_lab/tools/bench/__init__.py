@@ -32,9 +32,13 @@ medians are reported next to every single value:
    path is also timed for every precision x memory format pair autotune chooses from
    (``32`` / ``bf16-mixed`` x ``channels_last`` / NCHW on a CPU; ``bf16-mixed`` or
    ``16-mixed`` and ``32`` on a GPU), the autotuned pair among them on the same code path,
-   and ``default_over_best`` is the autotuned pair's median over the best pair's median
-   (target: at least 0.95). ``simple_cnn``'s ablation also times the autotuned pair with
-   one thread (not one of the pairs, so not in the ratio).
+   and ``default_over_best`` is the autotuned pair's median over the best timed pair's
+   median (target: at least 0.95). Autotune's rules hold here too: a pair whose precision
+   the precision probe finds over ``autotune.probe_slower`` x fp32's time here (emulated
+   bf16) is listed but not timed, with the probe's ratio; a pair whose first repeat took over
+   ``autotune.give_up_first`` x the fastest's time is timed no further (its one figure kept).
+   ``simple_cnn``'s ablation also times the autotuned pair with one thread (not one of the
+   pairs, so not in the ratio).
 3. ``overhead``: ``Trainer.fit`` of the real ``ClassifierModule`` and ``CIFARDataModule``
    (no logger, checkpoints or progress bar) against a hand-written loop over the same
    model, data, autotuned precision and memory format; the ratio of their median step times,
@@ -110,7 +114,7 @@ from cifar_lab.tools.bench.reference import (
     reference_loader,
     reference_transform,
 )
-from cifar_lab.tools.bench.report import _fmt, format_table
+from cifar_lab.tools.bench.report import _fmt, ablation_cell, format_table
 from cifar_lab.tools.bench.settings import MODEL_CHOICES, MODELS, Settings
 from cifar_lab.tools.bench.sources import CIFAR10_FILES, data_overrides, default_data_root, detect_data
 from cifar_lab.tools.bench.timing import _device, _interleaved, _median, _sync
@@ -122,8 +126,10 @@ from cifar_lab.tools.bench.training import (
     _train_step_fn,
     _Warmup,
     ablation_variants,
+    bench_ablation,
     bench_train,
     default_over_best,
+    not_timed,
     time_steps,
 )
 

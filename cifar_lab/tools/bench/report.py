@@ -9,6 +9,14 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
 
 
+def ablation_cell(entry: dict[str, Any]) -> str:
+    """One pair of the ablation: its median, "not timed (probe 13.6x)", or its one repeat when stopped."""
+    if entry.get("median") is None:
+        ratio = entry.get("probe_ratio")
+        return f"not timed (probe {ratio:.1f}x)" if ratio is not None else "not timed"
+    return _fmt(entry["median"]) + (" (1 repeat: stopped)" if entry.get("note") else "")
+
+
 def _default_over_best_row(model: str, r: dict[str, Any] | None) -> list[tuple[str, ...]]:
     """default / best: the autotuned pair's ablation img/s (cifar-lab column) over the best pair's."""
     if not r:
@@ -112,6 +120,6 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{mem['dataset_uint8_mb']:.0f} MB of uint8 images held (val_size={mem['val_size']})")
     for model, t in res["train"].items():
         if "ablation" in t:
-            parts = ", ".join(f"{k}: {_fmt(v['median'])}" for k, v in t["ablation"].items())
+            parts = ", ".join(f"{k}: {ablation_cell(v)}" for k, v in t["ablation"].items())
             lines.append(f"ablation {model} (img/s, batched path): {parts}")
     return "\n".join(lines)

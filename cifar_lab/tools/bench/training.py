@@ -136,9 +136,10 @@ def ablation_variants(default: LabVariant, device: torch.device) -> list[LabVari
 def default_over_best(ablation: dict[str, dict[str, Any]], default: str,
                       candidates: Iterable[str] | None = None) -> dict[str, Any]:
     """The default variant's median images/s over the best median among ``candidates`` (every
-    ablation entry when None), both taken from the same ablation."""
+    ablation entry when None) that were timed, both taken from the same ablation."""
     names = [n for n in (ablation if candidates is None else candidates) if n in ablation]
-    timed = {n: float(ablation[n]["median"]) for n in names if math.isfinite(float(ablation[n]["median"]))}
+    medians = {n: ablation[n].get("median") for n in names}  # None: not timed (the precision probe)
+    timed = {n: float(m) for n, m in medians.items() if m is not None and math.isfinite(float(m))}
     if default not in timed:
         return {"ratio": None, "default": default, "best": max(timed, key=timed.get) if timed else None}
     best = max(timed, key=timed.get)
@@ -186,16 +187,48 @@ def bench_train(model: str, ref_dataset: Dataset, base_overrides: list[str], set
         "autotune": decision.record(),
     }
     if settings.ablation:
-        variants = ablation_variants(default, device)
-        pairs = [v.name for v in variants]
-        if model == "simple_cnn":
-            best_threads = 1 if (os.cpu_count() or 1) > 1 else None
-            if best_threads:
-                variants.append(LabVariant(default.precision, default.channels_last, threads=best_threads))
-        ab_runners = {v.name: _lab_runner(compose(overrides), v, bs, settings, device) for v in variants}
-        log(f"  ablation ({model}, batched path)")
-        ab = _interleaved(max(1, settings.repeats // 2), ab_runners, log)
-        result["ablation"] = {name: {"images_per_s": v, "median": _median(v)} for name, v in ab.items()}
-        # the autotuned pair against the best pair, both timed in the ablation (threads variants aside)
-        result["default_over_best"] = default_over_best(result["ablation"], default.name, pairs)
+        result.update(bench_ablation(model, overrides, default, bs, settings, device, log))
     return result
+
+
+def not_timed(cfg, variants: list[LabVariant], default: LabVariant, device: torch.device,
+              probes: Callable[..., dict[str, dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
+    """The ablation's pairs left untimed, autotune's rule: a precision the (cached) precision probe finds over
+    ``autotune.probe_slower`` x fp32's time here (emulated bf16) -> its probe. The default is always timed."""
+    from cifar_lab.autotune import precision_probes
+
+    others = [v for v in variants if v.name != default.name]
+    found = (probes or precision_probes)(cfg, [v.precision for v in others], device)
+    return {v.name: found[v.precision] for v in others if (found.get(v.precision) or {}).get("note")}
+
+
+def bench_ablation(model: str, overrides: list[str], default: LabVariant, bs: int, settings: Settings,
+                   device: torch.device, log, probes: Callable[..., dict[str, dict[str, Any]]] | None = None,
+                   runner: Callable[..., Callable[[], float]] | None = None) -> dict[str, Any]:
+    """Every pair autotune chooses from, timed in interleaved repeats on the batched path, but those the
+    precision probe rules out (listed with its ratio) and past the first repeat those over ``give_up_first`` x
+    slower than the fastest; ``default_over_best`` among the timed pairs. (``probes``, ``runner``: tests.)"""
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides)
+    variants = ablation_variants(default, device)
+    pairs = [v.name for v in variants]
+    untimed = not_timed(cfg, variants, default, device, probes)
+    timed = [v for v in variants if v.name not in untimed]
+    if model == "simple_cnn" and (os.cpu_count() or 1) > 1:  # the autotuned pair with one thread (no pair)
+        timed.append(LabVariant(default.precision, default.channels_last, threads=1))
+    runners = {v.name: (runner or _lab_runner)(compose(overrides), v, bs, settings, device) for v in timed}
+    log(f"  ablation ({model}, batched path)" + "".join(f"; {n} {p['note']}" for n, p in untimed.items()))
+    stopped: dict[str, str] = {}
+    give_up = float(OmegaConf.select(cfg, "autotune.give_up_first", default=4.0))
+    runs = _interleaved(max(1, settings.repeats // 2), runners, log, give_up=give_up, stopped=stopped)
+    ablation: dict[str, dict[str, Any]] = {}
+    for name in [*pairs, *runs]:
+        if name in untimed:
+            ablation[name] = {"images_per_s": [], "median": None, "note": untimed[name]["note"],
+                              "probe_ratio": untimed[name].get("ratio")}
+        elif name in runs:
+            ablation[name] = {"images_per_s": runs[name], "median": _median(runs[name]),
+                              **({"note": stopped[name]} if name in stopped else {})}
+    # the autotuned pair against the best timed pair (threads variants aside)
+    return {"ablation": ablation, "default_over_best": default_over_best(ablation, default.name, pairs)}
