@@ -160,9 +160,9 @@ def _sample(chain: dict) -> tuple[list[tuple[str, KillPoint]], str]:
     # the kinds in turn (a fresh point, a resumed one, ...), so a run cut short still covers every kind
     lists = [[(kind, point) for point in chain[kind]["points"]] for kind in _kinds()]
     every = [pair for turn in itertools.zip_longest(*lists) for pair in turn if pair is not None]
-    # e.g. "checkpoints/,metrics.json": points on those files. The default draws among the writes whose every
-    # point has passed, run one by one (checkpoints, metrics.json); set it to "" for all files.
-    files = os.environ.get("CIFAR_LAB_CHAOS_FILES", "checkpoints/,metrics.json")
+    # e.g. "checkpoints/,metrics.json": points on those files (the default draws among all; every point of every
+    # kind passed, run one by one with CIFAR_LAB_CHAOS_SAMPLE=all)
+    files = os.environ.get("CIFAR_LAB_CHAOS_FILES")
     if files:
         every = [(kind, point) for kind, point in every if any(f in point.pattern for f in files.split(","))]
     skipped = os.environ.get("CIFAR_LAB_CHAOS_EXCEPT")  # e.g. "checkpoints/": points on other files only
