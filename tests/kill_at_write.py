@@ -19,14 +19,20 @@ at the ``N``-th (1-based) operation of ``KIND`` whose path matches the glob ``PA
 
 ``SCRIPT`` may be ``-m MODULE`` (as ``python -m MODULE ARGS``).
 
+With ``KILL_AT_WRITE_TARGET=children`` the kill at the point goes to the processes this one started that run
+the same ``SCRIPT`` (a DDP run's other ranks: Lightning's launcher starts them as children of rank 0, with
+``python SCRIPT ARGS`` and without this hook), not to this process, which goes on. Where none is running at
+that point, nothing is killed and nothing logged.
+
 The kill point is the product's own behaviour, observed from outside; nothing in the product knows
-about it. When the hook kills, it first appends ``KIND PATTERN N path`` to the file named by
+about it. When the hook kills, it first appends ``KIND PATTERN N path`` (and the pids killed, for children) to the file named by
 ``KILL_AT_WRITE_LOG`` (when set), so a test can tell the kill happened rather than the run finishing.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import glob
 import os
 import runpy
 import signal
@@ -48,6 +54,28 @@ def _fd_path(fd) -> str:
         return ""
 
 
+def _children_running(script: str) -> list[int]:
+    """This process's children whose command runs ``script`` (started with exec, not forked helpers such as
+    data loader workers, whose command line is this process's)."""
+    pids = []
+    for children in glob.glob("/proc/self/task/*/children"):
+        try:
+            with open(children) as f:  # noqa: PTH123
+                pids += [int(pid) for pid in f.read().split()]
+        except OSError:  # the thread ended
+            continue
+    running = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:  # noqa: PTH123
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0")]
+        except OSError:  # it ended
+            continue
+        if script in argv[1:3]:  # python SCRIPT ... or python -m MODULE ...
+            running.append(pid)
+    return running
+
+
 def main() -> None:
     kind, pattern, nth, script, *args = sys.argv[1:]
     nth = int(nth)
@@ -55,14 +83,22 @@ def main() -> None:
     killing = False
     armed = False  # the matching operation passed: kill at the next audited operation
     log_path = os.environ.get("KILL_AT_WRITE_LOG")
+    children = os.environ.get("KILL_AT_WRITE_TARGET") == "children"
+    # the other ranks' command: Lightning's, an absolute script path or the module
+    ranks_run = args[0] if script == "-m" else os.path.abspath(script)
 
     def kill(path: str) -> None:
         nonlocal killing
-        killing = True
+        killing = True  # one kill point: the hook watches nothing more (nor its own reads here)
+        victims = _children_running(ranks_run) if children else [os.getpid()]
+        if not victims:
+            return
         if log_path:
             with open(log_path, "a") as f:  # noqa: PTH123 - inside the hook: no further audit matters
-                f.write(f"{kind} {pattern} {nth} {path}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
+                pids = f" (pids {' '.join(map(str, victims))})" if children else ""
+                f.write(f"{kind} {pattern} {nth} {path}{pids}\n")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
 
     def matches(path) -> bool:
         return isinstance(path, (str, bytes, os.PathLike)) and fnmatch.fnmatch(os.fsdecode(path), pattern)
