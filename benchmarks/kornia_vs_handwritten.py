@@ -155,8 +155,8 @@ def main() -> None:
     head = [
         f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; {args.threads} torch thread(s)",
         f"torch {torch.__version__}, kornia {kornia.__version__}, Python {platform.python_version()}; "
-        ("hand-written: the current cifar_lab.data.augment.ColorJitter" if args.jitter
-         else f"hand-written ops from {OLD_PATH} at {commit}"),
+        + ("hand-written: the current cifar_lab.data.augment.ColorJitter" if args.jitter
+           else f"hand-written ops from {OLD_PATH} at {commit}"),
         f"command: python benchmarks/kornia_vs_handwritten.py {' '.join(sys.argv[1:])}".rstrip(),
         f"load average (1 min) at start: {load_start:.2f}",
     ]

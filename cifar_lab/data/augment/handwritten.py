@@ -155,15 +155,16 @@ def _linear_step(x: Tensor, component: Tensor, factor: Tensor, active: Tensor, w
     inactive image is left exactly as it is), as torchvision's blends: ``clamp(f * x + (1 - f) * ref)``
     with ``ref`` 0 (brightness), the image's mean luma (contrast) or its luma (saturation)."""
     one = torch.ones_like(factor)
-    y = x * _bcast(torch.where(active, factor, one))
-    if with_gray or with_mean:
-        gray = _grayscale(x)
-        if with_gray:
-            y = y.add_(gray * _bcast(torch.where(active & (component == 2), one - factor, 0.0)))
-        if with_mean:
-            mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-            y = y.add_(mean * _bcast(torch.where(active & (component == 1), one - factor, 0.0)))
-    return y.clamp_(0.0, 1.0)
+    scale = _bcast(torch.where(active, factor, one))
+    if not (with_gray or with_mean):
+        return x.mul(scale).clamp_(0.0, 1.0)
+    gray = _grayscale(x)  # (B, 1, H, W): the blend target, built at a third of the image's size
+    ref = gray.mul(_bcast(torch.where(active & (component == 2), one - factor, 0.0))) if with_gray else None
+    if with_mean:
+        mean = gray.mean(dim=(1, 2, 3), keepdim=True).mul_(
+            _bcast(torch.where(active & (component == 1), one - factor, 0.0)))
+        ref = mean if ref is None else ref.add_(mean)
+    return torch.addcmul(ref, x, scale).clamp_(0.0, 1.0)
 
 
 class ColorJitter(BatchOp):
@@ -227,7 +228,8 @@ class ColorJitter(BatchOp):
         _check_batch(x)
         if x.shape[1] != 3:
             raise ValueError("ColorJitter expects RGB images")
-        return from_unit(self._jitter(to_unit(x).clamp(0.0, 1.0), params), x)
+        xf = to_unit(x).clamp(0.0, 1.0) if x.dtype.is_floating_point else to_unit(x)
+        return from_unit(self._jitter(xf, params), x)
 
     def _jitter(self, xf: Tensor, params: Params) -> Tensor:
         dev, n = xf.device, len(self.linear)
