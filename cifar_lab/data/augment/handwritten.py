@@ -170,7 +170,7 @@ def _linear_step(x: Tensor, component: Tensor, factor: Tensor, active: Tensor, w
 class ColorJitter(BatchOp):
     # hand-written: kornia's reads its parameters back to the host (order.tolist(), a bool per step) and takes one
     # order per batch, so per-image orders need a host-side grouping; KorniaColorJitter measured 40 reads a call at
-    # 0.2/0.2/0.2/0 and 148 with hue 0.1 (batch 128), this op none
+    # 0.2/0.2/0.2/0 and 148 with hue 0.1 (batch 128), this op none, and 2.6-2.8x faster there (docs/benchmarks.md)
     """Per-image colour jitter with torchvision's semantics, drawn and applied on the device.
 
     Each image gets its own factors, uniform in the ranges below: brightness
