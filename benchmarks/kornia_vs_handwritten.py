@@ -8,9 +8,12 @@ intra-op thread (the batched path's setting, ``BatchAugment(cpu_threads=1)``) un
 ``--threads`` says otherwise. Timings are interleaved (A B, B A, A B, ...): each sample is
 ``--calls`` calls of one op, and the table gives the median sample per call. The three
 policies (no hand-written version) are timed per-image and per-batch selection.
+``--jitter`` times the current hand-written colour jitter (``ColorJitter``, on-device
+per-image orders) against kornia's (``KorniaColorJitter``) instead.
 
     python benchmarks/kornia_vs_handwritten.py                 # batch 128 and 512
     python benchmarks/kornia_vs_handwritten.py --batch-sizes 128 --repeats 5 --out table.md
+    python benchmarks/kornia_vs_handwritten.py --jitter
 
 Run it on an idle machine: it prints the load average before and after.
 """
@@ -69,13 +72,23 @@ def cases(old) -> dict[str, tuple]:
     return {
         "RandomGrayscale p=0.2": (old.RandomGrayscale(0.2), A.KorniaRandomGrayscale(0.2), "resnet_se"),
         "RandomAutocontrast p=0.2": (old.RandomAutocontrast(0.2), A.KorniaRandomAutocontrast(0.2), "resnet_se"),
-        "ColorJitter 0.2/0.2/0.2/0.1": (old.ColorJitter(0.2, 0.2, 0.2, 0.1), A.ColorJitter(0.2, 0.2, 0.2, 0.1),
-                                        "squeezenet"),
-        "ColorJitter 0.2/0.2/0.2/0": (old.ColorJitter(0.2, 0.2, 0.2, 0.0), A.ColorJitter(0.2, 0.2, 0.2, 0.0),
+        "ColorJitter 0.2/0.2/0.2/0.1": (old.ColorJitter(0.2, 0.2, 0.2, 0.1),
+                                        A.KorniaColorJitter(0.2, 0.2, 0.2, 0.1), "squeezenet"),
+        "ColorJitter 0.2/0.2/0.2/0": (old.ColorJitter(0.2, 0.2, 0.2, 0.0), A.KorniaColorJitter(0.2, 0.2, 0.2, 0.0),
                                       "conv_block_net"),
         "RandomRotation 15": (old.RandomRotation(15), A.RandomRotation(15), "squeezenet"),
         "Cutout 8": (old.Cutout(8), A.Cutout(8), "-"),
         "RandomErasing p=0.5": (old.RandomErasing(p=0.5), A.RandomErasing(p=0.5), "-"),
+    }
+
+
+def jitter_cases() -> dict[str, tuple]:
+    """The current hand-written colour jitter against kornia's, as :func:`cases` lists them."""
+    return {
+        "ColorJitter 0.2/0.2/0.2/0.1": (A.ColorJitter(0.2, 0.2, 0.2, 0.1), A.KorniaColorJitter(0.2, 0.2, 0.2, 0.1),
+                                        "squeezenet"),
+        "ColorJitter 0.2/0.2/0.2/0": (A.ColorJitter(0.2, 0.2, 0.2, 0.0), A.KorniaColorJitter(0.2, 0.2, 0.2, 0.0),
+                                      "conv_block_net"),
     }
 
 
@@ -129,16 +142,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the batched path uses 1)")
     ap.add_argument("--handwritten-ref", default="auto", help="git revision of the single-file augment.py")
     ap.add_argument("--skip-policies", action="store_true")
+    ap.add_argument("--jitter", action="store_true",
+                    help="only the current hand-written ColorJitter against kornia's (no policies)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.jitter:
+        args.skip_policies = True
     old, commit = handwritten_module(args.handwritten_ref)
     load_start = os.getloadavg()[0]
     head = [
         f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; {args.threads} torch thread(s)",
         f"torch {torch.__version__}, kornia {kornia.__version__}, Python {platform.python_version()}; "
-        f"hand-written ops from {OLD_PATH} at {commit}",
+        + ("hand-written: the current cifar_lab.data.augment.ColorJitter" if args.jitter
+           else f"hand-written ops from {OLD_PATH} at {commit}"),
         f"command: python benchmarks/kornia_vs_handwritten.py {' '.join(sys.argv[1:])}".rstrip(),
         f"load average (1 min) at start: {load_start:.2f}",
     ]
@@ -151,7 +169,7 @@ def main() -> None:
     policy_rows = ["| policy | batch | ms |", "|---|---:|---:|"]
     for bs in args.batch_sizes:
         x = torch.randint(0, 256, (bs, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        for name, (hand, delegated, recipe) in cases(old).items():
+        for name, (hand, delegated, recipe) in (jitter_cases() if args.jitter else cases(old)).items():
             hand_ms, kornia_ms = interleaved([hand, delegated], x, args.repeats, args.calls)
             row = f"| {name} | {bs} | {hand_ms:.2f} | {kornia_ms:.2f} | {kornia_ms / hand_ms:.2f} | {recipe} |"
             rows.append(row)

@@ -8,28 +8,29 @@ Every call returns soft targets ``float32 (B, num_classes)`` whose rows sum to 1
 for batches that end up unmixed (one-hot rows), so the training step sees one format.
 :func:`dominant_label` recovers a hard label for accuracy under mixing.
 
-Randomness: all draws use the ``generator`` passed to the call (on its device), or the
-global torch RNG when it is None. ``torch.distributions.Beta`` cannot take a
-generator, so ``Beta(alpha, alpha)`` is drawn by NumPy's ``Generator.beta`` seeded
-with one 63-bit integer drawn from the torch generator: the lambda is reproducible
-from the torch generator state (or from ``torch.manual_seed`` when no generator is
-given) and costs one scalar draw. The per-epoch on/off decision of ``mode="epoch"``
-uses its own generator seeded from ``(seed, epoch)`` so that a resumed run takes the
-same decision.
+Randomness: all draws use the ``generator`` passed to the call, on its device, or the
+global torch RNG when it is None, and stay there: the mix / no-mix and mixup / CutMix
+decisions, the lambda and the box are device tensors applied with ``torch.where`` and
+``torch.lerp``, so a training step reads nothing back to the host (each read would be a
+host-device synchronisation on a GPU). Every call makes the same draws whatever they decide,
+so the generator's state after a batch does not depend on its values. The per-epoch on/off
+decision of ``mode="epoch"`` is taken on the host from its own Python generator seeded from
+``(seed, epoch)``, so that a resumed run takes the same decision.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BatchMixer", "dominant_label", "one_hot_targets", "MODES"]
+__all__ = ["BatchMixer", "cutmix_box", "dominant_label", "one_hot_targets", "sample_beta", "MODES"]
 
 MODES = ("batch", "epoch")  # when BatchMixer decides whether to mix: per batch, or once per epoch
+_UNMIXED = {"mixed": False, "cutmix": False, "lam": 1.0}  # ``BatchMixer.last`` of a batch that cannot be mixed
 
 
 def one_hot_targets(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -54,19 +55,25 @@ def _draw_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def _rand_scalar(generator: torch.Generator | None, device: torch.device) -> float:
-    return float(torch.rand((), generator=generator, device=device))
+def sample_beta(alpha: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One ``Beta(alpha, alpha)`` draw, a 0-d float32 tensor on the ``generator``'s device.
 
-
-def _randint_scalar(high: int, generator: torch.Generator | None, device: torch.device) -> int:
-    return int(torch.randint(0, high, (), generator=generator, device=device))
-
-
-def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float:
-    """One ``Beta(alpha, alpha)`` draw, reproducible from the torch ``generator``."""
+    ``torch.distributions.Beta`` cannot take a generator; its sampler (a two-class Dirichlet) can.
+    """
     device = _draw_device(generator)
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+    concentration = torch.as_tensor(alpha, dtype=torch.float32, device=device).expand(2)
+    return torch._sample_dirichlet(concentration, generator=generator)[0]
+
+
+def cutmix_box(height: int, width: int, lam: Tensor, cy: Tensor, cx: Tensor) -> Tensor:
+    """``(height, width)`` bool mask of the box covering about ``1 - lam`` of the image: sides
+    ``sqrt(1 - lam)`` of the image's (rounded down), centred at pixel ``(cy, cx)``, clipped."""
+    cut = (1.0 - lam).clamp(min=0.0).sqrt()
+    half_h, half_w = (height * cut).floor().long() // 2, (width * cut).floor().long() // 2
+    rows, cols = torch.arange(height, device=lam.device), torch.arange(width, device=lam.device)
+    inside_rows = (rows >= cy - half_h) & (rows < cy + half_h)
+    inside_cols = (cols >= cx - half_w) & (cols < cx + half_w)
+    return inside_rows[:, None] & inside_cols[None, :]
 
 
 class BatchMixer:
@@ -79,9 +86,8 @@ class BatchMixer:
         prob: probability that a batch (``mode="batch"``) or a whole epoch
             (``mode="epoch"``) is mixed.
         mode: "batch" decides per batch from the call's generator; "epoch" decides once
-            per epoch from ``torch.Generator().manual_seed(seed * 1000003 + epoch)``,
-            so the decision is a function of ``(seed, epoch)`` only and every batch of a
-            mixed epoch is mixed.
+            per epoch from ``random.Random(seed * 1000003 + epoch)``, so the decision is a
+            function of ``(seed, epoch)`` only and every batch of a mixed epoch is mixed.
         stop_epoch: from this epoch on nothing is mixed (None: never stops).
         switch_prob: when both alphas are set, probability that a mixed batch uses
             CutMix rather than mixup.
@@ -91,11 +97,11 @@ class BatchMixer:
     batch ``(B, C, H, W)`` and ``y`` int64 labels ``(B,)`` (or soft targets). One
     ``lam ~ Beta(alpha, alpha)`` and one partner permutation per batch: mixup returns
     ``lam * x + (1 - lam) * x[perm]``; CutMix pastes one box of ``x[perm]`` (the same
-    box for the whole batch) and sets ``lam`` to the exact unpasted area fraction.
-    Targets are ``lam * onehot(y) + (1 - lam) * onehot(y[perm])``. The last decision
-    is kept in ``last`` (``{"mixed", "kind", "lam"}``) for logging.
+    box for the whole batch, :func:`cutmix_box`) and sets ``lam`` to the exact unpasted
+    area fraction. Targets are ``lam * onehot(y) + (1 - lam) * onehot(y[perm])``. The last
+    decision is kept in ``last`` (``{"mixed", "cutmix", "lam"}``, 0-d device tensors once a
+    batch may be mixed: read them only where a read is due, e.g. when logging).
     """
-
     def __init__(
         self,
         num_classes: int,
@@ -126,7 +132,7 @@ class BatchMixer:
         self.stop_epoch = None if stop_epoch is None else int(stop_epoch)
         self.switch_prob = float(switch_prob)
         self.seed = int(seed)
-        self.last: dict[str, object] = {"mixed": False, "kind": None, "lam": 1.0}
+        self.last: dict[str, object] = dict(_UNMIXED)
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -135,9 +141,8 @@ class BatchMixer:
 
     def epoch_decision(self, epoch: int) -> bool:
         """``mode="epoch"``: whether ``epoch`` is a mixing epoch (deterministic in
-        ``(seed, epoch)``; ignores ``stop_epoch``)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
-        return bool(torch.rand((), generator=g) < self.prob)
+        ``(seed, epoch)``, drawn on the host; ignores ``stop_epoch``)."""
+        return random.Random(self.seed * 1_000_003 + int(epoch)).random() < self.prob
 
     def active(self, epoch: int) -> bool:
         """Whether batches of ``epoch`` may be mixed at all."""
@@ -149,7 +154,31 @@ class BatchMixer:
             return self.epoch_decision(epoch)
         return True
 
-    # ------------------------------------------------------------------ mixing
+    def draw(self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None
+             ) -> dict[str, Tensor]:
+        """One batch's draws, on the generator's device, in a fixed order: the mix / no-mix coin
+        (``mode="batch"``, ``prob < 1``), the mixup / CutMix coin (both alphas set), ``lam``, the
+        partner permutation ``perm``, the box centre (CutMix enabled). Returns ``mixed`` and
+        ``cutmix`` (0-d bool), ``lam`` (0-d float32, the Beta draw) and ``perm``, plus ``box``
+        (``(height, width)`` bool, the box a CutMix pastes) when CutMix is enabled."""
+        device = _draw_device(generator)
+        mixed = torch.ones((), dtype=torch.bool, device=device)
+        if self.mode == "batch" and self.prob < 1.0:
+            mixed = torch.rand((), generator=generator, device=device) < self.prob
+        cutmix = torch.full((), self.cutmix_alpha is not None, dtype=torch.bool, device=device)
+        if self.mixup_alpha is not None and self.cutmix_alpha is not None:
+            cutmix = torch.rand((), generator=generator, device=device) < self.switch_prob
+        alpha = self.cutmix_alpha if self.mixup_alpha is None else self.mixup_alpha
+        if self.mixup_alpha is not None and self.cutmix_alpha is not None:
+            alpha = torch.where(cutmix, self.cutmix_alpha, self.mixup_alpha)
+        lam = sample_beta(alpha, generator)
+        draws = {"mixed": mixed, "cutmix": cutmix, "lam": lam,
+                 "perm": torch.randperm(batch_size, generator=generator, device=device)}
+        if self.cutmix_alpha is not None:
+            centre = [torch.randint(0, n, (), generator=generator, device=device) for n in (height, width)]
+            draws["box"] = cutmix_box(height, width, lam, *centre)
+        return draws
+
     def __call__(
         self, x: Tensor, y: Tensor, epoch: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -160,59 +189,30 @@ class BatchMixer:
         if y.shape[0] != x.shape[0]:
             raise ValueError("x and y have different batch sizes")
         targets = one_hot_targets(y.to(x.device), self.num_classes)
-        self.last = {"mixed": False, "kind": None, "lam": 1.0}
+        self.last = dict(_UNMIXED)
         if not self.active(epoch) or x.shape[0] < 2:
             return x, targets
-        dev = _draw_device(generator)
-        if self.mode == "batch" and self.prob < 1.0 and not _rand_scalar(generator, dev) < self.prob:
-            return x, targets
-
-        if self.mixup_alpha is not None and self.cutmix_alpha is not None:
-            use_cutmix = _rand_scalar(generator, dev) < self.switch_prob
-        else:
-            use_cutmix = self.cutmix_alpha is not None
-        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
-        lam = sample_beta(alpha, generator)
-        perm = torch.randperm(x.shape[0], generator=generator, device=dev).to(x.device)
-
-        if use_cutmix:
-            x_mixed, lam = self.cutmix(x, perm, lam, generator)
-        else:
-            x_mixed = self.mixup(x, perm, lam)
-        y_soft = targets.mul(lam).add_(targets[perm], alpha=1.0 - lam)
-        self.last = {"mixed": True, "kind": "cutmix" if use_cutmix else "mixup", "lam": lam}
+        draws = {k: v.to(x.device) for k, v in self.draw(x.shape[0], *x.shape[-2:], generator).items()}
+        x_mixed, y_soft, lam = self.mix(x, targets, draws)
+        self.last = {"mixed": draws["mixed"], "cutmix": draws["cutmix"] & draws["mixed"], "lam": lam}
         return x_mixed, y_soft
 
-    @staticmethod
-    def mixup(x: Tensor, perm: Tensor, lam: float) -> Tensor:
-        """``lam * x + (1 - lam) * x[perm]``."""
-        return x.mul(lam).add_(x[perm], alpha=1.0 - lam)
-
-    @staticmethod
-    def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator | None = None,
-                   device: torch.device | None = None) -> tuple[int, int, int, int]:
-        """Box ``(top, bottom, left, right)`` covering about ``1 - lam`` of the image:
-        sides ``sqrt(1 - lam)`` of the image's, centred at a uniform pixel, clipped."""
-        device = device if device is not None else _draw_device(generator)
-        cut = math.sqrt(max(0.0, 1.0 - lam))
-        ch, cw = int(height * cut), int(width * cut)
-        cy = _randint_scalar(height, generator, device)
-        cx = _randint_scalar(width, generator, device)
-        top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, height)
-        left, right = max(cx - cw // 2, 0), min(cx + cw // 2, width)
-        return top, bottom, left, right
-
-    def cutmix(self, x: Tensor, perm: Tensor, lam: float, generator: torch.Generator | None = None
-               ) -> tuple[Tensor, float]:
-        """Pastes one box of ``x[perm]`` into ``x``; returns the batch and the exact
-        fraction of each image that kept its own pixels."""
-        H, W = x.shape[-2:]
-        top, bottom, left, right = self.cutmix_box(H, W, lam, generator)
-        out = x.clone()
-        if bottom > top and right > left:
-            out[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
-        lam = 1.0 - (bottom - top) * (right - left) / float(H * W)
-        return out, lam
+    def mix(self, x: Tensor, targets: Tensor, draws: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Applies :meth:`draw`'s draws: ``(x_mixed, y_soft, lam)`` with ``lam`` the weight of each
+        image's own pixels and label (the Beta draw for mixup, the unpasted area for CutMix, 1
+        unmixed). Pixel weights are 1 (own) or 0 (partner) in a CutMix box, ``lam`` for mixup; the
+        blend is ``torch.lerp``, exact at weights 0 and 1."""
+        lam, perm = draws["lam"], draws["perm"]
+        weight = lam
+        if "box" in draws:
+            own = ~draws["box"]
+            weight = torch.where(draws["cutmix"], own.to(lam.dtype), lam)
+            lam = torch.where(draws["cutmix"], own.to(lam.dtype).mean(), lam)
+        weight = torch.where(draws["mixed"], weight, 1.0)
+        lam = torch.where(draws["mixed"], lam, 1.0)
+        x_mixed = torch.lerp(x[perm], x, weight.to(x.dtype))
+        y_soft = torch.lerp(targets[perm], targets, lam.to(targets.dtype))
+        return x_mixed, y_soft, lam
 
     def __repr__(self) -> str:
         return (

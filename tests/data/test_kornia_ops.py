@@ -1,5 +1,6 @@
 """Ops delegated to kornia: torchvision equivalence with fixed parameters, per-image draws,
-seeding from the datamodule's generator, isolation of the global RNG."""
+seeding from the datamodule's generator, isolation of the global RNG. The hand-written colour
+jitter, which shares kornia's parameters: tests/data/test_color_jitter.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cifar_lab.data.augment import (
     ColorJitter,
     Cutout,
     HorizontalFlip,
+    KorniaColorJitter,
     KorniaRandomAutocontrast,
     KorniaRandomGrayscale,
     Normalize,
@@ -21,6 +23,7 @@ from cifar_lab.data.augment import (
 )
 from cifar_lab.data.augment.kornia_ops import seeded_rng
 from conftest import MEAN, STD
+from device_reads import DeviceReads
 from conftest import random_images as _batch
 from conftest import seeded_generator as _gen
 
@@ -29,6 +32,9 @@ from conftest import seeded_generator as _gen
 KORNIA_OPS = {
     "jitter": (lambda: ColorJitter(0.4, 0.4, 0.4, 0.1), ["brightness_factor", "hue_factor", "order"]),
     "jitter_batch_order": (lambda: ColorJitter(0.4, 0.4, 0.4, 0.1, order="batch"), ["saturation_factor"]),
+    "kornia_jitter": (lambda: KorniaColorJitter(0.4, 0.4, 0.4, 0.1), ["brightness_factor", "hue_factor", "order"]),
+    "kornia_jitter_batch_order": (lambda: KorniaColorJitter(0.4, 0.4, 0.4, 0.1, order="batch"),
+                                  ["saturation_factor"]),
     "rotation": (lambda: RandomRotation(20), ["degrees"]),
     "rotation_p": (lambda: RandomRotation(20, p=0.5), ["degrees", "batch_prob"]),
     "cutout": (lambda: Cutout(8), ["xs", "ys"]),
@@ -78,10 +84,28 @@ def test_kornia_ops_seeded_by_generator_not_global_rng(name, dtype):
 
 def test_one_seed_drawn_from_the_generator_per_call():
     g = _gen(7)
-    ColorJitter(0.4)(_batch(8), g)
+    KorniaColorJitter(0.4)(_batch(8), g)
     ref = _gen(7)
     torch.randint(0, 2**62, (1,), generator=ref)
     assert torch.equal(g.get_state(), ref.get_state())
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_rotation_draws_kornia_parameters_from_the_generator(p):
+    """No seed read back: the angles (then the per-image coin) come from the generator itself."""
+    op = RandomRotation((-10, 30), p=p)
+    params = op.sample_params(16, "cpu", _gen(7), height=24, width=20)
+    ref = _gen(7)
+    torch.testing.assert_close(params["degrees"], torch.rand(16, generator=ref) * 40 - 10)
+    applied = torch.rand(16, generator=ref) < p if p < 1 else torch.ones(16, dtype=torch.bool)
+    assert torch.equal(params["batch_prob"], applied.float())
+    assert params["forward_input_shape"].tolist() == [16, 3, 24, 20]
+    x = _batch(16, h=24, w=20)
+    reads = DeviceReads()
+    reads.recording = True
+    with reads:
+        op(x, _gen(7))
+    assert reads.reads == []
 
 
 def test_uint8_path_is_the_float_path_rounded():
@@ -131,100 +155,6 @@ def test_kornia_op_on_gpu_is_seeded():
         a, b = op(x, g1), op(x, g2)
         assert a.device == x.device and torch.equal(a, b)
         assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
-
-
-# ----------------------------------------------------------------------------- colour jitter vs torchvision
-
-
-def test_color_adjustments_match_torchvision_with_fixed_factors():
-    x = _batch(6)
-    factors = torch.tensor([0.0, 0.5, 0.9, 1.0, 1.3, 1.8])
-    hues = torch.tensor([-0.5, -0.2, 0.0, 0.05, 0.3, 0.5])
-    ones, zeros = torch.ones(6), torch.zeros(6)
-    identity = torch.arange(4).expand(6, 4)
-    cases = {
-        "brightness": TF.adjust_brightness,
-        "contrast": TF.adjust_contrast,
-        "saturation": TF.adjust_saturation,
-        "hue": TF.adjust_hue,
-    }
-    # kornia's grayscale weights (0.299, 0.587, 0.114) differ from torchvision's 0.2989 in
-    # the red weight: contrast (the image's mean gray) and saturation (blend with the gray
-    # image) differ by up to 1e-4 of the range (0.03 of a uint8 level); brightness and hue
-    # stay within 1e-5
-    float_atol = {"brightness": 1e-5, "contrast": 1.5e-4, "saturation": 1.5e-4, "hue": 1e-5}
-    for comp, fn in cases.items():
-        values = hues if comp == "hue" else factors
-        op = ColorJitter(**{comp: 0.5})
-        params = {"brightness_factor": ones, "contrast_factor": ones, "saturation_factor": ones,
-                  "hue_factor": zeros, f"{comp}_factor": values, "order": identity, "batch_prob": ones}
-        for xx in (x, x.float() / 255):
-            y = op.apply(xx, params)
-            ref = torch.stack([fn(xx[i], float(values[i])) for i in range(6)])
-            if xx.dtype == torch.uint8:
-                # within one level of torchvision's uint8 path (which truncates) ...
-                assert (y.int() - ref.int()).abs().max() <= 1, comp
-                # ... and torchvision's float result rounded, as the batched op converts back
-                rounded = torch.stack([_rounded(lambda v, i=i: fn(v, float(values[i])), xx[i]) for i in range(6)])
-                assert (y.int() - rounded.int()).abs().max() <= 1, comp
-                assert (y != rounded).float().mean() < 0.01, comp
-            else:
-                torch.testing.assert_close(y, ref, atol=float_atol[comp], rtol=0), comp
-
-
-def test_color_jitter_order_is_per_image():
-    x = _batch(2)
-    op = ColorJitter(brightness=0.5, saturation=0.5)
-    b, s = torch.tensor([1.4, 1.4]), torch.tensor([0.3, 0.3])
-    order = torch.tensor([[0, 2, 1, 3], [2, 0, 1, 3]])  # image 0: brightness first
-    params = {"brightness_factor": b, "contrast_factor": torch.ones(2), "saturation_factor": s,
-              "hue_factor": torch.zeros(2), "order": order, "batch_prob": torch.ones(2)}
-    y = op.apply(x, params)
-    # torchvision's chain on the float image, rounded once at the end as the batched op does
-    # (its uint8 chain truncates after every step, up to 2 levels below)
-    ref0 = _rounded(lambda v: TF.adjust_saturation(TF.adjust_brightness(v, 1.4), 0.3), x[0])
-    ref1 = _rounded(lambda v: TF.adjust_brightness(TF.adjust_saturation(v, 0.3), 1.4), x[1])
-    assert (y[0].int() - ref0.int()).abs().max() <= 1
-    assert (y[1].int() - ref1.int()).abs().max() <= 1
-    # the order matters for these factors: one shared order would not give both
-    assert not torch.equal(op.apply(x, {**params, "order": order[:1].expand(2, 4)}), y)
-
-
-def test_color_jitter_batch_order_equals_image_order_with_shared_order():
-    x = _batch(16)
-    op_img = ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.7)
-    op_batch = ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.7, order="batch")
-    params = op_batch.sample_params(16, "cpu", _gen(3))
-    assert (params["order"] == params["order"][0]).all()
-    assert torch.unique(params["brightness_factor"]).numel() > 1
-    assert torch.equal(op_batch.apply(x, params), op_img.apply(x, params))
-    # per-image orders: the image order draws several
-    orders = op_img.sample_params(16, "cpu", _gen(3))["order"]
-    assert torch.unique(orders, dim=0).shape[0] > 1
-    assert sorted(orders[0].tolist()) == [0, 1, 2, 3]
-
-
-def test_color_jitter_grouped_runs_equal_image_by_image_runs():
-    op = ColorJitter(0.4, 0.4, 0.4, 0.0, p=0.8)  # hue off: orders that differ only in hue share a run
-    x = _batch(24)
-    params = op.sample_params(24, "cpu", _gen(6))
-    y = op.apply(x, params)
-    for i in range(24):
-        single = {k: v if k == "forward_input_shape" else v[i:i + 1] for k, v in params.items()}
-        assert torch.equal(op.apply(x[i:i + 1], single), y[i:i + 1]), i
-
-
-def test_color_jitter_probability_and_ranges():
-    op = ColorJitter(brightness=0.2, hue=0.1, p=0.3)
-    assert op.brightness == (0.8, 1.2) and op.hue == (-0.1, 0.1) and op.contrast is None
-    params = op.sample_params(20_000, "cpu", _gen(0))
-    applied = params["batch_prob"].float().mean().item()
-    assert abs(applied - 0.3) < 0.02
-    assert 0.8 <= params["brightness_factor"].min() and params["brightness_factor"].max() <= 1.2
-    with pytest.raises(ValueError):
-        ColorJitter(hue=0.7)
-    with pytest.raises(ValueError):
-        ColorJitter(order="sometimes")
 
 
 # ----------------------------------------------------------------------------- rotation vs torchvision

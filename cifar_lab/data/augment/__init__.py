@@ -14,9 +14,10 @@ Where each op lives
   measured fast path, hand-written.
 * :mod:`.normalize`: ``Normalize`` (``uint8`` -> normalised float32).
 * :mod:`.handwritten`: ``RandomGrayscale``, ``RandomAutocontrast``, kept hand-written
-  because kornia's versions measured more than 1.5x slower (docs/benchmarks.md).
-* :mod:`.kornia_ops`: ``ColorJitter``, ``RandomRotation``, ``Cutout``, ``RandomErasing``
-  (and kornia's grayscale/autocontrast) delegated to ``kornia.augmentation``, seeded from
+  because kornia's versions measured more than 1.5x slower (docs/benchmarks.md), and
+  ``ColorJitter``, because kornia's reads values back to the host on every call.
+* :mod:`.kornia_ops`: ``RandomRotation``, ``Cutout``, ``RandomErasing`` (and kornia's
+  grayscale/autocontrast/colour jitter) delegated to ``kornia.augmentation``, drawn from
   the datamodule's generator.
 * :mod:`.policies`: ``RandAugment``, ``TrivialAugment``, ``AutoAugment`` (kornia's).
 * :mod:`.resize`: ``ProgressiveResize``, smaller images in the early epochs (torchvision's resize).
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from cifar_lab.data.augment.base import BatchOp, BatchOpTransform, Params, _check_batch, cpu_threads
-from cifar_lab.data.augment.handwritten import RandomAutocontrast, RandomGrayscale
+from cifar_lab.data.augment.handwritten import ColorJitter, RandomAutocontrast, RandomGrayscale
 from cifar_lab.data.augment.indexing import (
     AlternatingFlip,
     HorizontalFlip,
@@ -46,8 +47,8 @@ from cifar_lab.data.augment.indexing import (
     _window_run,
 )
 from cifar_lab.data.augment.kornia_ops import (
-    ColorJitter,
     Cutout,
+    KorniaColorJitter,
     KorniaOp,
     KorniaRandomAutocontrast,
     KorniaRandomGrayscale,
@@ -66,6 +67,7 @@ __all__ = [
     "HorizontalFlip",
     "AlternatingFlip",
     "ColorJitter",
+    "KorniaColorJitter",
     "RandomRotation",
     "RandomGrayscale",
     "RandomAutocontrast",

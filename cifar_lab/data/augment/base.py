@@ -77,6 +77,12 @@ def _randint(high: int | Tensor, shape: Sequence[int], device: torch.device, gen
     return (u * high).floor_().to(torch.int64).clamp_(min=0)
 
 
+def _uniform(bounds: tuple[float, float], batch_size: int, device: torch.device, generator) -> Tensor:
+    """Per-image float32 values uniform in ``[bounds[0], bounds[1]]``."""
+    lo, hi = bounds
+    return _rand((batch_size,), device, generator).mul_(hi - lo).add_(lo)
+
+
 def _bernoulli(p: float, batch_size: int, device, generator) -> Tensor:
     """Per-image boolean mask that is True with probability ``p`` (exactly all/none for 1/0)."""
     if p >= 1.0:
@@ -132,6 +138,19 @@ def _to_float(x: Tensor) -> Tensor:
     return x if x.dtype.is_floating_point else x.to(torch.float32)
 
 
+def to_unit(x: Tensor) -> Tensor:
+    """Float in [0, 1] (``uint8`` / 255, float batches as they are): the colour ops' working range."""
+    return x if x.dtype.is_floating_point else x.to(torch.float32).div_(_max_value(x.dtype))
+
+
+def from_unit(y: Tensor, like: Tensor) -> Tensor:
+    """Back to ``like``'s dtype: ``uint8`` rounded, floats clamped to [0, 1]; never in place on ``like``."""
+    if like.dtype.is_floating_point:
+        return y.clamp(0.0, 1.0).to(like.dtype)
+    bound = _max_value(like.dtype)
+    return y.mul(bound).round_().clamp_(0, bound).to(like.dtype)
+
+
 class BatchOp(nn.Module):
     """Base class of the batched augmentation ops.
 
@@ -185,3 +204,29 @@ class BatchOpTransform(v2.Transform):
 
     def extra_repr(self) -> str:
         return repr(self.op)
+
+
+class InUnitRange(v2.Transform):
+    """Runs a torchvision transform on the [0, 1] float image and converts back with rounding,
+    as the batched colour ops do (torchvision's ``uint8`` colour ops would truncate)."""
+
+    def __init__(self, transform: v2.Transform) -> None:
+        super().__init__()
+        self.inner = transform
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        import PIL.Image
+
+        from torchvision import tv_tensors
+
+        if isinstance(inpt, PIL.Image.Image):
+            out = self.transform(TF.pil_to_tensor(inpt), params)
+            return TF.to_pil_image(out, mode=inpt.mode)
+        if not isinstance(inpt, Tensor) or inpt.ndim != 3:
+            return inpt
+        image = inpt.as_subclass(Tensor)
+        out = self.inner(image) if image.dtype.is_floating_point else from_unit(self.inner(to_unit(image)), image)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+    def extra_repr(self) -> str:
+        return repr(self.inner)

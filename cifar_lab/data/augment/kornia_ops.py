@@ -2,11 +2,13 @@
 
 kornia draws its random numbers from the global RNG. To make the draws reproducible from
 the ``generator`` the datamodule passes (and whose state a checkpoint saves for an exact
-mid-epoch resume), every op draws ONE seed from ``generator`` and runs kornia's sampling
-under :func:`seeded_rng`: the global RNGs of the CPU and of the batch's device are forked,
-seeded with that seed, and restored afterwards, so the same generator state gives the same
-output, and the global RNG (dropout, weight init) is left untouched. Without a generator,
-kornia draws from the global RNG as usual.
+mid-epoch resume), an op either draws kornia's parameters itself from ``generator`` on the
+device (:class:`RandomRotation`: nothing is read back to the host), or draws ONE seed from
+``generator`` and runs kornia's sampling under :func:`seeded_rng`: the global RNGs of the CPU
+and of the batch's device are forked, seeded with that seed, and restored afterwards, so the
+same generator state gives the same output, and the global RNG (dropout, weight init) is left
+untouched. Reading that seed is a host synchronisation on an accelerator. Without a
+generator, kornia draws from the global RNG as usual.
 
 kornia works on float images in [0, 1]: ``uint8`` batches are converted to ``float32 / 255``
 and back with rounding (torchvision's own ``uint8`` colour ops truncate instead, so results
@@ -16,7 +18,6 @@ may differ from them by one level). Float batches are passed through as they are
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,19 +30,27 @@ from torchvision.transforms import v2
 from cifar_lab.data.augment.base import (
     BatchOp,
     BatchOpTransform,
+    InUnitRange,
     Params,
+    _bernoulli,
     _check_batch,
     _fill_list,
     _fill_tensor,
     _max_value,
     _maybe_random_apply,
     _tv_fill,
+    _uniform,
+    from_unit,
+    to_unit,
 )
+from cifar_lab.data.augment.handwritten import JITTER_COMPONENTS, JITTER_NEUTRAL, _check_order, _jitter_ranges
 
 __all__ = [
     "seeded_rng",
+    "to_unit",
+    "from_unit",
     "KorniaOp",
-    "ColorJitter",
+    "KorniaColorJitter",
     "RandomRotation",
     "Cutout",
     "RandomErasing",
@@ -86,20 +95,7 @@ def seeded_rng(seed: int | None, device: torch.device | str) -> Iterator[None]:
         yield
 
 
-# ----------------------------------------------------------------------------- value range
-
-
-def to_unit(x: Tensor) -> Tensor:
-    """kornia's input: float in [0, 1] (``uint8`` / 255, float batches as they are)."""
-    return x if x.dtype.is_floating_point else x.to(torch.float32).div_(_max_value(x.dtype))
-
-
-def from_unit(y: Tensor, like: Tensor) -> Tensor:
-    """Back to ``like``'s dtype: ``uint8`` rounded, floats clamped to [0, 1]; never in place on ``like``."""
-    if like.dtype.is_floating_point:
-        return y.clamp(0.0, 1.0).to(like.dtype)
-    bound = _max_value(like.dtype)
-    return y.mul(bound).round_().clamp_(0, bound).to(like.dtype)
+# ----------------------------------------------------------------------------- per-image runs
 
 
 def _slice_params(params: Params, index: Tensor, batch_size: int) -> Params:
@@ -166,32 +162,9 @@ class KorniaOp(BatchOp):
 # ----------------------------------------------------------------------------- colour
 
 
-def _jitter_range(value: Any, name: str, center: float, bound: tuple[float, float]) -> tuple[float, float] | None:
-    """torchvision's range for a ColorJitter component; None when it is disabled."""
-    if value is None:
-        return None
-    if isinstance(value, numbers.Number):
-        if value < 0:
-            raise ValueError(f"{name} must be non-negative")
-        if value == 0:
-            return None
-        lo, hi = center - float(value), center + float(value)
-        if name != "hue":
-            lo = max(lo, 0.0)
-    else:
-        lo, hi = (float(v) for v in value)
-    if not (bound[0] <= lo <= hi <= bound[1]):
-        raise ValueError(f"{name} range {(lo, hi)} outside {bound}")
-    if lo == hi == center:
-        return None
-    return lo, hi
-
-
-_JITTER_NEUTRAL = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
-
-
-class ColorJitter(KorniaOp):
-    # kornia: 0.4-1.0x the time of the former hand-written op (docs/benchmarks.md)
+class KorniaColorJitter(KorniaOp):
+    # kornia: 0.4-1.0x the time of the first hand-written op (docs/benchmarks.md), but it reads values back to the
+    # host on every call: the default ColorJitter is the hand-written one (see its comment)
     """Per-image colour jitter (``kornia.augmentation.ColorJitter``, torchvision's semantics).
 
     Each image gets its own factors, uniform in the ranges below: brightness
@@ -200,7 +173,7 @@ class ColorJitter(KorniaOp):
 
     ``order="image"`` (default, torchvision's behaviour) gives every image its own random
     order of the adjustments: kornia runs once per distinct order in the batch (at most 24
-    with all four enabled, 6 with three).
+    with all four enabled, 6 with three), grouped on the host.
     ``order="batch"`` uses one order for the whole batch (factors stay per image): one run.
 
     Params: kornia's ``brightness_factor``, ``contrast_factor``, ``saturation_factor``,
@@ -218,14 +191,11 @@ class ColorJitter(KorniaOp):
         order: str = "image",
     ) -> None:
         super().__init__(p)
-        if order not in ("image", "batch"):
-            raise ValueError(f"order must be 'image' or 'batch', got {order!r}")
-        self.order = order
-        self.brightness = _jitter_range(brightness, "brightness", 1.0, (0.0, math.inf))
-        self.contrast = _jitter_range(contrast, "contrast", 1.0, (0.0, math.inf))
-        self.saturation = _jitter_range(saturation, "saturation", 1.0, (0.0, math.inf))
-        self.hue = _jitter_range(hue, "hue", 0.0, (-0.5, 0.5))
-        ranges = {name: getattr(self, name) or _JITTER_NEUTRAL[name] for name in _JITTER_NEUTRAL}
+        self.order = _check_order(order)
+        self.brightness, self.contrast, self.saturation, self.hue = _jitter_ranges(brightness, contrast, saturation,
+                                                                                   hue)
+        ranges = {name: bounds or (neutral, neutral) for name, bounds, neutral in
+                  zip(JITTER_COMPONENTS, (self.brightness, self.contrast, self.saturation, self.hue), JITTER_NEUTRAL)}
         self.kornia = K.ColorJitter(**ranges, p=self.p)
 
     def _extra_params(self, params: Params, batch_size: int) -> Params:
@@ -237,7 +207,7 @@ class ColorJitter(KorniaOp):
 
     def _run(self, xf: Tensor, params: Params, value_scale: float) -> Tensor:
         if xf.shape[1] != 3:
-            raise ValueError("ColorJitter expects RGB images")
+            raise ValueError("KorniaColorJitter expects RGB images")
         B = xf.shape[0]
         order = params["order"].to("cpu")
         if (order == order[0]).all():
@@ -264,33 +234,6 @@ class ColorJitter(KorniaOp):
     def extra_repr(self) -> str:
         return (f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
                 f"hue={self.hue}, p={self.p}, order={self.order!r}")
-
-
-class InUnitRange(v2.Transform):
-    """Runs a torchvision transform on the [0, 1] float image and converts back with rounding,
-    as the batched kornia ops do (torchvision's ``uint8`` colour ops would truncate)."""
-
-    def __init__(self, transform: v2.Transform) -> None:
-        super().__init__()
-        self.inner = transform
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        import PIL.Image
-
-        from torchvision import tv_tensors
-        from torchvision.transforms.v2 import functional as TF
-
-        if isinstance(inpt, PIL.Image.Image):
-            out = self.transform(TF.pil_to_tensor(inpt), params)
-            return TF.to_pil_image(out, mode=inpt.mode)
-        if not isinstance(inpt, Tensor) or inpt.ndim != 3:
-            return inpt
-        image = inpt.as_subclass(Tensor)
-        out = self.inner(image) if image.dtype.is_floating_point else from_unit(self.inner(to_unit(image)), image)
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
-
-    def extra_repr(self) -> str:
-        return repr(self.inner)
 
 
 class KorniaRandomGrayscale(KorniaOp):
@@ -355,6 +298,13 @@ class RandomRotation(KorniaOp):
         self.interpolation = interpolation
         self.fill = fill if isinstance(fill, numbers.Number) else tuple(fill)
         self.kornia = K.RandomRotation(self.degrees, resample=interpolation, align_corners=False, p=self.p)
+
+    def sample_params(self, batch_size, device, generator=None, *, height: int = 32, width: int = 32,
+                      channels: int = 3) -> Params:
+        # kornia's own draws, but from ``generator`` on the device: seeding kornia would read a seed back
+        return {"degrees": _uniform(self.degrees, batch_size, device, generator),
+                "batch_prob": _bernoulli(self.p, batch_size, device, generator).to(torch.float32),
+                "forward_input_shape": torch.tensor([batch_size, channels, height, width])}
 
     def _run(self, xf: Tensor, params: Params, value_scale: float) -> Tensor:
         fill = _fill_list(self.fill)
