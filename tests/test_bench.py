@@ -364,6 +364,7 @@ def test_ablation_and_speedrun_on_a_tiny_run(tmp_path: Path, monkeypatch) -> Non
     assert 0 < res["default_over_best"]["simple_cnn"] <= 1
     s = res["speedrun"]
     assert s["batch_size"] == 4 and s["train_flops"] == 3 * s["forward_flops"] > 0
+    assert s["peak_matmul"]["n"] == 256  # --steps scales the peaks' matmuls down too
     assert s["achieved_gflops"] > 0 and s["peak_matmul"]["gflops"]["bf16"] > 0 and s["peak_matmul"]["gflops"]["fp32"] > 0
     assert s["fraction_of_peak"] > 0 and res["speedrun_fraction_of_peak"] == s["fraction_of_peak"]
 

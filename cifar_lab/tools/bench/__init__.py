@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: $CIFAR_LAB_DATA or data/); generated images when neither is there")
     p.add_argument("--generated", action="store_true", help="use generated images even when data is found")
     p.add_argument("--generated-size", type=int, default=None, help="number of generated training images")
-    p.add_argument("--steps", type=int, default=None, help="scale every count down to about N (for tests)")
+    p.add_argument("--steps", type=int, default=None, help="scale every count down to about N, and the matmul peaks to 256 x 256 (for tests)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per comparison")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     p.add_argument("--heavy-batch-size", type=int, default=None, help="batch size of resnet_se and attention_net")

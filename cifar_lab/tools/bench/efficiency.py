@@ -123,7 +123,7 @@ def bench_speedrun(base_overrides: list[str], settings: Settings, device: torch.
 
     peak_name = PEAK_OF.get(str(precision), "fp32")
     names = sorted({"bf16", "fp32", peak_name}, key=list(DTYPES).index)
-    n = default_peak_size(device)
+    n = settings.peak_size or default_peak_size(device)
     peaks = {name: MatmulPeak(DTYPES[name], n, device) for name in names}
     for _ in range(settings.speedrun_warmup):
         step(x, y)
