@@ -38,7 +38,8 @@ document order and share the module's files, so ``predict ckpt_path=model.onnx``
 
 Variants (``VARIANTS``): ``smallest`` (the default suite, every command): 64 training and 32 test
 images, 1 epoch (2 with a size schedule), at most 2 training batches, sweeps cut to 2 jobs or trials
-(``hydra.sweeper.n_trials``, ``hydra.sweeper.n_workers``); ``as_written`` (``slow``): the synthetic
+(``hydra.sweeper.n_trials``, ``hydra.sweeper.n_workers``), robustness to 8 of the test images per corruption
+and severity (``corruption.max_images``; every corruption and severity still runs); ``as_written`` (``slow``): the synthetic
 source at its default size (2,000 + 500 images) and the command's own epochs, jobs and trials, with
 epochs capped at 2 so a 420-epoch recipe stays a test; it runs with ``CIFAR_LAB_README_AS_WRITTEN=1``
 (about half an hour on 2 cores). Measured speed settings are fixed in both
@@ -151,6 +152,7 @@ DROP = ("data=", "data.root", "data.source.", "trainer.max_epochs", "hydra.sweep
 PATH_FLAGS = ("--out", "--plot", "--onnx")
 PLACEHOLDERS = ("<run dir or .ckpt>", "<file.ckpt | run dir>", "<run dir>", "<run>")
 SPEEDRUN_SCHEDULE = "data.augment.resize.schedule=[[0,24],[1,null]]"
+ROBUSTNESS_IMAGES = 8  # the smallest variant's corrupted images per corruption and severity (of its 32)
 
 
 def substitute(command: Command, variant: str, run_dir: Path, tmp: Path, logs: Path) -> list[str]:
@@ -178,7 +180,8 @@ def substitute(command: Command, variant: str, run_dir: Path, tmp: Path, logs: P
         return [*head, *kept, "data=synthetic", *SMALL_DATA[variant], *FIXED]
     if not trains:
         data = ["data=synthetic"] if any(w.startswith("data=") for w in args) else []
-        return [*head, *[w for w in args if not w.startswith(("data=", "data.root"))], *data]
+        kept = [w for w in args if not w.startswith(("data=", "data.root"))]
+        return [*head, *_robustness_images(variant, kept), *data]
     # make train on a machine without a GPU trains the speedrun unless ARGS choose a model or experiment
     cpu_speedrun = make and not any(w.startswith(("model=", "experiment=", "+experiment=")) for w in args)
     speedrun = cpu_speedrun or any(re.match(r"\+?experiment=speedrun", w) for w in args)
@@ -213,6 +216,14 @@ def _length(variant: str, words: list[str], speedrun: bool) -> list[str]:
         return [f"trainer.max_epochs={2 if schedule else 1}", "+trainer.limit_train_batches=2", *schedule]
     written = next((int(w.split("=", 1)[1]) for w in words if w.startswith("trainer.max_epochs=")), 2)
     return [f"trainer.max_epochs={max(2 if schedule else 1, min(written, 2))}", *schedule]
+
+
+def _robustness_images(variant: str, words: list[str]) -> list[str]:
+    """``robustness=true`` at the smallest size: every corruption and severity on a few of the test images."""
+    if variant != "smallest" or "robustness=true" not in words:
+        return words
+    return [*(w for w in words if not w.startswith("corruption.max_images=")),
+            f"corruption.max_images={ROBUSTNESS_IMAGES}"]
 
 
 def _counts(variant: str, words: list[str]) -> list[str]:
@@ -298,6 +309,11 @@ def test_the_rule_changes_only_data_epochs_and_paths(tmp_path: Path) -> None:
     evaluate = Command("README.md", 1, "python -m cifar_lab.evaluate ckpt_path=<run dir> output=x/model.onnx")
     assert substitute(evaluate, "smallest", run, tmp_path, logs)[1:] == [
         "-m", "cifar_lab.evaluate", f"ckpt_path={run}", f"output={tmp_path / 'model.onnx'}"]
+    robust = Command("docs/deploy.md", 1, "python -m cifar_lab.evaluate ckpt_path=<run dir> robustness=true "
+                                          "corruption.max_images=1000")
+    assert substitute(robust, "smallest", run, tmp_path, logs)[1:] == [
+        "-m", "cifar_lab.evaluate", f"ckpt_path={run}", "robustness=true", f"corruption.max_images={ROBUSTNESS_IMAGES}"]
+    assert substitute(robust, "as_written", run, tmp_path, logs)[-1] == "corruption.max_images=1000"
     compare = Command("README.md", 1, "python -m cifar_lab.compare logs/*/runs/* --out compare.md")
     assert substitute(compare, "smallest", run, tmp_path, logs)[1:] == [
         "-m", "cifar_lab.compare", str(logs / "speedrun" / "runs" / "a"), "--out", str(tmp_path / "compare.md")]
