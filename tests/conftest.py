@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing.process
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,10 @@ from cifar_lab.console import quiet_third_party
 from cifar_lab.config.compose import hydra_job
 from zygote import Zygote, runnable
 
-# Autotune decisions go to a cache of this test session only (hermetic, and no stale entries).
-os.environ["CIFAR_LAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
+# Autotune decisions go to a cache of this test session only (hermetic, and no stale entries),
+# removed when the session ends (pytest_sessionfinish).
+SESSION_CACHE = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
+os.environ["CIFAR_LAB_CACHE_DIR"] = SESSION_CACHE
 
 # Parallel workers (pytest-xdist, `make test`) share the cores: each worker, and every command it
 # starts, uses cores / workers threads. Oversubscribed OpenMP threads spin-wait for each other.
@@ -193,6 +196,27 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """Every logger's level and propagation back as the test found them: a command run in-process
+    (the bench's ``main`` quiets ``cifar_lab`` to warnings) must not change what a later test on the
+    same worker captures (``caplog`` sees the records that reach the root logger). Handlers are
+    pytest's own business (it swaps its capturing handler at every test phase)."""
+    import logging
+
+    def loggers() -> dict[str, logging.Logger]:
+        return {"": logging.getLogger(), **{name: lg for name, lg in logging.root.manager.loggerDict.items()
+                                            if isinstance(lg, logging.Logger)}}
+
+    saved = {name: (lg.level, lg.propagate, lg.disabled) for name, lg in loggers().items()}
+    yield
+    for name, lg in loggers().items():  # a logger made during the test (`cifar_lab` itself, say): as new
+        level, propagate, disabled = saved.get(name, (logging.NOTSET, True, False))
+        if (lg.level, lg.propagate, lg.disabled) != (level, propagate, disabled):
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+
+
 def run_cli(args: list[str], tmp_path: Path, script: str = "train.py", timeout: int = 300,
             env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, with logs under tmp_path; returns the finished process (forked
@@ -220,6 +244,7 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None, t
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _ZYGOTE.close()
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 # Small, quick synthetic runs for end-to-end tests.
