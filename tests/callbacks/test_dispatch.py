@@ -68,3 +68,49 @@ def test_a_batch_hook_is_dispatched_only_to_callbacks_that_define_it(skip: bool)
         assert len(_dispatched(profiler, fit_only)) == 6
     # after the fit the callbacks are as they were: nothing left on the instances
     assert not set(BATCH_HOOKS) & set(vars(fit_only)) and not set(BATCH_HOOKS) & set(vars(ends))
+
+
+TRAINING_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                       "on_before_zero_grad", "on_train_batch_end")
+
+
+def _module_hooks(profiler: Recording, module: L.LightningModule, hooks: tuple[str, ...]) -> dict[str, int]:
+    prefix = f"[LightningModule]{type(module).__name__}."
+    return {name[len(prefix):]: n for name, n in profiler.actions.items()
+            if name.startswith(prefix) and name[len(prefix):] in hooks}
+
+
+def test_the_classifier_module_gets_no_per_batch_hook_calls_and_a_subclass_gets_its_own() -> None:
+    """ClassifierModule leaves the six training-step module hooks non-callable, so Lightning dispatches
+    none of them (each call has a profiler context); a subclass defining one gets it at every batch.
+    The evaluation loops' batch hooks stay callable (Lightning inspects their signatures)."""
+    from functools import partial
+
+    from cifar_lab.module import ClassifierModule
+
+    class EndsBatches(ClassifierModule):
+        ended = 0
+
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            self.ended += 1
+
+    def run(cls: type[ClassifierModule]) -> tuple[ClassifierModule, Recording]:
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+        module = cls(net=net, optimizer=partial(torch.optim.SGD, lr=0.1), memory_format="contiguous")
+        data = TensorDataset(torch.randn(2 * STEPS, 3, 4, 4), torch.arange(2 * STEPS) % 10)
+        profiler = Recording()
+        trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, profiler=profiler)
+        trainer.fit(module, DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+        trainer.test(module, DataLoader(data, batch_size=2), verbose=False)
+        return module, profiler
+
+    plain, profiler = run(ClassifierModule)
+    assert profiler.actions["[LightningModule]ClassifierModule.on_train_epoch_start"] == 1  # the profiler counts
+    assert _module_hooks(profiler, plain, TRAINING_STEP_HOOKS) == {}
+    assert set(_module_hooks(profiler, plain, BATCH_HOOKS)) == {"on_validation_batch_start", "on_validation_batch_end",
+                                                                 "on_test_batch_start", "on_test_batch_end"}
+    assert plain.global_step == STEPS
+    sub, profiler = run(EndsBatches)
+    assert sub.ended == STEPS
+    assert _module_hooks(profiler, sub, TRAINING_STEP_HOOKS) == {"on_train_batch_end": STEPS}
