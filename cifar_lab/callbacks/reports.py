@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from torch import Tensor, nn
@@ -264,11 +265,11 @@ class ClassificationReport(L.Callback):
                 return logger
         return None
 
-    def _add_figure(self, trainer: L.Trainer, tag: str, fig: Any) -> None:
+    def _add_image(self, trainer: L.Trainer, tag: str, image: np.ndarray) -> None:
+        """A rendered figure (:func:`plots.figure_to_array`) to TensorBoard, when the run logs there."""
         tb = self._tensorboard(trainer)
         if tb is not None and trainer.is_global_zero:
-            tb.experiment.add_image(tag, plots.figure_to_array(fig), global_step=trainer.global_step,
-                                    dataformats="HWC")
+            tb.experiment.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
 
     def _update(self, stage: str, outputs: Any) -> tuple[Tensor, Tensor] | None:
         if not isinstance(outputs, Mapping) or "logits" not in outputs or "labels" not in outputs:
@@ -314,10 +315,12 @@ class ClassificationReport(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
-    def _write_reports(self, trainer: L.Trainer, stage: str) -> None:
+    def _write_reports(self, trainer: L.Trainer, stage: str) -> np.ndarray | None:
+        """classification_report.txt and confusion_matrix.png of ``stage``; returns the rendered
+        confusion matrix (None where nothing was written)."""
         result = self.results.get(stage)
         if not (self.write_files and trainer.is_global_zero and result):
-            return
+            return None
         run_dir = self._run_dir(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         names = self._names(trainer)
@@ -326,9 +329,11 @@ class ClassificationReport(L.Callback):
         header = f"Classification report, {what}\n\n"
         footer = f"\nexpected calibration error ({self.ece_bins} bins): {result['ece']:.4f}\n"
         atomic_write_text(run_dir / "classification_report.txt", header + text + footer)
-        fig = plots.confusion_matrix_figure(result["confmat"], names, self.normalize,
-                                            title=f"Confusion matrix, {what}")
-        plots.save_figure(fig, run_dir / "confusion_matrix.png")
+        return plots.save_figure(self._confusion_figure(result, names, f"Confusion matrix, {what}"),
+                                 run_dir / "confusion_matrix.png")
+
+    def _confusion_figure(self, result: Mapping[str, Any], names: Sequence[str], title: str) -> Any:
+        return plots.confusion_matrix_figure(result["confmat"], names, self.normalize, title=title)
 
     def _write_curves(self, trainer: L.Trainer) -> None:
         if not (self.write_files and trainer.is_global_zero and self.history):
@@ -462,10 +467,9 @@ class ClassificationReport(L.Callback):
         every = self.val_confusion_every_n_epochs
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
-        if every and ((epoch + 1) % every == 0 or last):
-            fig = plots.confusion_matrix_figure(result["confmat"], names, self.normalize,
-                                                title=f"Validation, epoch {epoch + 1}")
-            self._add_figure(trainer, "val/confusion_matrix", fig)
+        if every and ((epoch + 1) % every == 0 or last) and self._tensorboard(trainer) is not None:
+            fig = self._confusion_figure(result, names, f"Validation, epoch {epoch + 1}")
+            self._add_image(trainer, "val/confusion_matrix", plots.figure_to_array(fig))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Epoch-level values are in callback_metrics by now (they are not yet in on_validation_epoch_end).
@@ -532,14 +536,17 @@ class ClassificationReport(L.Callback):
         if not result or not trainer.is_global_zero:
             return
         names = self._names(trainer)
-        self._write_reports(trainer, "test")
-        fig = plots.confusion_matrix_figure(result["confmat"], names, self.normalize, title="Test")
-        self._add_figure(trainer, "test/confusion_matrix", fig)
-        if self.misclassified:
+        tensorboard = self._tensorboard(trainer) is not None
+        confusion = self._write_reports(trainer, "test")  # drawn once, for the file and TensorBoard
+        if confusion is None and tensorboard:
+            confusion = plots.figure_to_array(self._confusion_figure(result, names, "Confusion matrix, test set"))
+        if confusion is not None:
+            self._add_image(trainer, "test/confusion_matrix", confusion)
+        if self.misclassified and (self.write_files or tensorboard):
             grid = self._misclassified_figure(names)
-            self._add_figure(trainer, "test/misclassified", grid)
-            if self.write_files:
-                plots.save_figure(grid, self._run_dir(trainer) / "misclassified.png")
+            image = (plots.save_figure(grid, self._run_dir(trainer) / "misclassified.png") if self.write_files
+                     else plots.figure_to_array(grid))
+            self._add_image(trainer, "test/misclassified", image)
         final = {k: v for k, v in self.fit_metrics.items() if k in ("val/acc_best", "val/acc", "val/loss")}
         final.update(scalars(trainer.callback_metrics, ("test/",)))
         self._log_hparams(trainer, pl_module, final)

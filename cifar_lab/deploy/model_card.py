@@ -64,6 +64,7 @@ def reliability_figure(bins: Mapping[str, Any], ece: float) -> Any:
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability diagram (ECE {ece:.4f})")
     ax.legend(loc="upper left")
+    fig.tight_layout()  # (plots.save_figure draws once, without a second pass to crop)
     return fig
 
 

@@ -152,6 +152,7 @@ def heatmap_figure(result: dict[str, Any]) -> Any:
     ax.set_xlabel("severity")
     ax.set_title(f"Accuracy under corruption (%), clean {100 * result['clean_acc']:.1f}%")
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()  # (plots.save_figure draws once, without a second pass to crop)
     return fig
 
 
@@ -162,5 +163,5 @@ def write_report(result: dict[str, Any], run_dir: Path) -> list[Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "robustness.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(run_dir / "robustness.md", "# Accuracy under corruption (%)\n\n" + format_table(result))
-    return [run_dir / "robustness.json", run_dir / "robustness.md",
-            save_figure(heatmap_figure(result), run_dir / "robustness.png")]
+    save_figure(heatmap_figure(result), run_dir / "robustness.png")
+    return [run_dir / "robustness.json", run_dir / "robustness.md", run_dir / "robustness.png"]
