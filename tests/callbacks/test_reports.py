@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -246,3 +248,40 @@ def test_model_graph_when_the_logger_asks_for_it(tmp_path: Path) -> None:
     trainer.fit(module, datamodule=TinyData())
     assert _events(tmp_path).Tags()["graph"] is True
     assert module.net.training  # traced in eval mode, then put back
+
+
+def test_the_image_grid_shows_every_image_whole_in_its_cell() -> None:
+    """Each image of the grid is drawn at its cell's place at full size (solid colours, counted in the
+    rendered pixels, in order, row by row); an empty grid renders too."""
+    from cifar_lab.callbacks import plots
+
+    colours = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], dtype=torch.uint8)
+    images = colours[:, :, None, None].expand(-1, -1, 8, 8).contiguous()
+    fig = plots.image_grid_figure(images, [f"image {i}" for i in range(5)], columns=3)
+    pixels = torch.from_numpy(plots.figure_to_array(fig))
+    side = 1.35 * fig.dpi  # an image's side in the rendered figure
+    centres = []
+    for colour in colours:
+        ys, xs = torch.nonzero((pixels == colour).all(dim=-1), as_tuple=True)
+        assert len(ys) > 0.9 * side * side, colour  # whole, not clipped
+        centres.append((ys.float().mean().item(), xs.float().mean().item()))
+    rows = [round(y / (fig.get_figheight() * fig.dpi) * 10) for y, _ in centres]
+    assert rows[0] == rows[1] == rows[2] < rows[3] == rows[4]  # 3 columns: two rows
+    assert centres[0][1] < centres[1][1] < centres[2][1] and abs(centres[3][1] - centres[0][1]) < 2
+    empty = plots.figure_to_array(plots.image_grid_figure(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), []))
+    assert empty.ndim == 3 and empty.shape[2] == 3
+
+
+def test_a_figure_in_a_file_and_in_tensorboard_is_the_same_drawing(tmp_path: Path) -> None:
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    report = ClassificationReport(output_dir=str(run_dir), misclassified=4)
+    _trainer(tmp_path, report).test(_module(), datamodule=TinyData(), verbose=False)
+    events = _events(tmp_path)
+    for name in ("confusion_matrix", "misclassified"):
+        shown = events.Images(f"test/{name}")[-1]
+        with Image.open(run_dir / f"{name}.png") as written:
+            assert written.size == (shown.width, shown.height), name
+            assert np.array_equal(np.asarray(written.convert("RGB")),
+                                  np.asarray(Image.open(io.BytesIO(shown.encoded_image_string)).convert("RGB"))), name
