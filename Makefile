@@ -32,9 +32,12 @@ train: install
 	fi
 
 
-# Tests run on every core (pytest-xdist, at most 8 workers); each test module stays on one worker, so
-# the runs a module trains once are shared by its tests. Suite times: README.md, "Tests".
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0))))")
+# Tests run on one worker per core plus one (pytest-xdist, at most 8 workers): a worker also waits on
+# the processes, servers and clusters its tests start, and the extra worker fills those waits (2-core
+# Zen 3, `make test`: the cores were busy 80% of the suite's wall time with 2 workers, 87% with 3;
+# times in README.md, "Tests").
+# Each test module stays on one worker, so the runs a module trains once are shared by its tests.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0)) + 1))")
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope
 
 # The whole suite (what CI runs).
