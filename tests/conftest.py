@@ -6,6 +6,7 @@ import multiprocessing.process
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,13 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 # The same narrow filters as the commands: third-party noise nobody can act on.
 quiet_third_party()
+
+# The Ctrl-C tests send SIGINT to the commands they start. A suite started in the background by a shell
+# without job control (`make test &` in a script) inherits SIGINT ignored, and an ignored signal stays
+# ignored across exec, so every command would shrug the Ctrl-C off. A handled one is reset to the
+# default at exec: the commands take SIGINT as they would from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
