@@ -225,6 +225,24 @@ def _logging_as_found():
             lg.propagate, lg.disabled = propagate, disabled
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_found():
+    """Every test leaves every signal handler as it found it, and fails if it did not (the handler is put
+    back first, so the tests after it run as usual). A run trained in-process once left Lightning's SIGTERM
+    handler installed, which notes a SIGTERM and carries on: a Python session (a notebook, a test worker)
+    that trained would ignore SIGTERM from then on."""
+    signums = sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+    found = {signum: signal.getsignal(signum) for signum in signums}
+    yield
+    left = {signum: signal.getsignal(signum) for signum in signums}
+    changed = {signum: handler for signum, handler in left.items() if handler != found[signum]}
+    for signum in changed:
+        if found[signum] is not None:
+            signal.signal(signum, found[signum])
+    assert not changed, "the test left signal handlers behind: " + ", ".join(
+        f"{signal.Signals(signum).name}: {handler!r} (was {found[signum]!r})" for signum, handler in changed.items())
+
+
 def run_cli(args: list[str], tmp_path: Path, script: str = "train.py", timeout: int = 300,
             env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, with logs under tmp_path; returns the finished process (forked

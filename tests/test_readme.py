@@ -53,7 +53,9 @@ import glob
 import os
 import re
 import shlex
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,8 +244,13 @@ def _counts(variant: str, words: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("readme") / "logs"
+def logs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The commands' log root, removed when the module is done if none of its tests failed (as
+    ``tmp_path_retention_policy = "failed"`` does for each test's own folder): the runs take a few GB."""
+    root, failed = tmp_path_factory.mktemp("readme"), request.session.testsfailed
+    yield root / "logs"
+    if request.session.testsfailed == failed:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _env(logs: Path, own: dict[str, str] | None = None) -> dict[str, str]:

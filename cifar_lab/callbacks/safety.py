@@ -208,6 +208,7 @@ class GracefulStop(L.Callback):
         self._forwarded = False
         self._lightning_sigterm: Any = None
         self._previous: dict[int, Any] = {}
+        self._ours: Any = None               # the handler this callback installed
         self._agreeing = False               # DDP: processes agree on a SIGUSR1 after each batch
 
     # -------------------------------------------------------------- handlers
@@ -218,9 +219,10 @@ class GracefulStop(L.Callback):
             self._usr1_as_sigterm()
             return
         try:
+            self._ours = self._on_signal
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.getsignal(signum)
-                signal.signal(signum, self._on_signal)
+                signal.signal(signum, self._ours)
         except ValueError:  # not the main thread: leave signals alone
             self._restore()
 
@@ -238,6 +240,7 @@ class GracefulStop(L.Callback):
         try:
             self._previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
             signal.signal(signal.SIGUSR1, on_usr1)
+            self._ours = on_usr1
             self._agreeing = True
         except ValueError:  # not the main thread: leave signals alone
             self._previous = {}
@@ -262,8 +265,12 @@ class GracefulStop(L.Callback):
               file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
+        """The handlers found at the start, where ours is still installed. Lightning restores the handlers it
+        found before its own at its teardown, which comes before the callbacks' teardown hook: putting
+        back what this callback found (Lightning's SIGTERM handler) would leave that handler behind
+        after the run, and a Python session that trained in-process would ignore SIGTERM from then on."""
         for signum, handler in self._previous.items():
-            if handler is not None:
+            if handler is not None and signal.getsignal(signum) == self._ours:
                 signal.signal(signum, handler)
         self._previous = {}
 
