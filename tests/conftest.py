@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import multiprocessing.process
 import os
 import pickle
@@ -26,9 +27,14 @@ from cifar_lab.config.compose import hydra_job
 from zygote import Zygote, runnable
 
 # Autotune decisions go to a cache of this test session only (hermetic, and no stale entries),
-# removed when the session ends (pytest_sessionfinish).
-SESSION_CACHE = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
-os.environ["CIFAR_LAB_CACHE_DIR"] = SESSION_CACHE
+# removed when the session ends (pytest_sessionfinish). A process spawned by a test (torch's spawn
+# start method imports the test modules, and so this file) uses its parent's: it has no session end
+# that would remove its own; multiprocessing names it before it imports anything).
+if multiprocessing.current_process().name == "MainProcess":
+    SESSION_CACHE: str | None = tempfile.mkdtemp(prefix="cifar_lab_test_cache_")
+    os.environ["CIFAR_LAB_CACHE_DIR"] = SESSION_CACHE
+else:
+    SESSION_CACHE = None
 
 # Parallel workers (pytest-xdist, `make test`) share the cores: each worker, and every command it
 # starts, uses cores / workers threads. Oversubscribed OpenMP threads spin-wait for each other.
@@ -231,7 +237,9 @@ def _signal_handlers_as_found():
     back first, so the tests after it run as usual). A run trained in-process once left Lightning's SIGTERM
     handler installed, which notes a SIGTERM and carries on: a Python session (a notebook, a test worker)
     that trained would ignore SIGTERM from then on."""
-    signums = sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+    # SIGCHLD: torch's DataLoader installs a handler once per process when it first starts worker
+    # processes, by design for the process's lifetime (it calls the one it found first).
+    signums = sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD})
     found = {signum: signal.getsignal(signum) for signum in signums}
     yield
     left = {signum: signal.getsignal(signum) for signum in signums}
@@ -268,9 +276,32 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None, t
     return _ZYGOTE.run(argv, cwd, env, timeout)
 
 
+# The most the suite holds on disk at once (its tests' folders, each removed as the test passes), with
+# room for the folders failing tests keep: `make test` peaked at 3.4 GB on 2026-12-06, the quick tier
+# at well under 1 GB. A disk that fills midway turns every later test into an error.
+DISK_NEEDED_GB = {"whole suite": 6.0, "quick tier": 1.5}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to start, in one line, on a disk without room for the run (the controller only)."""
+    config = session.config
+    if hasattr(config, "workerinput"):
+        return
+    where = Path(config.option.basetemp or tempfile.gettempdir()).resolve()
+    while not where.exists():
+        where = where.parent
+    tier = "quick tier" if "not slow" in (config.option.markexpr or "") else "whole suite"
+    free_gb = shutil.disk_usage(where).free / 1e9
+    if free_gb < DISK_NEEDED_GB[tier]:
+        pytest.exit(f"only {free_gb:.1f} GB free on the disk of {where}, where the tests write their runs; the "
+                    f"{tier} needs about {DISK_NEEDED_GB[tier]:g} GB: free some space there (old "
+                    f"pytest-of-* folders?) or point TMPDIR (or --basetemp) at a disk with room", returncode=4)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _ZYGOTE.close()
-    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    if SESSION_CACHE is not None:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 # Small, quick synthetic runs for end-to-end tests.
