@@ -26,8 +26,10 @@ from conftest import SYNTH, compose_cfg, run_cli
 # every test here starts a process (a command, or a fixture's run made by the command line)
 pytestmark = pytest.mark.slow
 
+# fc_units=32: a 1.7 MB checkpoint instead of 25 MB; each of the 300-odd cases copies the run (two
+# checkpoints) and hashes it before and after
 QUICK = [*SYNTH, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",
-         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv"]
+         "model.fc_units=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv"]
 
 
 @pytest.fixture(scope="module")
