@@ -279,7 +279,7 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None, t
 # The most the suite holds on disk at once (its tests' folders, each removed as the test passes), with
 # room for the folders failing tests keep: `make test` peaked at 3.4 GB on 2026-12-06, the quick tier
 # at well under 1 GB. A disk that fills midway turns every later test into an error.
-DISK_NEEDED_GB = {"whole suite": 6.0, "quick tier": 1.5}
+DISK_NEEDED_GB = {"whole suite": 5.0, "quick tier": 1.5}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -36,7 +36,7 @@ test's own), and a ``key=logs/.../<name>`` value is the newest directory an earl
 document order and share the module's files, so ``predict ckpt_path=model.onnx`` reads the file the
 ``export`` before it wrote.
 
-Variants (``VARIANTS``): ``smallest`` (the default suite, every command): 64 training and 32 test
+Variants (``VARIANTS``): ``smallest`` (the default suite, every command): 32 training and 16 test
 images, 1 epoch (2 with a size schedule), at most 2 training batches, sweeps cut to 2 jobs or trials
 (``hydra.sweeper.n_trials``, ``hydra.sweeper.n_workers``, the first 2 values of a multirun's
 ``key=a,b,c`` list), robustness to 2 of the test images per corruption
@@ -88,8 +88,8 @@ CANNOT_RUN: list[tuple[str, str]] = [
 ]
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 PROJECT = re.compile(r"^(python3? (train\.py|-m cifar_lab\.\w+)|make (train|test|test-fast|bench))\b")
-SMALL_DATA = {"smallest": ["data.source.train_size=64", "data.source.test_size=32", "data.val_size=16",
-                           "data.batch_size=16", "data.eval_batch_size=32"],
+SMALL_DATA = {"smallest": ["data.source.train_size=32", "data.source.test_size=16", "data.val_size=8",
+                           "data.batch_size=8", "data.eval_batch_size=16"],
               "as_written": []}
 FIXED = ["trainer.precision=32", "module.memory_format=contiguous"]
 # as_written trains the report recipes at the synthetic source's size: about half an hour on 2 cores, so
