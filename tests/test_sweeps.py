@@ -156,11 +156,22 @@ def test_sweep_summary_picks_best_and_lists_failures(tmp_path: Path, capsys) -> 
     assert "job: 2" in capsys.readouterr().out
 
 
-def test_a_job_killed_before_hydra_saved_its_config_is_listed_as_failed(tmp_path: Path, capsys) -> None:
-    """The sweeper marks a dead worker's trial in its folder; Hydra may not have written ``.hydra`` yet."""
+# what a job killed while its config was saved left in .hydra/ (save_hydra_files writes config.yaml, then
+# overrides.yaml, each file whole): nothing, the empty folder, config.yaml alone
+SAVED_WHEN_KILLED = {"nothing": None, "empty .hydra": {}, "config.yaml": {"config.yaml": "job: 1\n"}}
+
+
+@pytest.mark.parametrize("saved", SAVED_WHEN_KILLED.values(), ids=SAVED_WHEN_KILLED.keys())
+def test_a_job_killed_before_hydra_saved_its_config_is_listed_as_failed(tmp_path: Path, capsys, saved) -> None:
+    """The sweeper marks a dead worker's trial in its folder; Hydra may not have written ``.hydra`` yet,
+    or only part of it."""
     sweep = tmp_path / "sweep"
     _fake_job(sweep, 0, ["optimizer.lr=0.1"], "ok", 0.4)
     (sweep / "1").mkdir()
+    if saved is not None:
+        (sweep / "1" / ".hydra").mkdir()
+        for name, text in saved.items():
+            (sweep / "1" / ".hydra" / name).write_text(text)
     mark_job(sweep / "1", "failed", "its worker stopped (no heartbeat for 2 s)")
     (sweep / "2").mkdir()  # an empty folder (killed before anything) and a stray record are not jobs
     (sweep / "notes").mkdir()

@@ -39,8 +39,8 @@ def _load_yaml(path: Path) -> Any:
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every job under ``sweep_dir``, by job number: the folders holding ``.hydra/overrides.yaml``,
-    and those holding only a status record (a job killed before Hydra saved its config, which
-    the sweeper marked failed).
+    and those holding a status record without it (a job killed before or while Hydra saved its
+    config, which the sweeper marked failed).
 
     Each entry: ``num`` (the Optuna trial number in an Optuna sweep), ``dir``, ``overrides``,
     ``status`` (``ok``, ``failed``, ``pruned``, or ``unknown`` when the job left no status),
@@ -75,9 +75,10 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
+    # a job killed while its .hydra/ was written (config.yaml, then overrides.yaml: save_hydra_files)
+    # has no overrides file: its status record alone makes it a job
     saved = {f.parent.parent for f in sweep_dir.glob("**/.hydra/overrides.yaml")}
-    marked = {f.parent for f in sweep_dir.glob("**/" + METRICS_FILE)
-              if not (f.parent / ".hydra").is_dir() and read_json(f).get("status")}
+    marked = {f.parent for f in sweep_dir.glob("**/" + METRICS_FILE) if read_json(f).get("status")}
     return sorted(saved | marked)
 
 
