@@ -114,6 +114,11 @@ class Command:
         """The command's leading ``NAME=value`` assignments."""
         return dict(w.split("=", 1) for w in _leading_assignments(shlex.split(self.text, comments=True)))
 
+    @property
+    def reads_the_shared_run(self) -> bool:
+        """Whether a placeholder of the command stands for the module's shared run (:func:`substitute`)."""
+        return any(p in self.text for p in PLACEHOLDERS) or bool(re.search(TEACHER, self.text))
+
     def skip_reason(self) -> str | None:
         return next((why for pattern, why in CANNOT_RUN if re.search(pattern, self.text)), None)
 
@@ -154,6 +159,7 @@ DROP = ("data=", "data.root", "data.source.", "trainer.max_epochs", "hydra.sweep
         "hydra.sweeper.n_workers")
 PATH_FLAGS = ("--out", "--plot", "--onnx")
 PLACEHOLDERS = ("<run dir or .ckpt>", "<file.ckpt | run dir>", "<run dir>", "<run>")
+TEACHER = r"(module\.distill\.teacher=)logs/\S*<[^>]+>"  # a teacher run named by a placeholder: the shared run
 SPEEDRUN_SCHEDULE = "data.augment.resize.schedule=[[0,24],[1,null]]"
 ROBUSTNESS_IMAGES = 2  # the smallest variant's corrupted images per corruption and severity (of its 32): the
 # speedrun network runs its 10 test-time views on each (8 images: 14.1 s in corruption_accuracy, 2: 4.5 s)
@@ -164,7 +170,7 @@ def substitute(command: Command, variant: str, run_dir: Path, tmp: Path, logs: P
     text = command.text
     for placeholder in PLACEHOLDERS:  # before splitting: a placeholder may hold spaces
         text = text.replace(placeholder, shlex.quote(str(run_dir)))
-    text = re.sub(r"(module\.distill\.teacher=)logs/\S*<[^>]+>", lambda m: m.group(1) + shlex.quote(str(run_dir)), text)
+    text = re.sub(TEACHER, lambda m: m.group(1) + shlex.quote(str(run_dir)), text)
     text = re.sub(r"(logs/\S*?)<[^>]+>", r"\1*", text)  # logs/.../<name>: what earlier commands made there
     words = shlex.split(text, comments=True)
     words = words[len(_leading_assignments(words)):]
@@ -362,12 +368,14 @@ def _document_commands(doc: str) -> type:
         @pytest.mark.parametrize("variant", VARIANTS)
         @pytest.mark.parametrize("command", [c for c in COMMANDS if c.doc == doc],
                                  ids=[c.id for c in COMMANDS if c.doc == doc])
-        def test_command_runs(self, command: Command, variant: str, shared_run: Path, logs: Path,
-                              inputs: Path) -> None:
+        def test_command_runs(self, command: Command, variant: str, logs: Path, inputs: Path,
+                              request: pytest.FixtureRequest) -> None:
             reason = command.skip_reason()
             if reason:
                 pytest.skip(f"{command.text}: {reason}")
-            args = substitute(command, variant, shared_run, inputs, logs)
+            # the shared run is trained when a command first needs it (a document without one trains none)
+            run_dir = request.getfixturevalue("shared_run") if command.reads_the_shared_run else Path("<no run>")
+            args = substitute(command, variant, run_dir, inputs, logs)
             proc = run_command(args, ROOT, _env(logs, command.env), timeout=900)
             shown = f"{command.id}: {command.text}\nran: {shlex.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
             assert proc.returncode == 0, shown
