@@ -37,8 +37,11 @@ train: install
 # Zen 3, `make test`: the cores were busy 80% of the suite's wall time with 2 workers, 87% with 3;
 # times in README.md, "Tests").
 # Each test module stays on one worker, so the runs a module trains once are shared by its tests.
+# Modules go out heaviest first (tests/conftest.py, pytest_collection_modifyitems), not in xdist's
+# order by number of tests, which sent the few long tests of the cluster, chaos and multinode modules
+# last: one worker then ran them alone at the end.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0)) + 1))")
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The whole suite (what CI runs).
 test: install

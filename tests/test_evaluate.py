@@ -16,9 +16,9 @@ from cifar_lab.cli import evaluate
 from cifar_lab.config.compose import from_training, hydra_job, replayable
 from cifar_lab.errors import CheckpointError, UnsafeConfigError
 from cifar_lab.cli.train import train
-from conftest import SYNTH, compose_cfg, run_cli
+from conftest import FIGURES, SYNTH, compose_cfg, run_cli
 
-QUICK = [*SYNTH, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",
+QUICK = [*SYNTH, *FIGURES, "data.source.train_size=300", "data.source.test_size=100", "data.val_size=100",
          "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "misclassified.png")
 

@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from cifar_lab import builders
 from cifar_lab.cli.train import train
-from conftest import SYNTH, compose_cfg
+from conftest import FIGURES, SYNTH, compose_cfg
 
-TINY = [*SYNTH, "logger=mlflow", "trainer.max_epochs=1", "data.source.train_size=200", "data.source.test_size=50",
+TINY = [*SYNTH, *FIGURES, "logger=mlflow", "trainer.max_epochs=1", "data.source.train_size=200", "data.source.test_size=50",
         "data.val_size=50", "model.filters=[8,16]", "model.fc_units=32", "trainer.enable_progress_bar=false"]
 
 

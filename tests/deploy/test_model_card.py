@@ -18,7 +18,7 @@ from cifar_lab.callbacks.reports import CalibrationError, ClassificationReport
 from cifar_lab.cli.train import train
 from cifar_lab.deploy.model_card import command_line, from_test_pass, wilson_interval, write_model_card
 from cifar_lab.module import ClassifierModule
-from conftest import SYNTH, compose_cfg
+from conftest import FIGURES, SYNTH, compose_cfg
 
 CLASSES = ["red", "green", "blue"]
 
@@ -134,7 +134,7 @@ def test_a_training_run_passes_over_the_test_set_once_per_tta_view(tmp_path: Pat
 
     monkeypatch.setattr(ClassifierModule, "on_test_start", counting)
     run_dir = tmp_path / "run"
-    train(compose_cfg([*SYNTH, "data.source.train_size=100", "data.source.test_size=40", "data.val_size=20",
+    train(compose_cfg([*SYNTH, *FIGURES, "data.source.train_size=100", "data.source.test_size=40", "data.val_size=20",
                        "data.eval_batch_size=16", "trainer.max_epochs=1", TTA], run_dir))
     assert sum(seen) == 10 * 40
     card = (run_dir / "MODEL_CARD.md").read_text()
