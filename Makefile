@@ -39,9 +39,9 @@ train: install
 # Each test module stays on one worker, so the runs a module trains once are shared by its tests.
 # Modules go out heaviest first (tests/conftest.py, pytest_collection_modifyitems), not in xdist's
 # order by number of tests, which sent the few long tests of the cluster, chaos and multinode modules
-# last: one worker then ran them alone at the end.
+# last.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0)) + 1))")
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope
 
 # The whole suite (what CI runs).
 test: install

@@ -216,6 +216,11 @@ def _scope(item: pytest.Item) -> str:
     return item.nodeid.rsplit("::", 1)[0]  # pytest-xdist's loadscope unit: the module, or the test class
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("dist", "no") == "loadscope":
+        config.option.loadscopereorder = False  # the scopes go out in the items' order, this file's
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("dist", "no") != "loadscope":
         return
