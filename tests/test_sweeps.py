@@ -185,6 +185,44 @@ def test_a_job_killed_before_hydra_saved_its_config_is_listed_as_failed(tmp_path
     assert "Sweep finished: 2 jobs, 1 ok, 1 failed" in out and "worker stopped" in out
 
 
+def test_a_stale_trial_is_marked_only_in_its_own_folder_of_this_sweep(tmp_path: Path) -> None:
+    """A dead worker's trial is marked failed in this sweep's folder for it (made if the job never started):
+    the folder a study's attribute names is data, and another sweep's folder or any other path is left as it was."""
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from cifar_lab.sweeps.heartbeat import HEARTBEAT_ATTR
+    from cifar_lab.sweeps.optuna_sweeper import JOB_DIR_ATTR, OptunaSearch
+
+    sweep, victim, other = tmp_path / "sweep", tmp_path / "victim", tmp_path / "other sweep"
+    for folder in (sweep / "1", victim, other / "3"):
+        folder.mkdir(parents=True)
+    (victim / "metrics.json").write_text('{"status": "ok"}')
+    (sweep / "1" / ".hydra").mkdir()  # killed while its config was being saved
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    named = {0: sweep / "0", 1: sweep / "1", 2: victim, 3: other / "3", 4: None}  # 0: killed before its job began
+    for number, folder in named.items():
+        trial = study.ask()
+        assert trial.number == number
+        if folder is not None:
+            trial.set_user_attr(JOB_DIR_ATTR, str(folder))
+        study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time() - 60)
+    search = OptunaSearch(direction="maximize", study_name="s", storage=None, n_trials=5, n_jobs=1, n_workers=1,
+                          sampler=None, pruner=None, params=None, heartbeat_interval=0.5, grace_period=2)
+    search.sweep_dir = sweep
+    search._fail_stale(study._storage, study._study_id)
+
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 5
+    assert (victim / "metrics.json").read_text() == '{"status": "ok"}' and sorted(p.name for p in victim.iterdir()) == [
+        "metrics.json"]
+    assert sorted(p.name for p in (other / "3").iterdir()) == [] and sorted(p.name for p in sweep.iterdir()) == ["0", "1"]
+    jobs = collect_jobs(sweep)
+    assert [(j["num"], j["status"]) for j in jobs] == [(0, "failed"), (1, "failed")]
+    assert all("worker stopped" in j["error"] for j in jobs)
+
+
 # ---------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_grid_sweep_goes_on_after_a_failing_job(tmp_path: Path) -> None:

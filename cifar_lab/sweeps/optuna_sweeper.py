@@ -163,9 +163,12 @@ class OptunaSearch:
         def record(trial: FrozenTrial) -> None:
             message = f"its worker stopped (no heartbeat for {self.grace_period:g} s)"
             log.warning("trial %d failed: %s", trial.number, message)
-            job_dir = trial.user_attrs.get(JOB_DIR_ATTR)
-            if job_dir and Path(job_dir).is_dir():
-                mark_job(Path(job_dir), "failed", message)
+            # the trial's folder in this sweep, as _launch named it, made if the worker died before its job
+            # did; a study's attributes are data (another sweep's folder, or any path, is left alone)
+            job_dir = self.sweep_dir / str(trial.number)
+            if trial.user_attrs.get(JOB_DIR_ATTR) == str(job_dir):
+                job_dir.mkdir(exist_ok=True)
+                mark_job(job_dir, "failed", message)
 
         heartbeat.fail_stale_trials(storage, study_id, self.grace_period, record)
 
