@@ -216,13 +216,27 @@ def _scope(item: pytest.Item) -> str:
     return item.nodeid.rsplit("::", 1)[0]  # pytest-xdist's loadscope unit: the module, or the test class
 
 
+def _loadscope(config: pytest.Config) -> bool:
+    """Whether pytest-xdist hands out whole scopes. A worker's own ``dist`` option reads "no" (xdist resets
+    it), so a worker learns it from the controller (:func:`pytest_configure_node`). The scheduler hands the
+    scopes out in the order the workers collected them: the order must be made there."""
+    if hasattr(config, "workerinput"):
+        return bool(config.workerinput.get("cifar_lab_loadscope"))
+    return config.getoption("dist", "no") == "loadscope"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # pytest-xdist's hook: the controller, before a worker starts
+    node.workerinput["cifar_lab_loadscope"] = _loadscope(node.config)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("dist", "no") == "loadscope":
+    if _loadscope(config) and not hasattr(config, "workerinput"):
         config.option.loadscopereorder = False  # the scopes go out in the items' order, this file's
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("dist", "no") != "loadscope":
+    if not _loadscope(config):
         return
     weights: dict[str, int] = {}
     for item in items:

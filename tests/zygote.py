@@ -59,10 +59,16 @@ class _Command(BaseException):
 
 
 def _serve() -> None:
+    import gc
     import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
+    # The imported heap (a few hundred thousand objects) goes to the collector's permanent generation: a
+    # child's collections skip it instead of walking it and writing to every page of it (copy-on-write
+    # faults). A tiny forked run (simple_cnn, 2 batches of 8, one thread): 5.2 s without, 4.0 s with (medians
+    # of 6, side by side; 2-core Zen 3).
+    gc.freeze()
     own_path = list(sys.path)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     for line in sys.stdin:
