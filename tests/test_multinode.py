@@ -108,3 +108,31 @@ def test_a_killed_rank_ends_the_run_with_one_message_and_the_run_resumes(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = _metrics(run_dir)
     assert summary["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt") and summary["epochs"] == 4
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigusr1_reaching_one_process_stops_both_after_the_same_batch(tmp_path: Path, rank: int) -> None:
+    """SLURM's warning before the time limit (SIGUSR1) reaches the processes of a job one by one: here only one of
+    them gets it. The processes agree on it after a batch and both stop there and save; the one that got it must
+    not start a collective of its own, which the other never joins (both hung until the process-group timeout)."""
+    run_dir = tmp_path / "run"
+    # a SLURM job's id (the signal is SLURM's), no SLURM to requeue it in: the requeue is only reported
+    (tmp_path / "slurm.conf").write_text("# no cluster: `scontrol requeue` fails at once\n")
+    env = {**_env(tmp_path), "SLURM_JOB_ID": "424242", "SLURM_CONF": str(tmp_path / "slurm.conf")}
+    args = [*DDP, "trainer.max_epochs=30", "trainer.process_group_timeout_s=60", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("epoch 1/"):  # both processes are training, their handlers in place
+            break
+    processes = [proc.pid, *_children(proc.pid)]  # Lightning's launcher started rank 1 as a child of rank 0
+    assert len(processes) == 2, processes
+    os.kill(processes[rank], signal.SIGUSR1)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert "training stopped by SIGUSR1; resumable checkpoint" in err and "Traceback" not in err, err[-3000:]
+    assert "requeue 424242" in err or "SLURM job 424242" in err, err[-3000:]  # rank 0 tried the requeue
+    assert err.count("training stopped by SIGUSR1; resumable checkpoint") == 2, err[-3000:]  # each process
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "Error:" not in err, err[-3000:]

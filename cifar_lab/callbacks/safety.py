@@ -290,12 +290,19 @@ class GracefulStop(L.Callback):
                            batch: Any, batch_idx: int) -> None:
         # The last batch of an epoch is followed by validation: wait for on_train_epoch_end.
         if batch_idx + 1 < trainer.num_training_batches:
-            self._forward(trainer)
-            self._agree(trainer)
+            self._stop_if_asked(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._forward(trainer)
-        self._agree(trainer)
+        self._stop_if_asked(trainer)
+
+    def _stop_if_asked(self, trainer: L.Trainer) -> None:
+        """One process: hand a signal to Lightning. Several: only the agreement, which every process joins at
+        the same batch; Lightning's handler broadcasts, and a process that got SIGUSR1 before the others would
+        start that broadcast alone, against their agreement (both hung until the process-group timeout)."""
+        if trainer.world_size > 1:
+            self._agree(trainer)
+        else:
+            self._forward(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
