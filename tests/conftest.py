@@ -320,6 +320,16 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None, t
     return _ZYGOTE.run(argv, cwd, env, timeout)
 
 
+def start_command(argv: list[str], cwd: Path, env: dict[str, str], stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL):
+    """``subprocess.Popen(argv, text=True)`` for a ``python SCRIPT``/``python -m MODULE`` command, forked from
+    the zygote (tests/zygote.py, :meth:`Zygote.popen`): for a test that signals the command or reads its output
+    as it runs. One at a time in a test process."""
+    assert runnable(argv), argv
+    _refuse_outside_slow_tests(f"a command ({str(argv)[:120]})")
+    return _ZYGOTE.popen(argv, cwd, env, stdout, stderr)
+
+
 # The most the suite holds on disk at once (its tests' folders, each removed as the test passes), with
 # room for the folders failing tests keep: `make test` peaked at 3.4 GB on 2026-12-06, the quick tier
 # at well under 1 GB. A disk that fills midway turns every later test into an error.

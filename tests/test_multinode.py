@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SYNTH, run_command
+from conftest import ROOT, SYNTH, run_command, start_command
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +79,8 @@ def _children(pid: int) -> list[int]:
 def test_a_killed_rank_ends_the_run_with_one_message_and_the_run_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*DDP, "data.source.train_size=1200", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
-    err = (tmp_path / "stderr.txt").open("w+")
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=err, text=True)
+    proc = start_command([sys.executable, "train.py", *args], ROOT, _env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=tmp_path / "stderr.txt")
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("epoch 2/"):  # epoch 1's checkpoint is on disk by now
@@ -91,8 +90,7 @@ def test_a_killed_rank_ends_the_run_with_one_message_and_the_run_resumes(tmp_pat
     os.kill(rank1[0], signal.SIGKILL)
     proc.stdout.read()
     proc.wait(timeout=120)
-    err.seek(0)
-    stderr = err.read()
+    stderr = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 5, stderr[-3000:]
     # exit code 5 and one message: the main thread reported, not Lightning's watcher killing it (which
     # raced it under load: tests/callbacks/test_peers.py)
@@ -120,8 +118,8 @@ def test_sigusr1_reaching_one_process_stops_both_after_the_same_batch(tmp_path: 
     (tmp_path / "slurm.conf").write_text("# no cluster: `scontrol requeue` fails at once\n")
     env = {**_env(tmp_path), "SLURM_JOB_ID": "424242", "SLURM_CONF": str(tmp_path / "slurm.conf")}
     args = [*DDP, "trainer.max_epochs=30", "trainer.process_group_timeout_s=60", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_command([sys.executable, "train.py", *args], ROOT, env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("epoch 1/"):  # both processes are training, their handlers in place

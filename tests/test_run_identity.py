@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cifar_lab.runs import identity
-from conftest import ROOT, SYNTH, run_cli, run_command
+from conftest import ROOT, SYNTH, run_cli, run_command, start_command
 
 
 # ----------------------------------------------------------------------------- names
@@ -97,11 +97,10 @@ def test_a_slurm_job_writes_its_named_directory_and_a_second_fresh_run_is_refuse
     assert len(others) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_[\d_-]+-\d+", others[0]), others
 
 
-def _stop_mid_training(tmp_path: Path, args: list[str], env: dict[str, str], signum: int) -> subprocess.Popen:
+def _stop_mid_training(tmp_path: Path, args: list[str], env: dict[str, str], signum: int):
     """Start train.py; once its first epoch ends, send ``signum``; return the finished process."""
-    err = open(tmp_path / f"stderr-{signum}.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=err, text=True)
+    errors = tmp_path / f"stderr-{signum}.txt"
+    proc = start_command([sys.executable, "train.py", *args], ROOT, env, stdout=subprocess.PIPE, stderr=errors)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.lstrip().startswith("epoch 1/"):
@@ -109,9 +108,7 @@ def _stop_mid_training(tmp_path: Path, args: list[str], env: dict[str, str], sig
             break
     proc.stdout.read()
     proc.wait(timeout=300)
-    err.seek(0)
-    proc.stderr_text = err.read()  # type: ignore[attr-defined]
-    err.close()
+    proc.stderr_text = errors.read_text()  # type: ignore[attr-defined]
     return proc
 
 

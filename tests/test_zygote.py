@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SYNTH, run_command
+from conftest import ROOT, SYNTH, run_command, start_command
 from zygote import runnable
 
 pytestmark = pytest.mark.slow  # every test starts commands
@@ -116,3 +117,61 @@ def test_a_training_run_gives_the_same_results(tmp_path: Path) -> None:
         metrics.append(json.loads((run_dir / "metrics.json").read_text())["metrics"])
         assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert metrics[0] == metrics[1] and "test/acc" in metrics[0]
+
+
+STREAMING = textwrap.dedent("""
+    import signal, sys
+    signal.signal(signal.SIGUSR1, lambda *_: sys.exit(10))  # SIGINT ends it as Ctrl-C would, SIGKILL kills it
+    print("to stderr", file=sys.stderr, flush=True)
+    print("ready", flush=True)  # last: a signal sent once this is read finds all of the above done
+    if sys.argv[1] == "wait":
+        signal.pause()
+    sys.exit(int(sys.argv[1]))
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1, signal.SIGKILL])
+def test_a_started_command_streams_its_output_and_ends_by_its_signal_as_a_fresh_one(tmp_path: Path,
+                                                                                    signum: int) -> None:
+    """``start_command`` against ``subprocess.Popen``: the first line read while it runs, a signal sent to its pid,
+    the rest of its output and the exit status it gives (stderr piped, joined to stdout, or to a file)."""
+    (tmp_path / "streaming.py").write_text(STREAMING)
+    argv, env = [sys.executable, str(tmp_path / "streaming.py"), "wait"], {**os.environ, "PYTHONUNBUFFERED": "1"}
+    seen = {}
+    for way in ("fresh", "forked"):
+        for joined in ("piped", "joined", "file"):
+            errors = tmp_path / f"{way}-{joined}.txt"
+            stderr = {"piped": subprocess.PIPE, "joined": subprocess.STDOUT, "file": errors}[joined]
+            if way == "fresh":
+                proc = subprocess.Popen(argv, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                                        stderr=open(errors, "w") if joined == "file" else stderr)
+            else:
+                proc = start_command(argv, tmp_path, env, stdout=subprocess.PIPE, stderr=stderr)
+            first = "".join(iter(lambda: "" if (line := proc.stdout.readline()) == "ready\n" else line, ""))
+            os.kill(proc.pid, signum)  # once it printed "ready"
+            out, err = proc.communicate(timeout=60)
+            err = errors.read_text() if joined == "file" else err
+            # a KeyboardInterrupt's traceback names the frames that ran the script: only its last line compares
+            seen[way, joined] = (first, out.splitlines()[:1], (err or "").splitlines()[:1],
+                                 (err or out).rstrip().splitlines()[-1:], proc.returncode)
+    assert [seen["fresh", j] for j in ("piped", "joined", "file")] == [seen["forked", j] for j in
+                                                                      ("piped", "joined", "file")]
+    assert seen["fresh", "piped"][:3] == ("", [], ["to stderr"]) and seen["fresh", "joined"][0] == "to stderr\n"
+    assert seen["fresh", "piped"][4] == {signal.SIGINT: -signal.SIGINT, signal.SIGUSR1: 10,
+                                         signal.SIGKILL: -signal.SIGKILL}[signum]
+
+
+def test_a_started_command_polls_waits_and_the_next_one_runs(tmp_path: Path) -> None:
+    (tmp_path / "streaming.py").write_text(STREAMING)
+    env = dict(os.environ)
+    proc = start_command([sys.executable, str(tmp_path / "streaming.py"), "wait"], tmp_path, env)
+    assert proc.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.1)
+    # left running: the next command ends it first
+    after = start_command([sys.executable, str(tmp_path / "streaming.py"), "3"], tmp_path, env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == -signal.SIGKILL
+    assert after.communicate(timeout=60) == ("ready\n", "to stderr\n") and after.wait() == after.poll() == 3
+    done = run_command([sys.executable, str(tmp_path / "streaming.py"), "0"], tmp_path, env)
+    assert (done.returncode, done.stdout) == (0, "ready\n")

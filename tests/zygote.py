@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,12 +137,18 @@ class Zygote:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
+        self._pending = b""  # what the zygote has replied past the last whole line
+        self._started: Started | None = None  # the last command popen started
 
     def _start(self) -> subprocess.Popen:
+        if self._started is not None and self._started.returncode is None:  # left running (a failed test)
+            self._started.kill()
+            self._started.wait()
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen([sys.executable, str(HERE / "zygote.py")], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True,
                                           bufsize=1)
+            self._pending = b""
         return self._proc
 
     def close(self) -> None:
@@ -150,12 +157,19 @@ class Zygote:
             self._proc.wait(timeout=60)
 
     def _reply(self, proc: subprocess.Popen, timeout: float | None) -> dict | None:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the zygote ended unexpectedly")
+        """The zygote's next reply, or None after ``timeout`` seconds. Its replies are read straight from the
+        pipe (both of a quick command's replies can arrive in one read: a buffered reader would hold the
+        second where ``select`` does not look)."""
+        fd = proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError("the zygote ended unexpectedly")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
         return json.loads(line)
 
     def run(self, argv: list[str], cwd: str | os.PathLike, env: dict[str, str],
@@ -176,6 +190,77 @@ class Zygote:
                 raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
             return subprocess.CompletedProcess(argv, finished["returncode"], out.read_text(errors="replace"),
                                                err.read_text(errors="replace"))
+
+    def popen(self, argv: list[str], cwd: str | os.PathLike, env: dict[str, str],
+              stdout: int | str | os.PathLike = subprocess.DEVNULL,
+              stderr: int | str | os.PathLike = subprocess.DEVNULL) -> "Started":
+        """``subprocess.Popen(argv, text=True)`` for one command at a time: ``stdout``/``stderr`` are
+        ``subprocess.PIPE`` (a named pipe read as text; ``stderr=subprocess.STDOUT`` joins it), ``DEVNULL``
+        or a file's path. The command is running when this returns; :class:`Started` ends it."""
+        proc = self._start()
+        folder = tempfile.mkdtemp(prefix="zygote_")
+        paths = {}
+        for name, where in (("stdout", stdout), ("stderr", stderr)):
+            if where == subprocess.PIPE:
+                paths[name] = os.path.join(folder, name)
+                if name == "stdout":  # streamed: a named pipe
+                    os.mkfifo(paths[name])
+                else:  # read once the command has ended (a second pipe could fill while the first is read)
+                    Path(paths[name]).touch()
+            elif where == subprocess.STDOUT:
+                paths[name] = paths["stdout"]
+            elif where == subprocess.DEVNULL:
+                paths[name] = os.devnull
+            else:  # a file the command writes from its start
+                paths[name] = os.fspath(where)
+                Path(where).write_bytes(b"")
+        proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "env": dict(env),
+                                     **paths}) + "\n")
+        # the command opens its standard streams first thing: the named pipe opens once both ends are there
+        stream = open(paths["stdout"], errors="replace") if stdout == subprocess.PIPE else None
+        started = self._reply(proc, None)
+        errors = paths["stderr"] if stderr == subprocess.PIPE else None
+        self._started = Started(self, argv, started["pid"], stream, errors, folder)
+        return self._started
+
+
+class Started:
+    """A command :meth:`Zygote.popen` started: ``pid``, ``stdout`` (a text stream where piped), ``poll``,
+    ``wait``, ``communicate``, ``send_signal``, ``kill`` and ``returncode`` as in ``subprocess.Popen``."""
+
+    def __init__(self, zygote: Zygote, argv: list[str], pid: int, stdout, stderr_file: str | None,
+                 folder: str) -> None:
+        self.args, self.pid, self.returncode, self.stdout = argv, pid, None, stdout
+        self._zygote, self._stderr_file, self._folder = zygote, stderr_file, folder
+
+    def poll(self) -> int | None:
+        return self.wait(0) if self.returncode is not None or self._ended(0) else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        """The rest of stdout where piped, then the exit, then stderr where piped."""
+        out = self.stdout.read() if self.stdout is not None else None
+        self.wait(timeout)
+        err = Path(self._stderr_file).read_text(errors="replace") if self._stderr_file else None
+        shutil.rmtree(self._folder, ignore_errors=True)
+        return out, err
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _ended(self, timeout: float | None) -> bool:
+        finished = self._zygote._reply(self._zygote._proc, timeout)
+        if finished is not None:
+            self.returncode = finished["returncode"]
+        return finished is not None
 
 
 if __name__ == "__main__":

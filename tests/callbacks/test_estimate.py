@@ -107,13 +107,14 @@ def test_estimate_of_a_progressive_resize_run_follows_its_schedule_and_test_view
     is a measurement, printed here (`-s`) and not asserted: timed on a shared machine it varies (a
     clean-clone CI run gave 0.74 where runs on a quiet machine gave 0.9-1.1).
     """
-    cfg = compose_cfg(["experiment=speedrun", "data=synthetic", "data.source.train_size=1536",
-                       "data.source.test_size=512", "data.batch_size=128", "data.eval_batch_size=256",
+    # small: what is asserted is the plan, not how close it comes (12 batches an epoch, the first 10 timed)
+    cfg = compose_cfg(["experiment=speedrun", "data=synthetic", "data.source.train_size=384",
+                       "data.source.test_size=128", "data.batch_size=32", "data.eval_batch_size=64",
                        "trainer=cpu", "trainer.max_epochs=4", "data.augment.resize.schedule=[[0,16],[2,null]]",
-                       "trainer.precision=32", "module.memory_format=contiguous", "model.widths=[32,64,64]",
+                       "trainer.precision=32", "module.memory_format=contiguous", "model.widths=[16,32,32]",
                        "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.report=null",
                        "trainer.enable_progress_bar=false",
-                       "callbacks.whitening.num_images=256", "logger=none"], tmp_path / "run")
+                       "callbacks.whitening.num_images=64", "logger=none"], tmp_path / "run")
     estimate = RunEstimate(clock=time.process_time, stream=io.StringIO())
     trainer = build_trainer(cfg, [*build_callbacks(cfg), estimate], [])
     datamodule = build_datamodule(cfg)
@@ -126,9 +127,9 @@ def test_estimate_of_a_progressive_resize_run_follows_its_schedule_and_test_view
     finally:
         torch.set_num_threads(threads)
     assert estimate.plan is not None and estimate.plan.epoch_sizes == {0: 16, 1: 16, 2: 32, 3: 32}
-    assert estimate.plan.test_views == 10 and estimate.plan.test_images == 512
+    assert estimate.plan.test_views == 10 and estimate.plan.test_images == 128
     plan = estimate.plan
-    assert plan.measured_size == 16 and plan.native_size == 32 and plan.batches == 12  # 1536 / 128
+    assert plan.measured_size == 16 and plan.native_size == 32 and plan.batches == 12  # 384 / 32
     # the 32 px epochs are planned at their own cost: the network's pass scaled by 4x the pixels
     assert plan.step_s(32) - plan.step_rest_s == pytest.approx(4 * plan.step_compute_s)
     assert plan.epoch_s(2) > plan.epoch_s(0) > 0 and plan.test_s() > 0

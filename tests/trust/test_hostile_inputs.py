@@ -21,7 +21,7 @@ import pytest
 import hostile
 from cifar_lab.cli import evaluate, export, predict
 from cifar_lab.cli.train import main_guarded
-from conftest import SYNTH, compose_cfg, run_cli
+from conftest import SYNTH, compose_cfg, run_cli, start_command
 
 # every test here starts a process (a command, or a fixture's run made by the command line)
 pytestmark = pytest.mark.slow
@@ -350,8 +350,8 @@ def test_kill_9_while_writing_leaves_the_previous_file(world: World, tmp_path: P
     args = ([f"ckpt_path={world.run}", "format=torchscript", f"output={out}", "parity.limit=100"]
             if command == "export" else [f"ckpt_path={world.run}", f"input={world.input}", f"output={out}"])
     env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs")}
-    proc = subprocess.Popen([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_command([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
+                         Path.cwd(), env)
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -387,8 +387,8 @@ def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, com
             [f"ckpt_path={world.run}", "format=torchscript", f"output={out}", f"parity.images={many}",
              "parity.batch_size=1"])
     env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_command([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
+                         Path.cwd(), env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def temporary_file() -> bool:
         return any(p.name.startswith(f".{out.name}.") for p in world.root.iterdir())
