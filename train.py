@@ -12,20 +12,15 @@ from pathlib import Path
 from cifar_lab.cli.exits import exit_on_config_error, interrupted_while_starting
 from cifar_lab.cli.usage import help_config_dirs, help_text
 
-# Hydra's options that only print (help, the config, its info): they answer without torch and Lightning,
-# in about a second instead of five.
-_PRINT_ONLY = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion")
-
 if __name__ == "__main__" and (_help := help_config_dirs(sys.argv[1:], Path(__file__).resolve().parent / "conf")):
     print(help_text(_help), end="")  # the groups from the file names: no composing (cifar_lab/cli/usage.py)
     sys.exit(0)
 
+# torch and Lightning load once the config composes (cifar_lab/cli/starting.py): the options that only print
+# (help, the config, its info) and a config that does not compose answer in about a second instead of five
 with interrupted_while_starting("train.py"):
     import hydra
     from omegaconf import DictConfig
-
-    if not any(arg.split("=", 1)[0] in _PRINT_ONLY for arg in sys.argv[1:]):
-        import cifar_lab.cli.train  # noqa: F401  (a job runs: load it here, where Ctrl-C is one line)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

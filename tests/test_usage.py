@@ -77,3 +77,33 @@ def test_train_py_help_prints_it_and_runs_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == help_text([CONF, EXAMPLES])
     assert list(tmp_path.iterdir()) == []  # no run directory, no outputs/
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, refused", [
+    (["model=no_such_model"], "Could not find 'model/no_such_model'"),  # a group's option that is not there
+    (["trainer.no_such_key=1"], "no_such_key"),  # a key the config does not have
+    (["optimizer.lr=[1,"], "'[1,'"),  # an override that does not parse: its text
+    (["+experiment=no_such_recipe", "model=simple_cnn"], "no_such_recipe"),
+    (["--cfg", "job", "model=simple_cnn"], None),  # print-only: the composed config
+    (["--info", "defaults"], None),
+])
+def test_a_command_that_only_composes_loads_neither_torch_nor_lightning(tmp_path: Path, argv: list[str],
+                                                                       refused: str | None) -> None:
+    """torch and Lightning load once the config composes and a job starts (cifar_lab/cli/starting.py): a refused
+    config or a print-only option answers without them, and makes no run directory."""
+    import os
+    import sys
+
+    from conftest import run_command
+
+    env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs")}
+    proc = run_command([sys.executable, "-X", "importtime", "train.py", *argv], ROOT, env, timeout=120)
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not loaded & {"torch", "lightning", "torchvision"}, sorted(loaded & {"torch", "lightning"})
+    said = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    if refused:
+        assert proc.returncode == 2 and len(said) == 1 and said[0].startswith("Error: ") and refused in said[0], said
+    else:
+        assert proc.returncode == 0 and not said, said
+    assert not (tmp_path / "logs").exists()
