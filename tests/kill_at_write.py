@@ -14,6 +14,7 @@ at the ``N``-th (1-based) operation of ``KIND`` whose path matches the glob ``PA
               the target still the previous one)
     renamed   the same rename, killed at the next audited operation after it (the target replaced)
     lock      an ``flock`` on a matching path's descriptor (a run directory's lock), killed before it
+    interrupt the same point as ``written``, but SIGINT (Ctrl-C) instead of SIGKILL
     list      kill nothing: append every write-open, rename and flock to ``KILL_AT_WRITE_LOG``
     import    not a write: send SIGINT (Ctrl-C) when a module whose name matches starts importing
 
@@ -98,7 +99,7 @@ def main() -> None:
                 pids = f" (pids {' '.join(map(str, victims))})" if children else ""
                 f.write(f"{kind} {pattern} {nth} {path}{pids}\n")
         for pid in victims:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGINT if kind == "interrupt" else signal.SIGKILL)
 
     def matches(path) -> bool:
         return isinstance(path, (str, bytes, os.PathLike)) and fnmatch.fnmatch(os.fsdecode(path), pattern)
@@ -124,7 +125,7 @@ def main() -> None:
             kill("(after)")
         if event == "open" and len(event_args) >= 3:
             path, mode, flags = event_args[:3]
-            if kind in ("open", "written") and matches(path) and _writes(mode, flags):
+            if kind in ("open", "written", "interrupt") and matches(path) and _writes(mode, flags):
                 seen += 1
                 if seen == nth:
                     if kind == "open":

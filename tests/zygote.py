@@ -234,7 +234,9 @@ class Started:
         self._zygote, self._stderr_file, self._folder = zygote, stderr_file, folder
 
     def poll(self) -> int | None:
-        return self.wait(0) if self.returncode is not None or self._ended(0) else None
+        if self.returncode is None:
+            self._ended(0)
+        return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None and not self._ended(timeout):

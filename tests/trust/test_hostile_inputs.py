@@ -11,7 +11,6 @@ import hashlib
 import logging
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -339,39 +338,29 @@ def test_export_keeps_an_existing_file_when_parity_fails(world: World, capsys) -
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["export", "predict"])
 def test_kill_9_while_writing_leaves_the_previous_file(world: World, tmp_path: Path, command: str) -> None:
-    """The command is killed as soon as its temporary output appears: the previous file is intact."""
-    import os
+    """The command is killed as its temporary output is created (tests/kill_at_write.py): the previous file is
+    intact."""
+    import glob
     import signal
-    import subprocess
-    import sys
 
     out = world.root / ("model.pt" if command == "export" else "p.csv")
     out.write_bytes(b"the previous output")
     args = ([f"ckpt_path={world.run}", "format=torchscript", f"output={out}", "parity.limit=100"]
             if command == "export" else [f"ckpt_path={world.run}", f"input={world.input}", f"output={out}"])
-    env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs")}
-    proc = start_command([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
-                         Path.cwd(), env)
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any(p.name.startswith(f".{out.name}.") for p in world.root.iterdir()):
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.001)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    if proc.returncode == -signal.SIGKILL:
-        assert out.read_bytes() == b"the previous output"
-    else:  # finished before the poll saw its temporary file: then the file is whole and new
-        assert proc.returncode == 0 and out.read_bytes() != b"the previous output"
+    temporary = glob.escape(str(world.root)) + f"/.{out.name}.*"
+    log = tmp_path / "killed"
+    proc = run_cli(["written", temporary, "1", "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
+                   tmp_path, script="tests/kill_at_write.py", env={"KILL_AT_WRITE_LOG": str(log)})
+    assert proc.returncode == -signal.SIGKILL and log.is_file(), proc.stderr[-3000:]
+    assert out.read_bytes() == b"the previous output"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate", "export"])
 def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, command: str) -> None:
+    """Ctrl-C once evaluate logs what it evaluates, or as export creates its temporary output
+    (tests/kill_at_write.py): exit 130, no traceback, the previous file intact."""
+    import glob
     import os
     import signal
     import subprocess
@@ -379,36 +368,30 @@ def test_ctrl_c_exits_130_and_replaces_nothing(world: World, tmp_path: Path, com
 
     out = world.root / "model.pt"
     out.write_bytes(b"the previous export")
-    # a parity set big enough that the interrupt lands while the export is being checked, on any machine
-    many = world.root / "many.npy"
-    np.save(many, np.random.default_rng(0).integers(0, 256, (20_000, 32, 32, 3), dtype=np.uint8))
-    args = ([f"ckpt_path={world.run}", "robustness=true", "corruption.severities=[1,2,3,4,5]"]
-            if command == "evaluate" else
-            [f"ckpt_path={world.run}", "format=torchscript", f"output={out}", f"parity.images={many}",
-             "parity.batch_size=1"])
     env = {**os.environ, "CIFAR_LAB_LOGS": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"}
-    proc = start_command([sys.executable, "-m", f"cifar_lab.{command}", *args, f"hydra.run.dir={world.job}"],
-                         Path.cwd(), env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def temporary_file() -> bool:
-        return any(p.name.startswith(f".{out.name}.") for p in world.root.iterdir())
-
-    try:
-        assert proc.stdout is not None
-        if command == "evaluate":  # its work has begun once it logs what it evaluates
+    if command == "evaluate":  # its work has begun once it logs what it evaluates
+        proc = start_command([sys.executable, "-m", "cifar_lab.evaluate", f"ckpt_path={world.run}", "robustness=true",
+                              "corruption.severities=[1,2,3,4,5]", f"hydra.run.dir={world.job}"],
+                             Path.cwd(), env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
             for line in proc.stdout:
                 if "evaluating " in line:
                     break
-        else:  # export: its temporary file is being written and checked
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None and not temporary_file():
-                time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, output[-3000:]
+            os.kill(proc.pid, signal.SIGINT)
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        returncode = proc.returncode
+    else:  # export: as its temporary output is created
+        temporary = glob.escape(str(world.root)) + f"/.{out.name}.*"
+        done = run_cli(["interrupt", temporary, "1", "-m", "cifar_lab.export", f"ckpt_path={world.run}",
+                        "format=torchscript", f"output={out}", f"hydra.run.dir={world.job}"], tmp_path,
+                       script="tests/kill_at_write.py", env={"KILL_AT_WRITE_LOG": str(tmp_path / "interrupted")})
+        assert (tmp_path / "interrupted").is_file(), done.stderr[-3000:]
+        output, returncode = done.stdout + done.stderr, done.returncode
+    assert returncode == 130, output[-3000:]
     assert "Traceback" not in output and out.read_bytes() == b"the previous export"
 
 
