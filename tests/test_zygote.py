@@ -120,12 +120,18 @@ def test_a_training_run_gives_the_same_results(tmp_path: Path) -> None:
 
 
 STREAMING = textwrap.dedent("""
-    import signal, sys
+    import os, select, signal, sys
     signal.signal(signal.SIGUSR1, lambda *_: sys.exit(10))  # SIGINT ends it as Ctrl-C would, SIGKILL kills it
+    # Each signal also writes a byte to this pipe, so the wait below sees a signal that came before it began
+    # (signal.pause() would sleep through one sent between the last check and the pause: a lost wake-up)
+    wake, woken = os.pipe()
+    os.set_blocking(woken, False)
+    signal.set_wakeup_fd(woken)
     print("to stderr", file=sys.stderr, flush=True)
     print("ready", flush=True)  # last: a signal sent once this is read finds all of the above done
-    if sys.argv[1] == "wait":
-        signal.pause()
+    while sys.argv[1] == "wait":  # until a signal's handler ends it
+        select.select([wake], [], [])
+        os.read(wake, 64)
     sys.exit(int(sys.argv[1]))
 """)
 
